@@ -1,0 +1,239 @@
+"""The ablation launcher every ``launch/ablation_*.py`` script calls.
+
+Flow: parse options -> validate the search space and the data (before anything starts) ->
+MLflow parent run -> teacher (reused from MLflow when a FINISHED teacher run has the same
+config hash, else trained as a Ray Train run) -> rows x seeds as Tune trials, each a child
+MLflow run -> ``ablation.parquet``/``ablation.md``/``ablation.png`` on the parent -> print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from kdsweep import paths
+from kdsweep.config import ConfigError, config_hash, merge, to_dict
+from kdsweep.presets import PRESETS, get_preset
+from kdsweep.space import Row, SearchSpace, build_experiment, load_space, tune_param_space, validate_space
+from kdsweep.tracking import TAG_HASH, TAG_ROLE, TAG_ROW, TAG_SEED, Tracker, default_tracking_uri, flatten, tune_callback
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every ablation launcher shares."""
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="experiment size (default: quick)")
+    parser.add_argument("--data", help="dataset folder in the synth layout (train.json, val.json, images/); default: generated synthetic data")
+    parser.add_argument("--train-ann", help="COCO instances file for training (with --val-ann and --images)")
+    parser.add_argument("--val-ann", help="COCO instances file for validation")
+    parser.add_argument("--images", help="image folder of --train-ann/--val-ann")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (http://..., sqlite:///...); default: embedded SQLite under KDSWEEP_HOME")
+    parser.add_argument("--experiment", help="MLflow experiment name (default: kdsweep-<space name>)")
+    parser.add_argument("--num-workers", type=int, help="Ray Train workers per trial")
+    parser.add_argument("--use-gpu", action="store_true", help="train on GPUs (NCCL, AMP)")
+    parser.add_argument("--seeds", type=int, help="seeds per row (default: the preset's)")
+    parser.add_argument("--max-concurrent", type=int, help="trials running at once (default: the preset's)")
+    parser.add_argument("--storage-path", help="Ray storage path (default: KDSWEEP_HOME/ray_results; use shared storage on a cluster)")
+    parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--rows", help="comma-separated subset of row labels to run")
+
+
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Experiment overrides from command-line options."""
+    over: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    if args.num_workers:
+        if args.num_workers < 1:
+            raise ConfigError("--num-workers must be >= 1")
+        train["num_workers"] = args.num_workers
+    if args.use_gpu:
+        train.update(use_gpu=True, amp=True)
+    if train:
+        over["train"] = dict(train)
+        over["teacher_train"] = dict(train)
+    data: dict[str, Any] = {}
+    if args.data:
+        data["root"] = str(Path(args.data).expanduser().resolve())
+    for key in ("train_ann", "val_ann", "images"):
+        value = getattr(args, key)
+        if value:
+            data[key] = str(Path(value).expanduser().resolve())
+    if data:
+        over["data"] = data
+    return over
+
+
+def teacher_space(space: SearchSpace) -> SearchSpace:
+    """A one-row space for the teacher run: the space's base config, no row overrides."""
+    return SearchSpace(name=f"{space.name}-teacher", source=space.source, base=space.base, rows=(Row("teacher", {}),))
+
+
+def teacher_identity(preset: dict[str, Any], space: SearchSpace, data: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """Config hash of what determines the teacher: its model, its training and the data files."""
+    exp = build_experiment(preset, teacher_space(space), "teacher", {}, None)
+    ident = {"teacher": to_dict(exp.teacher), "teacher_train": to_dict(exp.teacher_train), "data": data}
+    return config_hash(ident), ident
+
+
+def _describe(ctx, role: str, extra_tags: dict[str, str]):
+    from kdsweep.sweep import trial_experiment
+
+    def describe(config: dict[str, Any]):
+        exp = to_dict(trial_experiment(ctx, config))
+        row, seed = config["row"], config.get("seed", 0)
+        sampled = config.get("params") or {}
+        params = {"row": row, "seed": seed, **{f"space.{k}": v for k, v in sampled.items()}, **flatten(exp)}
+        tags = {TAG_ROLE: role, TAG_ROW: row, TAG_SEED: str(seed), **extra_tags}
+        name = "teacher" if role == "teacher" else f"{row} | seed {seed}"
+        return name, params, tags, exp
+
+    return describe
+
+
+def train_teacher(tracker: Tracker, parent: str, ctx, teacher_hash: str, max_concurrent: int) -> tuple[dict[str, Any], dict]:
+    """Train the teacher as a one-trial sweep; log its weights to its MLflow run."""
+    import torch
+    from ray import tune
+
+    from kdsweep.sweep import result_rows, run_trials
+    from kdsweep.train_loop import student_weights_path
+
+    callback = tune_callback(tracker, parent, _describe(ctx, "teacher", {TAG_HASH: teacher_hash}))
+    param_space = {"row": tune.grid_search(["teacher"]), "seed": tune.grid_search([0]), "params": {}}
+    results = run_trials(ctx, param_space, name=f"teacher-{teacher_hash}-{int(time.time())}", callbacks=[callback], max_concurrent_trials=1)
+    record = result_rows(results, lambda c: {"row": "teacher"})[0]
+    if record["status"] != "FINISHED" or not record.get("checkpoint_path"):
+        raise RuntimeError(f"teacher training failed: {record.get('error') or 'no checkpoint'}")
+    from ray.train import Checkpoint
+
+    local = paths.home() / "teachers" / teacher_hash
+    Checkpoint(record["checkpoint_path"]).to_directory(str(local))
+    weights = student_weights_path(local)
+    run = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG_HASH}` = '{teacher_hash}'", order_by=["attributes.start_time DESC"], max_results=1)[0]
+    tracker.log_artifact(run.info.run_id, weights, "teacher")
+    return record, torch.load(weights, map_location="cpu", weights_only=True)["model"]
+
+
+def reuse_teacher(tracker: Tracker, teacher_hash: str) -> tuple[dict[str, Any], dict] | None:
+    """Metrics and weights of a FINISHED teacher run with this hash, or None."""
+    import torch
+
+    run = tracker.find_teacher(teacher_hash)
+    if run is None:
+        return None
+    path = tracker.download(run.info.run_id, "teacher/model.pt", paths.home() / "teachers" / teacher_hash / run.info.run_id)
+    record = {"row": "teacher", "status": "FINISHED", **run.data.metrics, "run_id": run.info.run_id}
+    return record, torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def run_ablation(default_space: str | Path, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Entry point of the ablation launchers; returns the exit code."""
+    parser = argparse.ArgumentParser(prog=prog, description=f"kdsweep ablation over {Path(default_space).name}")
+    parser.add_argument("--space", default=str(default_space), help="search-space YAML (default: %(default)s)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        print(f"kdsweep: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _prepare(args: argparse.Namespace):
+    """Everything checked before anything starts: preset, space, data."""
+    from kdsweep.data.coco import load_validated, resolve_data
+
+    preset = get_preset(args.preset)
+    space = load_space(args.space)
+    if args.rows:
+        wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+        missing = [r for r in wanted if r not in space.labels]
+        if missing:
+            raise ConfigError(f"--rows: '{missing[0]}' is not a row of {space.source}; rows: {', '.join(space.labels)}")
+        space = SearchSpace(**{**space.__dict__, "rows": tuple(r for r in space.rows if r.label in wanted)})
+    preset_dict = merge(preset.experiment, cli_overrides(args))
+    configs = validate_space(space, preset_dict)
+    data_paths = resolve_data(configs[0].data)
+    for ann, images in ((data_paths.train_ann, data_paths.train_images), (data_paths.val_ann, data_paths.val_images)):
+        load_validated(ann, images)
+    data = {k: str(v) for k, v in data_paths.__dict__.items()}
+    return preset, space, preset_dict, data
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kdsweep.data.coco import DataError
+
+    try:
+        preset, space, preset_dict, data = _prepare(args)
+    except DataError as exc:
+        print(f"kdsweep: error: {exc}", file=sys.stderr)
+        return 2
+    import ray
+
+    from kdsweep.sweep import SweepContext, init_ray, result_rows, run_trials
+    from kdsweep.table import plot, summarize, to_markdown, write_parquet
+    from kdsweep.tracking import write_temp
+
+    uri = args.tracking_uri or default_tracking_uri()
+    tracker = Tracker(uri, args.experiment or f"kdsweep-{space.name}")
+    seeds = list(range(args.seeds or preset.seeds))
+    max_concurrent = args.max_concurrent or preset.max_concurrent_trials
+    storage = str(Path(args.storage_path).resolve()) if args.storage_path and "://" not in args.storage_path else (args.storage_path or str(paths.ray_storage()))
+    teacher_hash, ident = teacher_identity(preset_dict, space, data)
+    parent = tracker.start_run(
+        f"{space.name} [{preset.name}]",
+        tags={TAG_ROLE: "ablation", "kdsweep.space": space.name, "kdsweep.preset": preset.name, TAG_HASH: teacher_hash},
+    )
+    tracker.log_params(parent, {"preset": preset.name, "seeds": len(seeds), "rows": ",".join(space.labels), "space_file": space.source})
+    tracker.log_text(parent, Path(space.source).read_text(), "search_space.yaml")
+    print(f"kdsweep: MLflow {uri} experiment '{tracker.client.get_experiment(tracker.experiment_id).name}' parent run {parent}", flush=True)
+    callbacks: list[Any] = []
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        init_ray(args.ray_address)
+        reused = reuse_teacher(tracker, teacher_hash)
+        if reused is not None:
+            teacher_record, teacher_state = reused
+            print(f"kdsweep: reusing teacher run {teacher_record['run_id']} (config hash {teacher_hash})", flush=True)
+        else:
+            print(f"kdsweep: training the teacher (config hash {teacher_hash})", flush=True)
+            tctx = SweepContext(preset=preset_dict, space=teacher_space(space), data=data, storage_path=storage, role="teacher")
+            teacher_record, teacher_state = train_teacher(tracker, parent, tctx, teacher_hash, max_concurrent)
+        tracker.client.set_tag(parent, "kdsweep.teacher_AP", f"{teacher_record.get('AP', float('nan')):.2f}")
+        ctx = SweepContext(preset=preset_dict, space=space, data=data, storage_path=storage, role="student", teacher_state=ray.put(teacher_state))
+        callback = tune_callback(tracker, parent, _describe(ctx, "student", {}))
+        callbacks.append(callback)
+        print(f"kdsweep: running {len(space.labels)} rows x {len(seeds)} seeds", flush=True)
+        results = run_trials(ctx, tune_param_space(space, seeds), name=f"{space.name}-{preset.name}-{parent[:8]}", callbacks=callbacks, max_concurrent_trials=max_concurrent)
+        records = result_rows(results, lambda c: {"row": c["row"], "seed": c.get("seed", 0)})
+        table = summarize(records, space.labels, teacher_record)
+        title = f"{space.name} [{preset.name}], {len(seeds)} seed(s)"
+        markdown = to_markdown(table, title)
+        folder = write_temp(markdown, "ablation.md").parent
+        tracker.log_artifact(parent, folder / "ablation.md")
+        tracker.log_artifact(parent, write_parquet(table, folder / "ablation.parquet"))
+        tracker.log_artifact(parent, plot(table, folder / "ablation.png", title))
+        print(markdown, flush=True)
+        failed = sum(r["status"] != "FINISHED" for r in records)
+        status = "FINISHED" if failed < len(records) else "FAILED"
+        tracker.end_run(parent, status, reason=f"{failed} of {len(records)} trials failed" if failed else None)
+        return 0 if status == "FINISHED" else 1
+    except KeyboardInterrupt:
+        for cb in callbacks:
+            cb.kill_open_runs("interrupted")
+        tracker.end_run(parent, "KILLED", reason="interrupted (Ctrl-C or SIGTERM)")
+        print("kdsweep: interrupted; finished trials stay recorded in MLflow", file=sys.stderr)
+        return 130
+    except BaseException as exc:
+        for cb in callbacks:
+            cb.kill_open_runs(f"launcher failed: {exc}")
+        tracker.end_run(parent, "FAILED", reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,65 @@
+"""``kdsweep`` command line: ``data`` (synth, check, convert), ``ablation``, ``ui``.
+
+Errors a user can fix (bad config, bad data) print one line and exit non-zero; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Sequence
+
+from kdsweep import paths
+from kdsweep.config import ConfigError
+
+
+def _ablation(args: argparse.Namespace) -> int:
+    from kdsweep.ablation import run_ablation
+
+    return run_ablation(args.space, args.rest, prog="kdsweep ablation")
+
+
+def _ui(args: argparse.Namespace) -> int:
+    """Serve the MLflow UI for the embedded store (or ``--tracking-uri``) on 127.0.0.1."""
+    uri = args.tracking_uri or paths.mlflow_uri()
+    cmd = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", uri,
+        "--default-artifact-root", paths.mlflow_artifacts().as_uri(),
+        "--host", args.host, "--port", str(args.port),
+    ]
+    print(f"kdsweep: MLflow UI for {uri} at http://{args.host}:{args.port}", flush=True)
+    return subprocess.call(cmd, env=dict(os.environ))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kdsweep.data.cli import register
+
+    parser = argparse.ArgumentParser(prog="kdsweep", description="Knowledge distillation sweeps for object detectors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    abl = sub.add_parser("ablation", help="run an ablation search space (see launch/ablation_*.py)")
+    abl.add_argument("space", help="search-space YAML")
+    abl.add_argument("rest", nargs=argparse.REMAINDER, help="launcher options (--preset, --tracking-uri, ...)")
+    abl.set_defaults(func=_ablation)
+    ui = sub.add_parser("ui", help="serve the MLflow UI of the embedded store on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ui.add_argument("--tracking-uri", help="another MLflow backend store URI")
+    ui.set_defaults(func=_ui)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"kdsweep: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

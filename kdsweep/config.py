@@ -1,0 +1,260 @@
+"""Typed, frozen experiment configuration.
+
+Configuration flows down: YAML (data only) -> ``from_dict`` -> these dataclasses -> builders.
+``from_dict`` is strict: an unknown key, a wrong type or a bad value raises :class:`ConfigError`
+with one line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ARCHS = ("retinanet", "fcos", "fasterrcnn")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "mobilenet_v3_small")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message is one line naming the field and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the detection data lives.
+
+    ``root`` is a synth-layout folder (``train.json``, ``val.json``, ``images/``); or give
+    ``train_ann``/``val_ann`` (COCO instances files) and ``images`` (their image folder).
+    With neither, the embedded synthetic dataset under ``KDSWEEP_HOME`` is generated on first use
+    with the ``synth_*`` settings.
+    """
+
+    root: str | None = None
+    train_ann: str | None = None
+    val_ann: str | None = None
+    images: str | None = None
+    synth_train: int = 600
+    synth_val: int = 150
+    synth_size: int = 192
+    synth_seed: int = 0
+    max_train_images: int | None = None
+    max_val_images: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A torchvision detector (RetinaNet, FCOS or Faster R-CNN) with an FPN backbone.
+
+    ``num_classes`` counts object classes without background; 0 takes it from the dataset.
+    ``weights``: None (random init, no network), a local checkpoint path, or
+    ``torchvision:NAME`` for a torchvision weights enum name (needs internet).
+    ``min_size``/``max_size`` set the input resolution (torchvision's transform).
+    ``anchor_scale``: anchor (or FCOS/RPN reference) size = ``anchor_scale * stride`` per FPN level;
+    torchvision's RetinaNet uses 4 (32 px at P3); small-object data wants 2.
+    """
+
+    arch: str = "retinanet"
+    backbone: str = "resnet18"
+    fpn_channels: int = 64
+    num_classes: int = 0
+    min_size: int = 192
+    max_size: int = 192
+    weights: str | None = None
+    trainable_backbone_layers: int = 5
+    anchor_scale: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"model.arch '{self.arch}' is unknown; use one of {', '.join(ARCHS)}")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(
+                f"model.backbone '{self.backbone}' is unknown; use one of {', '.join(BACKBONES)}"
+            )
+        if self.fpn_channels <= 0 or self.min_size <= 0 or self.max_size < self.min_size:
+            raise ConfigError(
+                "model: fpn_channels and min_size must be > 0 and max_size >= min_size"
+            )
+
+
+@dataclass(frozen=True)
+class KDTermConfig:
+    """One weighted distillation term: ``weight * LOSSES[loss](student_feats, teacher_feats)``.
+
+    ``levels``: FPN level names to match (None: every level both models have).
+    ``adapter``: a learned 1x1 conv from student to teacher channels per level.
+    ``params``: keyword arguments of the loss (e.g. ``alpha``, ``window_size`` for ``ssim``).
+    """
+
+    loss: str
+    weight: float = 1.0
+    levels: tuple[str, ...] | None = None
+    adapter: bool = False
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"kd.{self.loss}.weight {self.weight} is negative; use a weight >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and Ray Train scaling settings (batch size is per worker)."""
+
+    epochs: int = 4
+    batch_size: int = 8
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 50
+    lr_schedule: str = "cosine"
+    grad_clip: float | None = 10.0
+    num_workers: int = 1
+    use_gpu: bool = False
+    amp: bool = False
+    cpus_per_worker: float = 0.9
+    threads_per_worker: int = 2
+    seed: int = 0
+    max_iters_per_epoch: int | None = None
+    eval_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"train.optimizer '{self.optimizer}' is unknown; use sgd or adamw")
+        if self.lr_schedule not in ("cosine", "step", "constant"):
+            raise ConfigError(
+                f"train.lr_schedule '{self.lr_schedule}' is unknown; use cosine, step or constant"
+            )
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ConfigError("train: epochs, batch_size and num_workers must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr {self.lr} must be > 0")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole distillation run: data, teacher, student, KD terms and training settings.
+
+    ``teacher_scale`` is the teacher's input resolution relative to the student's (ScaleKD's
+    high-resolution teacher uses 2.0); teacher feature maps are resized to the student's.
+    An empty ``kd`` trains the student alone (the baseline row).
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet50", fpn_channels=64))
+    student: ModelConfig = field(default_factory=ModelConfig)
+    kd: tuple[KDTermConfig, ...] = ()
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher_train: TrainConfig = field(default_factory=TrainConfig)
+    teacher_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.teacher_scale <= 0:
+            raise ConfigError(f"teacher_scale {self.teacher_scale} must be > 0")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Check/convert ``value`` to type hint ``tp``; raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping of fields, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
+        item_tp = args[0] if args else Any
+        return tuple(_convert(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict, collections.abc.Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: Mapping[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+
+    Raises:
+        ConfigError: one line, e.g. ``config.student.backbon is unknown; known fields: ...``.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"{where}.{unknown[0]} is unknown; known fields: {', '.join(names)}"
+        )
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except TypeError as exc:  # missing required field
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, JSON-serialisable dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable 12-hex-digit hash of a config (used to reuse a finished teacher run)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]

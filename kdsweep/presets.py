@@ -1,0 +1,76 @@
+"""Named experiment presets: ``smoke`` (CI, < 5 min on 2 CPU cores), ``quick`` (< 30 min on
+2 CPU cores, the baseline reaches a meaningful AP) and ``paper`` (the COCO setting of the papers,
+for a GPU cluster; documented, not run here).
+
+A preset is an ExperimentConfig override dict (data only) plus run settings for the launcher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdsweep.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Experiment overrides plus how the launcher schedules trials."""
+
+    name: str
+    experiment: dict[str, Any]
+    seeds: int = 1
+    max_concurrent_trials: int = 2
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_CPU_TRAIN = {"num_workers": 1, "cpus_per_worker": 0.9, "threads_per_worker": 1, "use_gpu": False}
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        name="smoke",
+        description="seconds per trial: wiring check for CI, AP is not meaningful",
+        experiment={
+            "data": {"synth_train": 48, "synth_val": 16, "synth_size": 128},
+            "teacher": {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "min_size": 128, "max_size": 128, "anchor_scale": 2.0},
+            "student": {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "min_size": 128, "max_size": 128, "anchor_scale": 2.0},
+            "teacher_train": dict(_CPU_TRAIN, epochs=1, batch_size=8, lr=0.01, warmup_iters=2),
+            "train": dict(_CPU_TRAIN, epochs=1, batch_size=8, lr=0.01, warmup_iters=2),
+        },
+        max_concurrent_trials=2,
+    ),
+    "quick": Preset(
+        name="quick",
+        description="about 25 min on 2 CPU cores; the baseline student reaches a meaningful AP",
+        experiment={
+            "data": {"synth_train": 600, "synth_val": 150, "synth_size": 160},
+            "teacher": {"arch": "retinanet", "backbone": "resnet34", "fpn_channels": 64, "min_size": 160, "max_size": 160, "anchor_scale": 2.0},
+            "student": {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "min_size": 160, "max_size": 160, "anchor_scale": 2.0},
+            "teacher_train": dict(_CPU_TRAIN, epochs=6, batch_size=8, lr=0.01, warmup_iters=30),
+            "train": dict(_CPU_TRAIN, epochs=4, batch_size=8, lr=0.01, warmup_iters=30),
+        },
+        max_concurrent_trials=2,
+    ),
+    "paper": Preset(
+        name="paper",
+        description="COCO 2017, RetinaNet R101 -> R50, 1x schedule, 8 GPUs per trial (de Rijk 2022)",
+        experiment={
+            "teacher": {"arch": "retinanet", "backbone": "resnet101", "fpn_channels": 256, "min_size": 800, "max_size": 1333, "anchor_scale": 4.0},
+            "student": {"arch": "retinanet", "backbone": "resnet50", "fpn_channels": 256, "min_size": 800, "max_size": 1333, "anchor_scale": 4.0},
+            "teacher_train": {"epochs": 12, "batch_size": 2, "lr": 0.01, "lr_schedule": "step", "warmup_iters": 500,
+                              "num_workers": 8, "use_gpu": True, "amp": True, "cpus_per_worker": 4, "threads_per_worker": 4},
+            "train": {"epochs": 12, "batch_size": 2, "lr": 0.01, "lr_schedule": "step", "warmup_iters": 500,
+                      "num_workers": 8, "use_gpu": True, "amp": True, "cpus_per_worker": 4, "threads_per_worker": 4},
+        },
+        seeds=1,
+        max_concurrent_trials=1,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a clear error otherwise."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset '{name}' is unknown; use one of {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,292 @@
+"""Search-space files: YAML (data only) -> labelled ablation rows and Ray Tune samplers.
+
+A file looks like::
+
+    name: ablation_ssim
+    description: ...
+    metric: AP            # what a search optimises / what the table sorts by
+    mode: max
+    base:                 # ExperimentConfig overrides applied to every row (on top of the preset)
+      train: {epochs: 4}
+    rows:                 # labelled configurations; each one's keys override ``base``
+      - label: baseline
+        kd: []
+      - label: ssim
+        kd: [{loss: ssim, weight: 2.0}]
+    space:                # optional samplers over dotted config paths, crossed with the rows
+      kd.0.weight: {grid: [1, 2, 4]}
+    search:               # optional: how Tune explores ``space``
+      algorithm: random   # random | optuna
+      scheduler: fifo     # fifo | asha
+      num_samples: 1
+
+Samplers: ``grid: [v, ...]``, ``choice: [v, ...]``, ``uniform: [lo, hi]``,
+``loguniform: [lo, hi]``, ``randint: [lo, hi]`` (hi exclusive). Every problem raises
+:class:`~kdsweep.config.ConfigError` naming the file and the field, before anything starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from kdsweep.config import ConfigError, ExperimentConfig, from_dict, merge
+
+SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
+TOP_KEYS = ("name", "description", "metric", "mode", "base", "rows", "space", "search")
+SEARCH_KEYS = ("algorithm", "scheduler", "num_samples", "max_concurrent_trials", "grace_period", "reduction_factor")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One sampler: ``kind`` in SAMPLERS and its ``args`` (values or bounds)."""
+
+    kind: str
+    args: tuple[Any, ...]
+
+    def to_tune(self) -> Any:
+        """The equivalent ``ray.tune`` search-space object."""
+        from ray import tune
+
+        if self.kind == "grid":
+            return tune.grid_search(list(self.args))
+        if self.kind == "choice":
+            return tune.choice(list(self.args))
+        if self.kind == "uniform":
+            return tune.uniform(*self.args)
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.args)
+        return tune.randint(*self.args)
+
+    def representative(self) -> Any:
+        """A value the sampler can produce (used to validate configs before starting)."""
+        if self.kind in ("grid", "choice"):
+            return self.args[0]
+        return self.args[0] if self.kind == "randint" else (self.args[0] + self.args[1]) / 2
+
+    def values(self) -> list[Any]:
+        """Every value of a grid/choice; the bounds otherwise."""
+        return list(self.args)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A labelled ablation row: config overrides on top of the space's ``base``."""
+
+    label: str
+    overrides: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A parsed search-space file."""
+
+    name: str
+    source: str
+    description: str = ""
+    metric: str = "AP"
+    mode: str = "max"
+    base: Mapping[str, Any] = field(default_factory=dict)
+    rows: tuple[Row, ...] = ()
+    space: Mapping[str, Sampler] = field(default_factory=dict)
+    search: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return [row.label for row in self.rows] or ["default"]
+
+    def row(self, label: str) -> Row:
+        for row in self.rows:
+            if row.label == label:
+                return row
+        if label == "default" and not self.rows:
+            return Row("default", {})
+        raise ConfigError(f"{self.source}: no row labelled '{label}'")
+
+    @property
+    def is_grid(self) -> bool:
+        """True when every sampler is a grid (an ablation, no random search)."""
+        return all(s.kind == "grid" for s in self.space.values())
+
+
+def _parse_sampler(source: str, path: str, spec: Any) -> Sampler:
+    where = f"{source}: space.{path}"
+    if not isinstance(spec, Mapping) or len(spec) != 1:
+        raise ConfigError(f"{where} must be one sampler like {{grid: [1, 2]}}; samplers: {', '.join(SAMPLERS)}")
+    kind, args = next(iter(spec.items()))
+    if kind not in SAMPLERS:
+        raise ConfigError(f"{where}: sampler '{kind}' is unknown; use one of {', '.join(SAMPLERS)}")
+    if not isinstance(args, list):
+        raise ConfigError(f"{where}.{kind} must be a list, got {args!r}")
+    if kind in ("grid", "choice"):
+        if not args:
+            raise ConfigError(f"{where}.{kind} is empty; give at least one value")
+        return Sampler(kind, tuple(args))
+    if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        raise ConfigError(f"{where}.{kind} needs two numbers [low, high], got {args!r}")
+    low, high = args
+    if not low < high:
+        raise ConfigError(f"{where}.{kind} bounds [{low}, {high}] need low < high")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}.loguniform bounds [{low}, {high}] must be > 0")
+    if kind == "randint" and not (isinstance(low, int) and isinstance(high, int)):
+        raise ConfigError(f"{where}.randint bounds [{low}, {high}] must be integers")
+    return Sampler(kind, (low, high))
+
+
+def _parse_rows(source: str, rows: Any) -> tuple[Row, ...]:
+    if not isinstance(rows, list):
+        raise ConfigError(f"{source}: rows must be a list of {{label: ..., <overrides>}}")
+    parsed: list[Row] = []
+    for i, item in enumerate(rows):
+        if not isinstance(item, Mapping) or not isinstance(item.get("label"), str) or not item["label"]:
+            raise ConfigError(f"{source}: rows[{i}] needs a non-empty 'label'")
+        overrides = {k: v for k, v in item.items() if k != "label"}
+        if any(r.label == item["label"] for r in parsed):
+            raise ConfigError(f"{source}: rows[{i}] label '{item['label']}' is used twice; labels must be unique")
+        parsed.append(Row(item["label"], overrides))
+    return tuple(parsed)
+
+
+def parse_space(data: Any, source: str) -> SearchSpace:
+    """Parse the mapping of a search-space file; ``source`` names it in errors."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the file must hold a mapping with keys {', '.join(TOP_KEYS)}")
+    unknown = [k for k in data if k not in TOP_KEYS]
+    if unknown:
+        raise ConfigError(f"{source}: key '{unknown[0]}' is unknown; known keys: {', '.join(TOP_KEYS)}")
+    if data.get("mode", "max") not in ("max", "min"):
+        raise ConfigError(f"{source}: mode must be max or min")
+    space_spec = data.get("space") or {}
+    if not isinstance(space_spec, Mapping):
+        raise ConfigError(f"{source}: space must map dotted config paths to samplers")
+    search = dict(data.get("search") or {})
+    bad = [k for k in search if k not in SEARCH_KEYS]
+    if bad:
+        raise ConfigError(f"{source}: search.{bad[0]} is unknown; known: {', '.join(SEARCH_KEYS)}")
+    if search.get("algorithm", "random") not in ("random", "optuna"):
+        raise ConfigError(f"{source}: search.algorithm must be random or optuna")
+    if search.get("scheduler", "fifo") not in ("fifo", "asha"):
+        raise ConfigError(f"{source}: search.scheduler must be fifo or asha")
+    space = {str(p): _parse_sampler(source, str(p), s) for p, s in space_spec.items()}
+    if search.get("algorithm") == "optuna" and any(s.kind == "grid" for s in space.values()):
+        raise ConfigError(f"{source}: optuna cannot search a grid sampler; use choice, or a separate grid sweep")
+    base = data.get("base") or {}
+    if not isinstance(base, Mapping):
+        raise ConfigError(f"{source}: base must be a mapping of config overrides")
+    return SearchSpace(
+        name=str(data.get("name") or Path(source).stem),
+        source=source,
+        description=str(data.get("description") or ""),
+        metric=str(data.get("metric", "AP")),
+        mode=str(data.get("mode", "max")),
+        base=dict(base),
+        rows=_parse_rows(source, data.get("rows") or []),
+        space=space,
+        search=search,
+    )
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and parse a search-space YAML file (safe_load: data only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such search-space file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at}; fix the syntax") from None
+    return parse_space(data, str(path))
+
+
+def set_path(config: dict[str, Any], path: str, value: Any, source: str) -> None:
+    """Set dotted ``path`` (list indices allowed, e.g. ``kd.0.weight``) in a nested dict."""
+    keys = path.split(".")
+    node: Any = config
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"{source}: space.{path}: '{'.'.join(keys[: i + 1])}' does not exist in this row")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{source}: space.{path}: index {last} does not exist in this row")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def experiment_dict(preset: Mapping[str, Any], space: SearchSpace, label: str, sampled: Mapping[str, Any], seed: int | None) -> dict[str, Any]:
+    """Preset <- space.base <- row overrides <- sampled values <- seed, as a plain dict."""
+    config = merge(merge(copy.deepcopy(dict(preset)), space.base), space.row(label).overrides)
+    for path, value in sampled.items():
+        set_path(config, path, value, space.source)
+    if seed is not None:
+        for section in ("train", "teacher_train"):
+            config.setdefault(section, {})
+        config["train"]["seed"] = seed
+    return config
+
+
+def build_experiment(preset: Mapping[str, Any], space: SearchSpace, label: str, sampled: Mapping[str, Any], seed: int | None) -> ExperimentConfig:
+    """The typed config of one trial; errors name the space file and the row."""
+    data = experiment_dict(preset, space, label, sampled, seed)
+    try:
+        return from_dict(ExperimentConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{space.source}: row '{label}': {exc}") from None
+
+
+def validate_space(space: SearchSpace, preset: Mapping[str, Any]) -> list[ExperimentConfig]:
+    """Build every row's config with each grid value (and a representative value of other
+    samplers), checking loss names and parameters; return the row configs."""
+    from kdsweep.losses import LOSSES, build_loss
+
+    configs = []
+    for label in space.labels:
+        variants: list[dict[str, Any]] = [{}]
+        for path, sampler in space.space.items():
+            values = sampler.values() if sampler.kind in ("grid", "choice") else [sampler.representative()]
+            variants = [dict(v, **{path: value}) for v in variants for value in values]
+        for sampled in variants:
+            exp = build_experiment(preset, space, label, sampled, seed=None)
+            for i, term in enumerate(exp.kd):
+                if term.loss not in LOSSES:
+                    raise ConfigError(
+                        f"{space.source}: row '{label}': kd[{i}].loss '{term.loss}' is unknown; known: {', '.join(sorted(LOSSES))}"
+                    )
+                try:
+                    build_loss(term, student_channels=8, teacher_channels=8, num_levels=1)
+                except ConfigError as exc:
+                    raise ConfigError(f"{space.source}: row '{label}': kd[{i}]: {exc}") from None
+            configs.append(exp)
+    return configs
+
+
+def tune_param_space(space: SearchSpace, seeds: list[int]) -> dict[str, Any]:
+    """Ray Tune ``param_space``: rows x seeds as grids, plus the space's samplers."""
+    from ray import tune
+
+    return {
+        "row": tune.grid_search(space.labels),
+        "seed": tune.grid_search(list(seeds)),
+        "params": {path: sampler.to_tune() for path, sampler in space.space.items()},
+    }
+
+
+def count_grid_trials(space: SearchSpace, seeds: int, num_samples: int = 1) -> int:
+    """Number of trials Tune will run: rows x seeds x grid sizes x num_samples."""
+    total = len(space.labels) * seeds * num_samples
+    for sampler in space.space.values():
+        if sampler.kind == "grid":
+            total *= len(sampler.args)
+    return total

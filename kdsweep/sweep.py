@@ -1,0 +1,146 @@
+"""Ray Tune over Ray Train (V2): ``train_driver_fn`` per trial, ``run_trials`` per sweep.
+
+Layers (Ray's ``train_tune_interop`` pattern): ``train_fn_per_worker`` (per worker, reports
+metrics), ``train_driver_fn`` (per Tune trial: builds a ``TorchTrainer`` named from the trial id
+and fits it; ``TuneReportCallback`` forwards rank 0's metrics to Tune), and the ``Tuner`` built
+by :func:`run_trials`. The Tune driver takes a fraction of a CPU so that it never starves its
+own Train workers on a small machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kdsweep.config import to_dict
+from kdsweep.space import SearchSpace, build_experiment
+
+DRIVER_CPU = 0.05
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """Constants every trial of one sweep shares (shipped once through the object store)."""
+
+    preset: dict[str, Any]
+    space: SearchSpace
+    data: dict[str, str]
+    storage_path: str
+    role: str = "student"
+    teacher_state: Any = None  # ObjectRef of the teacher's state_dict
+    max_failures: int = 0
+    extra_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def trial_experiment(ctx: SweepContext, config: dict[str, Any]):
+    """The ExperimentConfig of a trial from its Tune config (row, seed, sampled params)."""
+    from kdsweep.config import merge
+
+    preset = merge(ctx.preset, ctx.extra_overrides)
+    return build_experiment(preset, ctx.space, config["row"], config.get("params") or {}, config.get("seed"))
+
+
+def train_driver_fn(config: dict[str, Any], ctx: SweepContext) -> None:
+    """Tune trainable: fit one ``TorchTrainer`` for this trial (resumes if its run exists)."""
+    import ray.tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from kdsweep.train_loop import train_fn_per_worker
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    exp = trial_experiment(ctx, config)
+    train_cfg = exp.teacher_train if ctx.role == "teacher" else exp.train
+    resources = {"CPU": train_cfg.cpus_per_worker}
+    if train_cfg.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={
+            "experiment": to_dict(exp),
+            "role": ctx.role,
+            "data": ctx.data,
+            "teacher_state": ctx.teacher_state,
+            "label": f"{config['row']} s{config.get('seed', 0)}",
+        },
+        torch_config=TorchConfig(backend=None),
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=ctx.storage_path,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=ctx.max_failures),
+        ),
+    )
+    trainer.fit()
+
+
+def run_trials(
+    ctx: SweepContext,
+    param_space: dict[str, Any],
+    *,
+    name: str,
+    callbacks: list[Any],
+    max_concurrent_trials: int,
+    num_samples: int = 1,
+    search_alg: Any = None,
+    scheduler: Any = None,
+    metric: str | None = None,
+    mode: str | None = None,
+):
+    """Run a Tune sweep of ``train_driver_fn`` trials; return the ``ResultGrid``."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, ctx=ctx), {"cpu": DRIVER_CPU})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent_trials,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            metric=metric if (search_alg or scheduler) else None,
+            mode=mode if (search_alg or scheduler) else None,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=ctx.storage_path,
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            verbose=1,
+        ),
+    )
+    return tuner.fit()
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (``address``, ``RAY_ADDRESS``) or start a local Ray on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, _node_ip_address="127.0.0.1")
+
+
+def result_rows(results: Any, describe: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per trial: ``describe(config)`` fields, status, error, last metrics."""
+    rows = []
+    for result in results:
+        record = dict(describe(result.config))
+        metrics = result.metrics or {}
+        record["status"] = "FAILED" if result.error is not None else "FINISHED"
+        record["error"] = str(result.error).splitlines()[-1][:300] if result.error is not None else ""
+        record.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        record["checkpoint_path"] = metrics.get("checkpoint_path")
+        rows.append(record)
+    return rows

@@ -1,0 +1,210 @@
+"""MLflow bookkeeping: experiments, parent/child runs, the per-trial Tune callback.
+
+Every write goes through an explicit ``MlflowClient`` and run id (no global active run), from
+the launcher process only, so concurrent trials never write to the store at once. With no
+``--tracking-uri`` the embedded store is SQLite under ``KDSWEEP_HOME`` with filesystem
+artifacts; any MLflow URI (``http://...``, ``sqlite:///...``) works.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from kdsweep import paths
+
+TAG_ROLE = "kdsweep.role"
+TAG_HASH = "kdsweep.teacher_hash"
+TAG_ROW = "kdsweep.row"
+TAG_SEED = "kdsweep.seed"
+TAG_TRIAL = "kdsweep.trial_id"
+TAG_REASON = "kdsweep.failure_reason"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the embedded SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or paths.mlflow_uri()
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested dicts to ``a.b.c`` keys; lists become JSON strings (MLflow params)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+class Tracker:
+    """A thin wrapper over ``MlflowClient`` bound to one experiment."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        existing = self.client.get_experiment_by_name(experiment)
+        if existing is not None:
+            self.experiment_id = existing.experiment_id
+        else:
+            location = None
+            if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+                location = (paths.mlflow_artifacts() / experiment).as_uri()
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            except Exception:  # created concurrently by another launcher
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+
+    def start_run(self, name: str, *, parent: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+        """Create a RUNNING run (a child when ``parent`` is given) and return its id."""
+        all_tags = dict(tags or {})
+        if parent:
+            all_tags[PARENT_TAG] = parent
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log params in batches (values cut to MLflow's 6000-character limit)."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+        """Log the finite numeric entries of ``metrics`` at ``step``."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k.replace("/", "."), float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        ]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def log_dict(self, run_id: str, data: Any, name: str) -> None:
+        """Store ``data`` as a JSON or YAML artifact called ``name``."""
+        self.client.log_dict(run_id, data, name)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def end_run(self, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
+        """Terminate a run with ``status`` (FINISHED, FAILED, KILLED); keep a reason tag."""
+        if reason:
+            self.client.set_tag(run_id, TAG_REASON, reason[:5000])
+        self.client.set_terminated(run_id, status)
+
+    def find_teacher(self, teacher_hash: str) -> Any | None:
+        """The newest FINISHED teacher run with this config hash that holds weights, or None."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_HASH}` = '{teacher_hash}' and tags.`{TAG_ROLE}` = 'teacher' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=5,
+        )
+        for run in runs:
+            names = [a.path for a in self.client.list_artifacts(run.info.run_id, "teacher")]
+            if "teacher/model.pt" in names:
+                return run
+        return None
+
+    def download(self, run_id: str, artifact: str, dest: str | Path) -> Path:
+        """Download one artifact of a run into ``dest``; return its local path."""
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, artifact, str(dest)))
+
+    def children(self, parent: str) -> list[Any]:
+        """Child runs of ``parent``."""
+        return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'", max_results=10000)
+
+
+def tune_callback(tracker: Tracker, parent: str, describe: Callable[[dict[str, Any]], tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]]):
+    """A Ray Tune callback that mirrors each trial into one child MLflow run.
+
+    ``describe(trial.config) -> (run_name, params, tags, config)``; ``config`` is stored as the
+    run's ``config.json`` artifact. Per-epoch results are logged with
+    ``step = epoch``; the run ends FINISHED, FAILED (with the error as a tag) or KILLED.
+    """
+    from ray.tune import Callback
+
+    class MLflowTrialCallback(Callback):
+        def __init__(self) -> None:
+            self.runs: dict[str, str] = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if trial.trial_id in self.runs:
+                return
+            name, params, tags, config = describe(trial.config)
+            tags = dict(tags, **{TAG_TRIAL: trial.trial_id})
+            run_id = tracker.start_run(name, parent=parent, tags=tags)
+            tracker.log_params(run_id, params)
+            tracker.log_dict(run_id, config, "config.json")
+            self.runs[trial.trial_id] = run_id
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            run_id = self.runs.get(trial.trial_id)
+            if run_id is not None:
+                tracker.log_metrics(run_id, result, step=int(result.get("epoch", result.get("training_iteration", 0))))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            run_id = self.runs.pop(trial.trial_id, None)
+            if run_id is not None:
+                tracker.end_run(run_id, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            run_id = self.runs.pop(trial.trial_id, None)
+            if run_id is not None:
+                tracker.end_run(run_id, "FAILED", reason=failure_reason(trial))
+
+        def kill_open_runs(self, reason: str) -> None:
+            for run_id in list(self.runs.values()):
+                tracker.end_run(run_id, "KILLED", reason=reason)
+            self.runs.clear()
+
+    return MLflowTrialCallback()
+
+
+def failure_reason(trial: Any) -> str:
+    """The most telling line of a failed trial's error text."""
+    text = ""
+    try:
+        err = trial.get_error()
+        text = str(err) if err is not None else ""
+    except Exception:  # noqa: BLE001 - best effort, the reason is informational
+        pass
+    if not text and getattr(trial, "error_file", None) and os.path.exists(trial.error_file):
+        text = Path(trial.error_file).read_text()
+    return summarize_error(text) or "trial failed"
+
+
+def summarize_error(text: str) -> str:
+    """Pick the root-cause line out of a (possibly nested) traceback text."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for marker in ("NonFiniteLossError", "ConfigError", "DataError", "OutOfMemoryError", "Error:"):
+        hits = [ln for ln in lines if marker in ln]
+        if hits:
+            return hits[-1][:1000]
+    return lines[-1][:1000] if lines else ""
+
+
+def write_temp(text: str, name: str) -> Path:
+    """Write ``text`` into a fresh temp folder as ``name``; return the path."""
+    folder = Path(tempfile.mkdtemp(prefix="kdsweep-"))
+    path = folder / name
+    path.write_text(text)
+    return path

@@ -1,0 +1,177 @@
+"""``train_fn_per_worker``: what every Ray Train worker runs, for a teacher or a student.
+
+The loop config (all plain data plus one optional ObjectRef) is::
+
+    {"experiment": <ExperimentConfig as dict>, "role": "teacher" | "student",
+     "data": {"train_ann", "val_ann", "train_images", "val_images"},   # absolute paths
+     "teacher_state": ObjectRef | state_dict | None, "label": str}
+
+Every epoch it trains, COCO-evaluates the whole val set (sharded, gathered), saves a checkpoint
+(rank 0: student weights in ``model.pt``; model/optimizer/scheduler/epoch in ``state.pt``) and
+calls ``ray.train.report``. A restarted run resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from kdsweep.config import ExperimentConfig, TrainConfig, from_dict
+from kdsweep.data.coco import CocoDetection, collate
+from kdsweep.distiller import Distiller, build_distiller
+from kdsweep.engine import console, evaluate, train_one_epoch, warmup_cosine
+from kdsweep.models.detectors import build_detector
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "state.pt"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def build_loaders(
+    data: dict[str, str], exp: ExperimentConfig, train_cfg: TrainConfig, rank: int, world: int
+) -> tuple[DataLoader, DataLoader, DistributedSampler, CocoDetection]:
+    """Train loader with a DistributedSampler; val loader over this rank's shard (no padding)."""
+    train_ds = CocoDetection(data["train_ann"], data["train_images"], max_images=exp.data.max_train_images)
+    val_ds = CocoDetection(data["val_ann"], data["val_images"], max_images=exp.data.max_val_images)
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg.seed, drop_last=True)
+    train_loader = DataLoader(train_ds, batch_size=train_cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=0, drop_last=True)
+    shard = Subset(val_ds, list(range(rank, len(val_ds), world)))
+    val_loader = DataLoader(shard, batch_size=train_cfg.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=0)
+    return train_loader, val_loader, sampler, val_ds
+
+
+def build_model(config: dict[str, Any], exp: ExperimentConfig, num_classes: int) -> Distiller:
+    """The Distiller for this role: a bare teacher, or the student with the frozen teacher."""
+    if config["role"] == "teacher":
+        return Distiller(build_detector(exp.teacher, num_classes))
+    teacher = None
+    if exp.kd:
+        teacher = build_detector(dataclasses.replace(exp.teacher, weights=None), num_classes)
+        state = config.get("teacher_state")
+        if state is not None and not isinstance(state, dict):
+            import ray
+
+            state = ray.get(state)
+        if state is None:
+            raise ValueError("KD terms are configured but no teacher weights were given")
+        teacher.load_state_dict(state)
+    return build_distiller(exp, num_classes, teacher)
+
+
+def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over the trainable parameters."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper, or the module itself."""
+    return getattr(module, "module", module)
+
+
+def save_checkpoint(directory: str, distiller: Distiller, optimizer, scheduler, scaler, epoch: int) -> None:
+    """Write ``model.pt`` (student state_dict, loadable as detector weights) and ``state.pt``."""
+    torch.save({"model": distiller.student.state_dict()}, os.path.join(directory, MODEL_FILE))
+    torch.save(
+        {
+            "trainable": unwrap(distiller.trainable).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch,
+        },
+        os.path.join(directory, STATE_FILE),
+    )
+
+
+def load_checkpoint(directory: str, distiller: Distiller, optimizer, scheduler, scaler) -> int:
+    """Restore from ``state.pt``; return the next epoch to run."""
+    state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    unwrap(distiller.trainable).load_state_dict(state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"]) + 1
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (see module docstring for ``config``)."""
+    import ray.train
+    import ray.train.torch
+
+    exp: ExperimentConfig = from_dict(ExperimentConfig, config["experiment"])
+    role = config["role"]
+    cfg = exp.teacher_train if role == "teacher" else exp.train
+    torch.set_num_threads(cfg.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg.seed * 1000 + rank)
+    device = ray.train.torch.get_device()
+    log = console(f"{config.get('label', role)} r{rank}") if rank == 0 else None
+
+    train_loader, val_loader, sampler, val_ds = build_loaders(config["data"], exp, cfg, rank, world)
+    model_cfg = exp.teacher if role == "teacher" else exp.student
+    num_classes = model_cfg.num_classes or val_ds.num_classes
+    distiller = build_model(config, exp, num_classes)
+    distiller.to(device)
+    distiller.wrap(ray.train.torch.prepare_model)
+    params = [p for p in distiller.trainable.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    iters = len(train_loader) if cfg.max_iters_per_epoch is None else min(len(train_loader), cfg.max_iters_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(max(iters * cfg.epochs, 1), min(cfg.warmup_iters, iters * cfg.epochs // 2), cfg.lr_schedule)
+    )
+    amp = bool(cfg.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+
+    start_epoch = 1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start_epoch = load_checkpoint(directory, distiller, optimizer, scheduler, scaler)
+        if log:
+            log(f"resumed from checkpoint, continuing at epoch {start_epoch}")
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        sampler.set_epoch(epoch)
+        metrics: dict[str, Any] = train_one_epoch(
+            distiller, optimizer, scheduler, train_loader, device=device, epoch=epoch, params=params,
+            scaler=scaler, amp=amp, grad_clip=cfg.grad_clip, max_iters=cfg.max_iters_per_epoch, log=log,
+        )
+        metrics.update(
+            evaluate(
+                distiller.student, val_loader, device=device, coco_gt=val_ds.coco_gt,
+                label_to_cat_id=val_ds.label_to_cat_id, image_ids=val_ds.image_ids,
+            )
+        )
+        metrics["epoch"] = epoch
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        if log:
+            log(f"epoch {epoch}/{cfg.epochs} AP {metrics['AP']:.2f} AP_S {metrics['AP_S']:.2f} loss {metrics['loss']:.4f}")
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(tmp, distiller, optimizer, scheduler, scaler, epoch)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def student_weights_path(checkpoint_dir: str | Path) -> Path:
+    """Path of the student weights file inside a checkpoint directory."""
+    return Path(checkpoint_dir) / MODEL_FILE

@@ -1,0 +1,36 @@
+"""Ablation table: mean +- std over seeds, order, deltas, Parquet and Markdown, plot."""
+
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from kdsweep.table import plot, summarize, to_markdown, write_parquet
+
+
+def _rec(row, ap, status="FINISHED", **kw):
+    base = {"row": row, "status": status, "AP": ap, "AP50": ap + 10, "AP75": ap - 5, "AP_S": ap / 2, "AP_M": ap, "AP_L": ap + 5}
+    base.update(kw)
+    return base
+
+
+def test_mean_std_order_teacher_and_deltas(tmp_path):
+    records = [_rec("ssim", 30.0), _rec("ssim", 34.0), _rec("baseline", 28.0), _rec("l2", 0.0, status="FAILED")]
+    table = summarize(records, ["baseline", "l2", "ssim"], teacher=_rec("teacher", 40.0))
+    data = table.to_pydict()
+    assert data["row"] == ["teacher", "baseline", "l2", "ssim"]
+    i = data["row"].index("ssim")
+    assert data["AP_mean"][i] == pytest.approx(32.0)
+    assert data["AP_std"][i] == pytest.approx(math.sqrt(8.0))  # sample std of 30, 34
+    assert data["dAP"][i] == pytest.approx(4.0)
+    assert data["dAP_S"][i] == pytest.approx(2.0)
+    j = data["row"].index("l2")
+    assert data["seeds"][j] == 0 and data["failed"][j] == 1 and math.isnan(data["AP_mean"][j])
+    md = to_markdown(table, "t")
+    assert "| ssim | 2 | 32.0 ± 2.8 |" in md
+    assert "| l2 | 0 (1 failed) | failed |" in md
+    assert "+4.0" in md
+    out = write_parquet(table, tmp_path / "a.parquet")
+    assert pq.read_table(out).to_pydict()["AP_mean"][i] == pytest.approx(32.0)
+    png = plot(table, tmp_path / "a.png", "t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
