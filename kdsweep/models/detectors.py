@@ -1,0 +1,358 @@
+"""Torchvision detectors (RetinaNet, FCOS, Faster R-CNN) with FPN backbones, built from a ModelConfig.
+
+Nothing here edits or copies torchvision: backbones come from ``torchvision.models`` and its
+FPN extractors, detectors from the public ``RetinaNet`` / ``FCOS`` / ``FasterRCNN`` classes.
+
+Conventions:
+
+* **Classes.** ``num_classes`` counts object classes without background and dataset labels are
+  contiguous ``1..K`` (as ``kdsweep.evaluation`` expects). Every arch is built with ``K + 1``
+  outputs: Faster R-CNN needs index 0 for background; RetinaNet and FCOS (sigmoid classifiers)
+  simply never see label 0, exactly like torchvision's COCO RetinaNet (91 outputs, index 0 unused).
+  So labels and predictions mean the same thing for all three archs.
+* **Levels.** RetinaNet and FCOS use P3..P7 (P6/P7 by ``LastLevelP6P7`` on the P5 *output*, as in
+  torchvision's RetinaNet v1 and FCOS); Faster R-CNN uses P2..P6 (P6 = ``LastLevelMaxPool``).
+  :func:`level_names` gives the canonical name ``p<k>`` (stride ``2**k``) of each torchvision key.
+* **Anchors** (``a = cfg.anchor_scale``, ``s`` = level stride): RetinaNet sizes
+  ``a*s * (1, 2^(1/3), 2^(2/3))`` x ratios (0.5, 1, 2) as torchvision (a=4 gives its 32 px at P3);
+  Faster R-CNN RPN one size ``a*s`` x 3 ratios; FCOS one reference box of side ``(a/4)*s``, so the
+  default a=4 reproduces torchvision's FCOS (box = stride, scale ranges 0/64/128/256/512 px) and
+  a=2 halves those ranges like it halves the anchors of the other two.
+* **Weights.** ``None``: random init, trainable BatchNorm, every backbone layer trainable
+  (torchvision's rule: ``trainable_backbone_layers`` only matters for trained weights).
+  A local path: a checkpoint of this very architecture (raw state_dict or ``{"model": ...}``),
+  BatchNorm stays trainable. ``torchvision:NAME``: a torchvision weights enum, either the
+  backbone's ImageNet weights (e.g. ``ResNet50_Weights.IMAGENET1K_V1``) or whole-detector weights
+  (e.g. ``RetinaNet_ResNet50_FPN_Weights.COCO_V1``: resnet50, fpn_channels 256, num_classes 90);
+  these use FrozenBatchNorm2d in the backbone, as torchvision does, and need internet. With a path
+  or torchvision weights, ``trainable_backbone_layers`` freezes the early stages as torchvision
+  does (ResNet: 0..5, MobileNetV3: 0..6).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from torchvision.models import get_model_weights, get_weight, mobilenet, resnet
+from torchvision.models._api import WeightsEnum
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import (
+    BackboneWithFPN,
+    _mobilenet_extractor,
+    _resnet_fpn_extractor,
+)
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+from torchvision.ops.feature_pyramid_network import (
+    ExtraFPNBlock,
+    FeaturePyramidNetwork,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+)
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from kdsweep.config import ConfigError, ModelConfig
+
+# Pyramid levels k (stride 2**k) of each arch: backbone levels C_k, then the extra block's.
+PYRAMID: dict[str, tuple[int, ...]] = {
+    "retinanet": (3, 4, 5, 6, 7),
+    "fcos": (3, 4, 5, 6, 7),
+    "fasterrcnn": (2, 3, 4, 5, 6),
+}
+# Backbone levels each arch takes from the backbone (the rest come from the FPN's extra block).
+BACKBONE_LEVELS: dict[str, tuple[int, ...]] = {
+    "retinanet": (3, 4, 5),
+    "fcos": (3, 4, 5),
+    "fasterrcnn": (2, 3, 4, 5),
+}
+TORCHVISION_PREFIX = "torchvision:"
+
+
+# --------------------------------------------------------------------------------------- weights
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a model's initial weights come from (at most one field is set)."""
+
+    backbone: WeightsEnum | None = None
+    detector: WeightsEnum | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        return any(v is not None for v in (self.backbone, self.detector, self.checkpoint))
+
+
+def parse_weights(cfg: ModelConfig) -> WeightsSource:
+    """Resolve ``cfg.weights`` without downloading anything.
+
+    Raises:
+        ConfigError: unknown torchvision weights name, or a checkpoint path that does not exist.
+    """
+    if cfg.weights is None:
+        return WeightsSource()
+    if cfg.weights.startswith(TORCHVISION_PREFIX):
+        name = cfg.weights[len(TORCHVISION_PREFIX):]
+        try:
+            enum = get_weight(name)
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise ConfigError(
+                f"model.weights '{cfg.weights}' is not a torchvision weights name ({exc}); "
+                "use e.g. torchvision:ResNet50_Weights.IMAGENET1K_V1"
+            ) from None
+        if isinstance(enum, get_model_weights(cfg.backbone)):
+            return WeightsSource(backbone=enum)
+        return WeightsSource(detector=enum)
+    path = Path(cfg.weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"model.weights '{cfg.weights}' is not a file; give a checkpoint path, "
+            "torchvision:NAME, or null"
+        )
+    return WeightsSource(checkpoint=path.resolve())
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint (raw state_dict or ``{"model": state_dict}``) into ``model``.
+
+    BatchNorm's ``num_batches_tracked`` counters may be absent (checkpoints of FrozenBatchNorm2d
+    models); every other key must match in name and shape.
+
+    Raises:
+        ConfigError: one line naming the file and the first mismatching key.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a config problem
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model.weights '{path}' could not be read as a checkpoint: {reason}") from None
+    state = obj["model"] if isinstance(obj, Mapping) and "model" in obj else obj
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"model.weights '{path}' holds no state_dict (got {type(state).__name__})")
+    load_state(model, state, str(path))
+
+
+def load_state(model: nn.Module, state: Mapping[str, Any], origin: str) -> None:
+    """Strictly load ``state`` into ``model`` (``num_batches_tracked`` may be absent).
+
+    Raises:
+        ConfigError: one line naming ``origin`` and the first mismatching key.
+    """
+    mismatch = first_mismatch(model.state_dict(), state)
+    if mismatch is not None:
+        raise ConfigError(
+            f"model.weights '{origin}' does not match the model: first mismatching key {mismatch}; "
+            "build the same arch/backbone/fpn_channels/num_classes the checkpoint was saved with"
+        )
+    model.load_state_dict(state, strict=False)  # fully checked above; tolerates BN counters
+
+
+def first_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str | None:
+    """Describe the first key of ``expected`` missing from or shaped unlike ``given``, or the first
+    unexpected key of ``given``; None when they match (``num_batches_tracked`` is optional)."""
+    for key, value in expected.items():
+        if key not in given:
+            if not key.endswith("num_batches_tracked"):
+                return f"'{key}' (missing from the checkpoint)"
+        elif not isinstance(given[key], torch.Tensor) or given[key].shape != value.shape:
+            shape = tuple(getattr(given[key], "shape", ()))
+            return f"'{key}' (shape {shape} in the checkpoint, {tuple(value.shape)} in the model)"
+    for key in given:
+        if key not in expected:
+            return f"'{key}' (not in the model)"
+    return None
+
+
+# ------------------------------------------------------------------------------------- backbones
+def _with_fpn_width(backbone: BackboneWithFPN, channels: int, extra: ExtraFPNBlock) -> BackboneWithFPN:
+    """torchvision's FPN extractors fix the FPN width at 256: rebuild the FPN ``channels`` wide."""
+    in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
+    backbone.fpn = FeaturePyramidNetwork(in_channels, channels, extra_blocks=extra)
+    backbone.out_channels = channels
+    return backbone
+
+
+def _resnet_fpn(
+    name: str, levels: tuple[int, ...], trainable: int | None, norm: Callable | None,
+    weights: WeightsEnum | None,
+) -> BackboneWithFPN:
+    """ResNet C_k (k=2..5) is ``layer{k-1}``; ``trainable`` None means all 5 stages."""
+    body = getattr(resnet, name)(weights=weights, norm_layer=norm or nn.BatchNorm2d)
+    return _resnet_fpn_extractor(body, 5 if trainable is None else trainable, [k - 1 for k in levels])
+
+
+def _mobilenet_fpn(
+    name: str, levels: tuple[int, ...], trainable: int | None, norm: Callable | None,
+    weights: WeightsEnum | None,
+) -> BackboneWithFPN:
+    """MobileNetV3 stages as torchvision counts them (0: stem .. 5: last conv, 6 in all):
+    stage i<5 is the first block of stride ``2**(i+1)``; C5 is the last stage (stride 32)."""
+    kwargs = {"norm_layer": norm} if norm is not None else {}  # default BN has MobileNet's eps
+    body = getattr(mobilenet, name)(weights=weights, **kwargs)
+    stages = [k - 1 if k < 5 else 5 for k in levels]
+    return _mobilenet_extractor(body, True, 6 if trainable is None else trainable, stages)
+
+
+BACKBONE_BUILDERS: dict[str, Callable[..., BackboneWithFPN]] = {
+    "resnet18": partial(_resnet_fpn, "resnet18"),
+    "resnet34": partial(_resnet_fpn, "resnet34"),
+    "resnet50": partial(_resnet_fpn, "resnet50"),
+    "resnet101": partial(_resnet_fpn, "resnet101"),
+    "mobilenet_v3_large": partial(_mobilenet_fpn, "mobilenet_v3_large"),
+    "mobilenet_v3_small": partial(_mobilenet_fpn, "mobilenet_v3_small"),
+}
+
+
+def build_backbone(cfg: ModelConfig, source: WeightsSource | None = None) -> BackboneWithFPN:
+    """FPN backbone of ``cfg.arch`` (P3..P7 or P2..P6), ``cfg.fpn_channels`` wide.
+
+    Output: OrderedDict of (N, fpn_channels, H/s, W/s) maps, keys '0', '1', ... then 'p6', 'p7'
+    (RetinaNet/FCOS) or 'pool' (Faster R-CNN); see :func:`level_names`.
+    """
+    source = source or parse_weights(cfg)
+    builder = BACKBONE_BUILDERS.get(cfg.backbone)
+    if builder is None:
+        raise ConfigError(f"model.backbone '{cfg.backbone}' is unknown; use one of {', '.join(BACKBONE_BUILDERS)}")
+    if cfg.arch not in BACKBONE_LEVELS:
+        raise ConfigError(f"model.arch '{cfg.arch}' is unknown; use one of {', '.join(ARCH_BUILDERS)}")
+    from_torchvision = source.backbone is not None or source.detector is not None
+    trainable = cfg.trainable_backbone_layers if source.pretrained else None
+    norm = FrozenBatchNorm2d if from_torchvision else None
+    try:
+        backbone = builder(BACKBONE_LEVELS[cfg.arch], trainable, norm, source.backbone)
+    except ValueError as exc:  # torchvision's range check of trainable layers
+        raise ConfigError(f"model.trainable_backbone_layers: {exc}") from None
+    c = cfg.fpn_channels
+    extra = LastLevelMaxPool() if cfg.arch == "fasterrcnn" else LastLevelP6P7(c, c)
+    return _with_fpn_width(backbone, c, extra)
+
+
+# ------------------------------------------------------------------------------------ detectors
+def _strides(arch: str) -> tuple[int, ...]:
+    return tuple(2**k for k in PYRAMID[arch])
+
+
+def _retinanet(backbone: BackboneWithFPN, cfg: ModelConfig, classes: int) -> nn.Module:
+    """RetinaNet (Lin et al., ICCV 2017): 3 scales x 3 ratios per level."""
+    sizes = tuple(tuple(cfg.anchor_scale * s * 2 ** (i / 3) for i in range(3)) for s in _strides("retinanet"))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    return RetinaNet(backbone, classes, min_size=cfg.min_size, max_size=cfg.max_size, anchor_generator=anchors)
+
+
+def _fcos_head(channels: int, classes: int) -> FCOSHead:
+    """torchvision's FCOS head; its GroupNorm(32) is replaced by GroupNorm(gcd(32, C)) when the
+    FPN width C is not a multiple of 32 (the sub-heads take a ``norm_layer``, FCOSHead does not)."""
+    if channels % 32 == 0:
+        return FCOSHead(channels, 1, classes)
+    norm = partial(nn.GroupNorm, math.gcd(32, channels))
+    head = FCOSHead(32, 1, classes, num_convs=0)  # shell: box coder; both sub-heads replaced
+    head.classification_head = FCOSClassificationHead(channels, 1, classes, norm_layer=norm)
+    head.regression_head = FCOSRegressionHead(channels, 1, norm_layer=norm)
+    return head
+
+
+def _fcos(backbone: BackboneWithFPN, cfg: ModelConfig, classes: int) -> nn.Module:
+    """FCOS (Tian et al., ICCV 2019): one reference box of side (anchor_scale/4)*stride per point."""
+    sizes = tuple((cfg.anchor_scale / 4 * s,) for s in _strides("fcos"))
+    anchors = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
+    head = _fcos_head(backbone.out_channels, classes)
+    return FCOS(backbone, classes, min_size=cfg.min_size, max_size=cfg.max_size, anchor_generator=anchors, head=head)
+
+
+def _fasterrcnn(backbone: BackboneWithFPN, cfg: ModelConfig, classes: int) -> nn.Module:
+    """Faster R-CNN + FPN (Ren et al. 2015; Lin et al. 2017): RPN with one size x 3 ratios per level;
+    RoIAlign reads P2..P5 (torchvision's default '0'..'3')."""
+    sizes = tuple((cfg.anchor_scale * s,) for s in _strides("fasterrcnn"))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    return FasterRCNN(backbone, classes, min_size=cfg.min_size, max_size=cfg.max_size, rpn_anchor_generator=anchors)
+
+
+ARCH_BUILDERS: dict[str, Callable[[BackboneWithFPN, ModelConfig, int], nn.Module]] = {
+    "retinanet": _retinanet,
+    "fcos": _fcos,
+    "fasterrcnn": _fasterrcnn,
+}
+
+
+def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """Build a torchvision detector from ``cfg``.
+
+    Args:
+        cfg: the model config.
+        num_classes: object classes without background (the dataset's); ``cfg.num_classes`` wins
+            when > 0. The model has ``K + 1`` outputs and predicts labels ``1..K`` (module doc).
+    Returns:
+        A torchvision ``RetinaNet`` / ``FCOS`` / ``FasterRCNN``: in train mode
+        ``model(images: list[(3, H, W)], targets: list[{"boxes": (n, 4) xyxy, "labels": (n,)}])``
+        returns the loss dict, in eval mode ``model(images)`` the detections.
+    Raises:
+        ConfigError: unknown arch/backbone, bad class count or trainable layers, unknown
+            weights name, missing or mismatching checkpoint.
+    """
+    classes = cfg.num_classes or num_classes
+    if classes < 1:
+        raise ConfigError(f"model.num_classes {classes} must be >= 1 (classes without background)")
+    arch = ARCH_BUILDERS.get(cfg.arch)
+    if arch is None:
+        raise ConfigError(f"model.arch '{cfg.arch}' is unknown; use one of {', '.join(ARCH_BUILDERS)}")
+    source = parse_weights(cfg)
+    model = arch(build_backbone(cfg, source), cfg, classes + 1)
+    if source.checkpoint is not None:
+        load_checkpoint(model, source.checkpoint)
+    elif source.detector is not None:  # needs internet; never used in tests
+        load_state(model, source.detector.get_state_dict(progress=True), str(cfg.weights))
+    return model
+
+
+# --------------------------------------------------------------------------------- level naming
+_LEVEL_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[str, int]]]" = weakref.WeakKeyDictionary()
+PROBE_SIZE = 256  # exact strides up to 256 (P8); our pyramids stop at P7
+
+
+@torch.no_grad()
+def _probe(backbone: nn.Module) -> dict[str, int]:
+    """Stride of each backbone output key, from one eval-mode forward of a (1, 3, 256, 256) zero
+    image (modes of every submodule are restored; BatchNorm statistics are untouched)."""
+    param = next(backbone.parameters())
+    modes = {m: m.training for m in backbone.modules()}
+    backbone.eval()
+    try:
+        out = backbone(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE, device=param.device, dtype=param.dtype))
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return {key: PROBE_SIZE // feat.shape[-1] for key, feat in out.items()}
+
+
+def _levels(model: nn.Module) -> dict[str, tuple[str, int]]:
+    backbone = model.backbone
+    if backbone not in _LEVEL_CACHE:
+        levels: dict[str, tuple[str, int]] = {}
+        for key, stride in _probe(backbone).items():
+            k = int(math.log2(stride))
+            if 2**k != stride or any(name == f"p{k}" for name, _ in levels.values()):
+                raise ValueError(f"backbone output '{key}' has stride {stride}: not a distinct power of 2")
+            levels[key] = (f"p{k}", stride)
+        _LEVEL_CACHE[backbone] = levels
+    return _LEVEL_CACHE[backbone]
+
+
+def level_names(model: nn.Module) -> dict[str, str]:
+    """torchvision backbone key -> canonical level name ``p<k>`` (stride ``2**k``), in output order.
+
+    E.g. RetinaNet: ``{'0': 'p3', '1': 'p4', '2': 'p5', 'p6': 'p6', 'p7': 'p7'}``; Faster R-CNN:
+    ``{'0': 'p2', ..., '3': 'p5', 'pool': 'p6'}``. Strides are measured once per backbone (a probe
+    forward, cached), so any torchvision-style detector with ``model.backbone`` works.
+    """
+    return {key: name for key, (name, _) in _levels(model).items()}
+
+
+def level_strides(model: nn.Module) -> dict[str, int]:
+    """Canonical level name -> stride in input pixels, e.g. ``{'p3': 8, ..., 'p7': 128}``."""
+    return {name: stride for name, stride in _levels(model).values()}

@@ -1,0 +1,241 @@
+"""Distiller: frozen teacher outside the module tree, weighted KD terms, DDP on the trainable part."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import types
+from collections.abc import Iterator
+from typing import Sequence
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
+from kdsweep.distiller import Distiller, build_distiller, term_names
+from kdsweep.models.detectors import build_detector
+from kdsweep.models.taps import FeatureTap, align_to
+
+K = 3
+DET_KEYS = {"classification", "bbox_regression"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread is as fast and immune to other jobs on the CPU cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class StandInL2(nn.Module):
+    """Stand-in for a kdsweep.losses term: per-level 1x1 adapter, then mean squared error."""
+
+    def __init__(self, student_channels: int, teacher_channels: int, num_levels: int) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleList(nn.Conv2d(student_channels, teacher_channels, 1) for _ in range(num_levels))
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        terms = [((a(s) - t) ** 2).mean() for a, s, t in zip(self.adapters, student, teacher)]
+        return torch.stack(terms).mean()
+
+
+def student_cfg() -> ModelConfig:
+    return ModelConfig(backbone="resnet18", fpn_channels=16, min_size=64, max_size=64)
+
+
+def make_teacher() -> nn.Module:
+    torch.manual_seed(1)
+    return build_detector(ModelConfig(backbone="resnet18", fpn_channels=32, min_size=128, max_size=128), K)
+
+
+def make_distiller(weight: float = 0.5, levels: Sequence[str] = ("p3", "p4")) -> Distiller:
+    torch.manual_seed(0)
+    student = build_detector(student_cfg(), K)
+    terms = {"l2": (weight, StandInL2(16, 32, len(levels)))}
+    return Distiller(student, make_teacher(), terms, levels, teacher_scale=2.0)
+
+
+def batch() -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 64, 64, generator=g)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([K])},
+        {"boxes": torch.tensor([[10.0, 8.0, 50.0, 30.0]]), "labels": torch.tensor([1])},
+    ]
+    return images, targets
+
+
+def test_teacher_frozen_and_outside_module_tree() -> None:
+    distiller = make_distiller()
+    teacher = distiller.teacher
+    distiller.train()
+    assert not teacher.training and all(not m.training for m in teacher.modules())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in distiller.parameters()}
+    assert all(key.startswith("trainable.") for key in distiller.state_dict())
+    assert teacher not in list(distiller.modules())
+    images, targets = batch()
+    losses = distiller(images, targets)
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training
+
+
+def test_losses_and_gradients() -> None:
+    distiller = make_distiller(weight=0.5)
+    images, targets = batch()
+    losses = distiller(images, targets)
+    assert set(losses) == DET_KEYS | {"kd_l2"}
+    sum(losses.values()).backward()
+    trainable = [p for p in distiller.trainable.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in trainable)  # student, heads and adapters (DDP-safe)
+    adapter = distiller.trainable.terms["l2"].adapters[0].weight
+    assert adapter.grad.abs().sum() > 0
+    assert distiller.student.backbone.body.conv1.weight.grad.abs().sum() > 0
+
+
+def test_kd_entry_is_weight_times_unweighted_term() -> None:
+    distiller = make_distiller(weight=0.5)
+    images, targets = batch()
+    losses = distiller(images, targets)
+    inner = distiller.trainable
+    with torch.no_grad():
+        t_feats = distiller.teacher_features(images)
+        with FeatureTap(distiller.student) as tap:
+            distiller.student(images, targets)
+        s, t = align_to(tap.pop(), t_feats, ["p3", "p4"], teacher_scale=2.0)
+        unweighted = inner.terms["l2"](s, t)
+    assert s[0].shape[-2:] == t[0].shape[-2:] == (8, 8)
+    torch.testing.assert_close(losses["kd_l2"].detach(), 0.5 * unweighted)
+
+
+def test_no_teacher_mode_equals_plain_student() -> None:
+    torch.manual_seed(0)
+    student = build_detector(student_cfg(), K)
+    distiller = Distiller(student)
+    images, targets = batch()
+    assert list(distiller.state_dict()) == [f"trainable.student.{k}" for k in student.state_dict()]
+    ours = distiller(images, targets)
+    plain = student(images, targets)
+    assert set(ours) == DET_KEYS
+    for key in plain:
+        torch.testing.assert_close(ours[key], plain[key])
+    distiller.eval()
+    with torch.no_grad():
+        detections = distiller(images)
+    assert isinstance(detections, list) and set(detections[0]) == {"boxes", "scores", "labels"}
+
+
+def test_to_reaches_teacher_and_levels_are_checked() -> None:
+    distiller = make_distiller()
+    distiller.to(torch.float64)
+    assert next(distiller.teacher.parameters()).dtype == torch.float64
+    distiller.to(torch.float32)
+    assert next(distiller.teacher.parameters()).dtype == torch.float32
+    with pytest.raises(ConfigError, match="p2"):
+        make_distiller(levels=("p2",))
+    with pytest.raises(ConfigError, match="teacher"):
+        Distiller(build_detector(student_cfg(), K), None, {"l2": (1.0, StandInL2(16, 32, 1))})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_wraps_trainable_only() -> None:
+    distiller = make_distiller()
+    teacher_before = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        distiller.wrap(lambda m: DistributedDataParallel(m))  # find_unused_parameters=False
+        assert isinstance(distiller.trainable, DistributedDataParallel)
+        student = distiller.student
+        assert student is distiller.trainable.module.student
+        optimizer = torch.optim.SGD(distiller.trainable.parameters(), lr=0.01)
+        images, targets = batch()
+        for _ in range(2):  # the 2nd step fails under DDP if a parameter got no gradient
+            losses = distiller(images, targets)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+        assert "kd_l2" in losses
+    finally:
+        dist.destroy_process_group()
+    assert not distiller.teacher.training
+    for key, value in distiller.teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+    assert all(k.startswith("trainable.module.") for k in distiller.state_dict())
+
+
+def test_term_names() -> None:
+    kd = [KDTermConfig("l2"), KDTermConfig("ssim"), KDTermConfig("l2")]
+    assert term_names(kd) == ["l2_0", "ssim", "l2_1"]
+
+
+@pytest.fixture
+def stub_losses(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Replace kdsweep.losses by a stub whose build_loss records its calls."""
+    calls: list[dict] = []
+
+    def build_loss(cfg: KDTermConfig, *, student_channels: int, teacher_channels: int, num_levels: int) -> nn.Module:
+        calls.append(dict(loss=cfg.loss, s=student_channels, t=teacher_channels, n=num_levels))
+        return StandInL2(student_channels, teacher_channels, num_levels)
+
+    module = types.ModuleType("kdsweep.losses")
+    module.build_loss = build_loss
+    monkeypatch.setitem(sys.modules, "kdsweep.losses", module)
+    return calls
+
+
+def test_build_distiller(stub_losses: list[dict]) -> None:
+    cfg = ExperimentConfig(
+        student=student_cfg(),
+        kd=(KDTermConfig("l2", weight=2.0, levels=("p3",)), KDTermConfig("l2"), KDTermConfig("ssim", weight=0.0)),
+        teacher_scale=2.0,
+    )
+    teacher = make_teacher()
+    teacher.transform.min_size, teacher.transform.max_size = (999,), 999
+    distiller = build_distiller(cfg, K, teacher)
+    assert teacher.transform.min_size == (128,) and teacher.transform.max_size == 128
+    assert stub_losses == [
+        dict(loss="l2", s=16, t=32, n=1),
+        dict(loss="l2", s=16, t=32, n=5),
+        dict(loss="ssim", s=16, t=32, n=5),
+    ]
+    inner = distiller.trainable
+    assert inner.levels == {"l2_0": ("p3",), "l2_1": ("p3", "p4", "p5", "p6", "p7"), "ssim": ("p3", "p4", "p5", "p6", "p7")}
+    assert inner.weights == {"l2_0": 2.0, "l2_1": 1.0, "ssim": 0.0}
+    images, targets = batch()
+    losses = distiller(images, targets)
+    assert set(losses) == DET_KEYS | {"kd_l2_0", "kd_l2_1", "kd_ssim"}
+
+
+def test_build_distiller_errors_and_baseline(stub_losses: list[dict]) -> None:
+    with pytest.raises(ConfigError, match="teacher"):
+        build_distiller(ExperimentConfig(student=student_cfg(), kd=(KDTermConfig("l2"),)), K, None)
+    bad = ExperimentConfig(student=student_cfg(), kd=(KDTermConfig("l2", levels=("p2",)),))
+    with pytest.raises(ConfigError, match="kd.l2.levels"):
+        build_distiller(bad, K, make_teacher())
+    baseline = build_distiller(ExperimentConfig(student=student_cfg()), K, make_teacher())
+    assert baseline.teacher is None and not baseline.has_kd and stub_losses == []
+
+
+def test_cross_arch_student_shares_levels_with_teacher() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="fasterrcnn", backbone="mobilenet_v3_small", fpn_channels=16, min_size=64, max_size=64)
+    student = build_detector(cfg, K)  # P2..P6; the RetinaNet teacher has P3..P7
+    distiller = Distiller(student, make_teacher(), {"l2": (1.0, StandInL2(16, 32, 4))}, teacher_scale=2.0)
+    assert distiller.trainable.levels == {"l2": ("p3", "p4", "p5", "p6")}
+    images, targets = batch()
+    losses = distiller(images, targets)
+    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "kd_l2"} == set(losses)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in distiller.trainable.terms.parameters())
