@@ -256,5 +256,6 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
 
 def config_hash(cfg: Any) -> str:
     """Stable 12-hex-digit hash of a config (used to reuse a finished teacher run)."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    data = cfg if isinstance(cfg, Mapping) else to_dict(cfg)
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

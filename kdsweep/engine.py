@@ -104,7 +104,7 @@ def train_one_epoch(
             sums[f"loss/{key}"] += float(value.detach())
         if log is not None and (step % log_every == 0 or step == total_iters - 1):
             rate = images_seen / max(time.perf_counter() - start, 1e-9)
-            log(f"epoch {epoch} step {step + 1}/{total_iters} loss {float(total):.4f} ({rate:.1f} img/s)")
+            log(f"epoch {epoch} step {step + 1}/{total_iters} loss {float(total.detach()):.4f} ({rate:.1f} img/s)")
     elapsed = time.perf_counter() - start
     out = {k: v / max(steps, 1) for k, v in sums.items()}
     out["train_images_per_s"] = images_seen / max(elapsed, 1e-9)

@@ -7,9 +7,12 @@ On a cluster: ray job submit --working-dir . -- python launch/ablation_ssim.py -
 import sys
 from pathlib import Path
 
-from kdsweep.ablation import run_ablation
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `ray job submit --working-dir .` ships the source, not an install
 
-SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "ablation_ssim.yaml"
+from kdsweep.ablation import run_ablation  # noqa: E402
+
+SPACE = ROOT / "search_spaces" / "ablation_ssim.yaml"
 
 if __name__ == "__main__":
     sys.exit(run_ablation(SPACE, prog="ablation_ssim.py"))

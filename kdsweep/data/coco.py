@@ -1,0 +1,300 @@
+"""COCO-format detection data: path resolution, validation, and the training dataset.
+
+Validation never raises on bad data: it collects one line per problem naming the file, the
+record id and the field, with a fix. Training calls :func:`load_validated`, which raises a
+:class:`DataError` when anything is wrong, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kdsweep.config import DataConfig
+
+MAX_LINES_PER_KIND = 20
+SMALL, MEDIUM = 32**2, 96**2
+
+
+class DataError(ValueError):
+    """A dataset problem a user must fix; the message names file, id and field."""
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Absolute paths of the train/val annotation files and their image folders."""
+
+    train_ann: Path
+    val_ann: Path
+    train_images: Path
+    val_images: Path
+
+
+def resolve_data(cfg: DataConfig) -> DataPaths:
+    """``cfg.root`` (synth layout), or ``train_ann``/``val_ann`` + ``images``, or the embedded
+    synthetic dataset (generated on first use). Raises DataError for missing files."""
+    if cfg.root:
+        root = Path(cfg.root).expanduser().resolve()
+        paths = DataPaths(root / "train.json", root / "val.json", root / "images", root / "images")
+    elif cfg.train_ann or cfg.val_ann:
+        if not (cfg.train_ann and cfg.val_ann):
+            raise DataError("data: give both train_ann and val_ann (or root)")
+        train, val = Path(cfg.train_ann).expanduser().resolve(), Path(cfg.val_ann).expanduser().resolve()
+        if cfg.images:
+            images = Path(cfg.images).expanduser().resolve()
+            paths = DataPaths(train, val, images, images)
+        else:
+            paths = DataPaths(train, val, train.parent / "images", val.parent / "images")
+    else:
+        from kdsweep.data.synthetic import ensure_synthetic
+
+        root = ensure_synthetic(cfg)
+        paths = DataPaths(root / "train.json", root / "val.json", root / "images", root / "images")
+    for ann in (paths.train_ann, paths.val_ann):
+        if not ann.is_file():
+            raise DataError(f"{ann}: annotation file not found; check --data / data.root / data.train_ann")
+    for images in (paths.train_images, paths.val_images):
+        if not images.is_dir():
+            raise DataError(f"{images}: image folder not found; pass --images or put images/ beside the JSON")
+    return paths
+
+
+@dataclass
+class ValidationReport:
+    """What :func:`validate_coco` found."""
+
+    problems: list[str] = field(default_factory=list)
+    class_counts: dict[str, int] = field(default_factory=dict)
+    size_counts: dict[str, int] = field(default_factory=lambda: {"small": 0, "medium": 0, "large": 0})
+    num_images: int = 0
+    num_annotations: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class _Problems:
+    """Collects problem lines, at most MAX_LINES_PER_KIND per kind."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.counts: Counter[str] = Counter()
+
+    def add(self, kind: str, text: str) -> None:
+        self.counts[kind] += 1
+        if self.counts[kind] <= MAX_LINES_PER_KIND:
+            self.lines.append(f"{self.name}: {text}")
+
+    def finish(self) -> list[str]:
+        extra = [f"{self.name}: ... and {n - MAX_LINES_PER_KIND} more {kind} problems" for kind, n in self.counts.items() if n > MAX_LINES_PER_KIND]
+        return self.lines + extra
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _read_json(path: Path, report: ValidationReport) -> dict[str, Any] | None:
+    if not path.is_file():
+        report.problems.append(f"{path.name}: file not found at {path}")
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        report.problems.append(f"{path.name}: not valid JSON ({exc.__class__.__name__} at {getattr(exc, 'lineno', '?')}:{getattr(exc, 'colno', '?')}); fix the file")
+        return None
+    if not isinstance(data, dict):
+        report.problems.append(f"{path.name}: top level must be an object with images, annotations, categories")
+        return None
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        report.problems.append(f"{path.name}: missing or non-list top-level key '{missing[0]}'; a COCO instances file needs images, annotations, categories")
+        return None
+    return data
+
+
+def _check_records(records: list[Any], kind: str, keys: tuple[str, ...], out: _Problems) -> dict[Any, dict[str, Any]]:
+    """Records with all ``keys`` by id; missing keys and duplicate ids become problems."""
+    by_id: dict[Any, dict[str, Any]] = {}
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            out.add(f"{kind}-record", f"{kind} #{i}: not an object")
+            continue
+        missing = [k for k in keys if k not in rec]
+        if missing:
+            out.add(f"{kind}-key", f"{kind} {rec.get('id', '#' + str(i))}: missing field '{missing[0]}'")
+            continue
+        if rec["id"] in by_id:
+            out.add(f"{kind}-dup", f"{kind} {rec['id']}: duplicate id; ids must be unique")
+            continue
+        by_id[rec["id"]] = rec
+    return by_id
+
+
+def _check_images(images: dict[Any, dict[str, Any]], images_dir: Path | None, out: _Problems) -> None:
+    for image_id, img in images.items():
+        if not (_number(img["width"]) and _number(img["height"]) and img["width"] > 0 and img["height"] > 0):
+            out.add("image-size", f"image {image_id}: width/height {img['width']!r}x{img['height']!r} must be positive numbers")
+        if images_dir is None:
+            continue
+        path = images_dir / str(img["file_name"])
+        if not path.is_file():
+            out.add("image-file", f"image {image_id}: file_name '{img['file_name']}' not found in {images_dir}")
+            continue
+        try:
+            with Image.open(path) as handle:
+                handle.verify()
+        except Exception as exc:  # noqa: BLE001 - any decoder error means unreadable
+            out.add("image-file", f"image {image_id}: file_name '{img['file_name']}' is not a readable image ({exc.__class__.__name__})")
+
+
+def _check_annotation(ann: dict[str, Any], images: dict, categories: dict, out: _Problems, report: ValidationReport) -> None:
+    aid, bbox = ann["id"], ann["bbox"]
+    if ann["image_id"] not in images:
+        out.add("ann-image", f"annotation {aid}: image_id {ann['image_id']!r} is not an image id")
+        return
+    if ann["category_id"] not in categories:
+        out.add("ann-cat", f"annotation {aid}: category_id {ann['category_id']!r} is not a category id")
+        return
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
+        out.add("bbox", f"annotation {aid}: bbox {bbox!r} must be 4 finite numbers [x, y, w, h]")
+        return
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        out.add("bbox-size", f"annotation {aid}: bbox {bbox!r} has non-positive width or height; fix or drop it")
+        return
+    img = images[ann["image_id"]]
+    if _number(img["width"]) and _number(img["height"]):
+        if x < -1 or y < -1 or x + w > img["width"] + 1 or y + h > img["height"] + 1:
+            out.add("bbox-outside", f"annotation {aid}: bbox {bbox!r} lies outside image {ann['image_id']} ({img['width']}x{img['height']}); clip it")
+            return
+    if ann.get("iscrowd", 0):
+        return
+    area = w * h
+    report.size_counts["small" if area < SMALL else "medium" if area < MEDIUM else "large"] += 1
+    name = str(categories[ann["category_id"]].get("name", ann["category_id"]))
+    report.class_counts[name] = report.class_counts.get(name, 0) + 1
+
+
+def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *, check_images: bool = True) -> ValidationReport:
+    """Validate a COCO instances file (and its images); never raises on bad data.
+
+    ``images_dir`` defaults to ``images/`` beside the JSON file.
+    """
+    path = Path(ann_path)
+    report = ValidationReport()
+    data = _read_json(path, report)
+    if data is None:
+        return report
+    out = _Problems(path.name)
+    images = _check_records(data["images"], "image", ("id", "file_name", "width", "height"), out)
+    categories = _check_records(data["categories"], "category", ("id",), out)
+    annotations = _check_records(data["annotations"], "annotation", ("id", "image_id", "category_id", "bbox"), out)
+    directory = (Path(images_dir) if images_dir else path.parent / "images") if check_images else None
+    if directory is not None and not directory.is_dir():
+        out.add("image-dir", f"image folder {directory} not found; pass --images")
+        directory = None
+    _check_images(images, directory, out)
+    for ann in annotations.values():
+        _check_annotation(ann, images, categories, out, report)
+    report.problems = out.finish()
+    report.num_images, report.num_annotations = len(images), len(annotations)
+    return report
+
+
+def load_validated(ann_path: str | Path, images_dir: str | Path | None = None) -> ValidationReport:
+    """Validate like ``kdsweep data check``; raise :class:`DataError` listing the problems."""
+    report = validate_coco(ann_path, images_dir)
+    if report.problems:
+        shown = "\n".join(report.problems[:10])
+        raise DataError(f"{Path(ann_path)}: {len(report.problems)} problem(s); run `kdsweep data check` for all\n{shown}")
+    return report
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO instances file as ``(image, target)`` pairs for torchvision detectors.
+
+    ``image``: float32 (3, H, W) in [0, 1]. ``target``: ``boxes`` float32 (N, 4) xyxy,
+    ``labels`` int64 (N,) in 1..K (category ids sorted, made contiguous; 0 is background),
+    ``image_id`` int. Crowd and degenerate boxes are left out of the targets.
+    """
+
+    def __init__(self, ann_path: str | Path, images_dir: str | Path, *, max_images: int | None = None) -> None:
+        self.ann_path, self.images_dir = Path(ann_path), Path(images_dir)
+        self.dataset = json.loads(self.ann_path.read_text())
+        cats = sorted(self.dataset["categories"], key=lambda c: c["id"])
+        self.categories = [str(c.get("name", c["id"])) for c in cats]
+        self.label_to_cat_id = {i + 1: c["id"] for i, c in enumerate(cats)}
+        cat_to_label = {c: l for l, c in self.label_to_cat_id.items()}
+        images = sorted(self.dataset["images"], key=lambda im: im["id"])
+        if max_images is not None:
+            images = images[:max_images]
+        self.images = images
+        self.image_ids = [im["id"] for im in images]
+        boxes: dict[Any, list[tuple[list[float], int]]] = {im["id"]: [] for im in images}
+        for ann in self.dataset["annotations"]:
+            x, y, w, h = ann["bbox"]
+            if ann["image_id"] in boxes and not ann.get("iscrowd", 0) and w > 0 and h > 0:
+                boxes[ann["image_id"]].append(([x, y, x + w, y + h], cat_to_label[ann["category_id"]]))
+        self._boxes = boxes
+        self._coco_gt = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def coco_gt(self):
+        """A pycocotools COCO index over the (possibly truncated) image set."""
+        if self._coco_gt is None:
+            import contextlib
+            import io
+
+            from pycocotools.coco import COCO
+
+            keep = set(self.image_ids)
+            coco = COCO()
+            coco.dataset = {
+                **{k: v for k, v in self.dataset.items() if k not in ("images", "annotations")},
+                "images": self.images,
+                "annotations": [a for a in self.dataset["annotations"] if a["image_id"] in keep],
+            }
+            for ann in coco.dataset["annotations"]:
+                ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
+                ann.setdefault("iscrowd", 0)
+            with contextlib.redirect_stdout(io.StringIO()):
+                coco.createIndex()
+            self._coco_gt = coco
+        return self._coco_gt
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        info = self.images[index]
+        with Image.open(self.images_dir / info["file_name"]) as handle:
+            array = np.asarray(handle.convert("RGB"), dtype=np.uint8)
+        image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        items = self._boxes[info["id"]]
+        target = {
+            "boxes": torch.tensor([b for b, _ in items], dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([l for _, l in items], dtype=torch.int64),
+            "image_id": info["id"],
+        }
+        return image, target
+
+
+def collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Keep images and targets as lists (torchvision detectors take variable sizes)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
