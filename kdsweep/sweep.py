@@ -124,12 +124,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        # Keep the job's runtime env (``ray job submit --working-dir``): pass none of our own.
+        ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, _node_ip_address="127.0.0.1")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 def result_rows(results: Any, describe: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:
