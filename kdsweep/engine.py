@@ -138,21 +138,24 @@ def evaluate(
 
     Each worker predicts its own shard (``loader``); detections are gathered from every worker
     and rank 0 runs COCOeval over ``image_ids`` (the full val set), then broadcasts the numbers so
-    that every rank reports the same metrics.
+    that every rank reports the same metrics. ``eval_images`` counts the distinct images
+    evaluated across all workers (it equals ``len(image_ids)`` when nothing was missed).
     """
     local = predict(model, loader, device)
     records = to_coco_detections((o for _, o in local), (i for i, _ in local), label_to_cat_id)
+    seen = [i for i, _ in local]
     if _distributed():
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
+        dist.all_gather_object(gathered, (seen, records))
+        seen = [i for ids, _ in gathered for i in ids]
+        records = [r for _, part in gathered for r in part]
     stats = coco_stats(coco_gt, records, image_ids) if not _distributed() or dist.get_rank() == 0 else None
     if _distributed():
         box = [stats]
         dist.broadcast_object_list(box, src=0)
         stats = box[0]
     assert stats is not None
-    return stats
+    return {**stats, "eval_images": float(len(set(seen)))}
 
 
 def warmup_cosine(total_iters: int, warmup_iters: int, schedule: str) -> Callable[[int], float]:

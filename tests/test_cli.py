@@ -1,0 +1,70 @@
+"""Command line: bad input fails fast with one line (no traceback, nothing started); `ui` binds
+127.0.0.1 on the embedded store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdsweep import cli
+from kdsweep.ablation import run_ablation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "yaml_text, fragment",
+    [
+        ("rows: [{label: a, kd: [{loss: ssimm}]}]\n", "kd[0].loss 'ssimm' is unknown"),
+        ("rows: [{label: a}]\nspace: {kd.0.weight: {beta: [1, 2]}}\n", "sampler 'beta' is unknown"),
+        ("rows: [{label: a, train: {epochs: 0}}]\n", "epochs"),
+        ("rowz: []\n", "key 'rowz' is unknown"),
+    ],
+)
+def test_bad_search_space_exits_2_with_one_line_before_starting(tmp_path, monkeypatch, capsys, yaml_text, fragment):
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    space = tmp_path / "bad.yaml"
+    space.write_text(yaml_text)
+    assert run_ablation(space, ["--preset", "smoke"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert fragment in line and str(space) in line
+    assert not (tmp_path / "home" / "mlflow").exists()  # nothing was started or recorded
+
+
+def test_bad_dataset_exits_2_naming_the_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "train.json").write_text("{not json")
+    (data / "val.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    code = run_ablation(ROOT / "search_spaces" / "ablation_ssim.yaml", ["--preset", "smoke", "--data", str(data)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "train.json" in err and "not valid JSON" in err
+
+
+def test_unknown_preset_is_an_argparse_error():
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "ablation_ssim.py"), "--preset", "huge"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'huge'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ui_serves_embedded_store_on_loopback(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    seen = {}
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: seen.setdefault("cmd", cmd) and 0)
+    assert cli.main(["ui", "--port", "5123"]) == 0
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--port") + 1] == "5123"
+    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{(tmp_path / 'home').resolve()}/mlflow/mlflow.db"
