@@ -10,10 +10,15 @@ from pathlib import Path
 def _synth(args: argparse.Namespace) -> int:
     from kdsweep.data.synthetic import generate
 
-    if min(args.train, args.val) < 0 or args.size < 32:
-        print("kdsweep data synth: --train/--val must be >= 0 and --size >= 32", file=sys.stderr)
+    # the same limits as generate(), which raises ValueError on anything else
+    if min(args.train, args.val) < 0 or args.size < 64 or args.seed < 0:
+        print("kdsweep data synth: --train/--val must be >= 0, --size >= 64 and --seed >= 0", file=sys.stderr)
         return 2
-    written = generate(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed, progress=True)
+    try:
+        written = generate(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed, progress=True)
+    except FileExistsError as exc:
+        print(f"kdsweep data {exc}", file=sys.stderr)
+        return 1
     for split, path in written.items():
         print(f"{split}: {path}")
     return 0
@@ -39,13 +44,19 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from kdsweep.data.coco import DataError
     from kdsweep.data.visdrone import convert_visdrone
 
     src = Path(args.src)
     if not (src / "annotations").is_dir() or not (src / "images").is_dir():
         print(f"kdsweep data convert: {src} needs annotations/ and images/ (VisDrone-DET layout)", file=sys.stderr)
         return 2
-    for split, path in convert_visdrone(src, args.out).items():
+    try:
+        written = convert_visdrone(src, args.out)
+    except DataError as exc:
+        print(f"kdsweep data convert: {exc}", file=sys.stderr)
+        return 1
+    for split, path in written.items():
         print(f"{split}: {path}")
     return 0
 

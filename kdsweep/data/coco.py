@@ -7,6 +7,8 @@ record id and the field, with a fix. Training calls :func:`load_validated`, whic
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 from collections import Counter
@@ -104,12 +106,24 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _hashable(value: Any) -> bool:
+    """True when ``value`` can be a dict key (JSON lists and objects cannot)."""
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _read_json(path: Path, report: ValidationReport) -> dict[str, Any] | None:
     if not path.is_file():
         report.problems.append(f"{path.name}: file not found at {path}")
         return None
     try:
         data = json.loads(path.read_text())
+    except OSError as exc:
+        report.problems.append(f"{path.name}: cannot read {path} ({exc.__class__.__name__}: {exc.strerror or exc})")
+        return None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         report.problems.append(f"{path.name}: not valid JSON ({exc.__class__.__name__} at {getattr(exc, 'lineno', '?')}:{getattr(exc, 'colno', '?')}); fix the file")
         return None
@@ -134,6 +148,9 @@ def _check_records(records: list[Any], kind: str, keys: tuple[str, ...], out: _P
         if missing:
             out.add(f"{kind}-key", f"{kind} {rec.get('id', '#' + str(i))}: missing field '{missing[0]}'")
             continue
+        if not _hashable(rec["id"]):
+            out.add(f"{kind}-id", f"{kind} #{i}: field 'id' {rec['id']!r} must be a number or string")
+            continue
         if rec["id"] in by_id:
             out.add(f"{kind}-dup", f"{kind} {rec['id']}: duplicate id; ids must be unique")
             continue
@@ -143,7 +160,8 @@ def _check_records(records: list[Any], kind: str, keys: tuple[str, ...], out: _P
 
 def _check_images(images: dict[Any, dict[str, Any]], images_dir: Path | None, out: _Problems) -> None:
     for image_id, img in images.items():
-        if not (_number(img["width"]) and _number(img["height"]) and img["width"] > 0 and img["height"] > 0):
+        size_ok = _number(img["width"]) and _number(img["height"]) and img["width"] > 0 and img["height"] > 0
+        if not size_ok:
             out.add("image-size", f"image {image_id}: width/height {img['width']!r}x{img['height']!r} must be positive numbers")
         if images_dir is None:
             continue
@@ -153,17 +171,24 @@ def _check_images(images: dict[Any, dict[str, Any]], images_dir: Path | None, ou
             continue
         try:
             with Image.open(path) as handle:
-                handle.verify()
+                size = handle.size
+                # verify() alone misses truncated JPEGs; decoding (at 1/8 scale where the format
+                # allows it) reads all the data, so a cut-off file is caught here, not mid-training.
+                handle.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+                handle.load()
         except Exception as exc:  # noqa: BLE001 - any decoder error means unreadable
             out.add("image-file", f"image {image_id}: file_name '{img['file_name']}' is not a readable image ({exc.__class__.__name__})")
+            continue
+        if size_ok and size != (img["width"], img["height"]):
+            out.add("image-dims", f"image {image_id}: file '{img['file_name']}' is {size[0]}x{size[1]} but width/height say {img['width']!r}x{img['height']!r}; fix width/height")
 
 
 def _check_annotation(ann: dict[str, Any], images: dict, categories: dict, out: _Problems, report: ValidationReport) -> None:
     aid, bbox = ann["id"], ann["bbox"]
-    if ann["image_id"] not in images:
+    if not _hashable(ann["image_id"]) or ann["image_id"] not in images:
         out.add("ann-image", f"annotation {aid}: image_id {ann['image_id']!r} is not an image id")
         return
-    if ann["category_id"] not in categories:
+    if not _hashable(ann["category_id"]) or ann["category_id"] not in categories:
         out.add("ann-cat", f"annotation {aid}: category_id {ann['category_id']!r} is not a category id")
         return
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
@@ -212,12 +237,35 @@ def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *,
     return report
 
 
-def load_validated(ann_path: str | Path, images_dir: str | Path | None = None) -> ValidationReport:
-    """Validate like ``kdsweep data check``; raise :class:`DataError` listing the problems."""
-    report = validate_coco(ann_path, images_dir)
+def _validation_stamp(ann_path: Path, images_dir: str | Path | None) -> Path:
+    """Marker file of a successful validation of this annotation file version and image folder."""
+    from kdsweep import paths
+
+    ann = ann_path.resolve()
+    stat = ann.stat()
+    folder = Path(images_dir).resolve() if images_dir else ann.parent / "images"
+    key = hashlib.sha256(f"{ann}|{stat.st_size}|{stat.st_mtime_ns}|{folder}".encode()).hexdigest()[:20]
+    return paths.home() / "validated" / f"{key}.json"
+
+
+def load_validated(ann_path: str | Path, images_dir: str | Path | None = None, *, use_cache: bool = True) -> ValidationReport:
+    """Validate like ``kdsweep data check``; raise :class:`DataError` listing the problems.
+
+    A clean result is remembered under ``KDSWEEP_HOME/validated`` keyed by the annotation file's
+    path, size and modification time and the image folder, so that a large dataset (COCO: every
+    image is decoded) is checked once, not before every sweep. ``use_cache=False`` re-checks.
+    """
+    path = Path(ann_path)
+    stamp = _validation_stamp(path, images_dir) if use_cache and path.is_file() else None
+    if stamp is not None and stamp.is_file():
+        return ValidationReport(**json.loads(stamp.read_text()))
+    report = validate_coco(path, images_dir)
     if report.problems:
         shown = "\n".join(report.problems[:10])
-        raise DataError(f"{Path(ann_path)}: {len(report.problems)} problem(s); run `kdsweep data check` for all\n{shown}")
+        raise DataError(f"{path}: {len(report.problems)} problem(s); run `kdsweep data check` for all\n{shown}")
+    if stamp is not None:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(dataclasses.asdict(report)))
     return report
 
 

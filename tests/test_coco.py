@@ -1,0 +1,259 @@
+"""COCO validation (one line per problem, naming file/id/field), ``data check``, the dataset, paths."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdsweep.cli import main
+from kdsweep.config import DataConfig
+from kdsweep.data.coco import CocoDetection, DataError, load_validated, resolve_data, validate_coco
+
+W, H = 160, 128  # not square, so a transposed image or box shows
+COLOURS = {"a.png": (200, 40, 0), "b.png": (0, 90, 250), "c.png": (10, 10, 10)}
+
+
+def _valid() -> dict[str, Any]:
+    """Three images (c has no boxes), non-contiguous category ids 3 and 7, one crowd box."""
+    return {
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": W, "height": H},
+            {"id": 2, "file_name": "b.png", "width": W, "height": H},
+            {"id": 3, "file_name": "c.png", "width": W, "height": H},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 20, 10, 8], "area": 80, "iscrowd": 0},  # small
+            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [50.5, 30, 40, 40], "area": 1600, "iscrowd": 0},  # medium
+            {"id": 3, "image_id": 2, "category_id": 3, "bbox": [0, 0, 150, 100], "area": 15000, "iscrowd": 0},  # large
+            {"id": 4, "image_id": 2, "category_id": 7, "bbox": [5, 5, 30, 30], "area": 900, "iscrowd": 1},  # crowd
+        ],
+        "categories": [{"id": 7, "name": "bus"}, {"id": 3, "name": "car"}],
+    }
+
+
+@pytest.fixture()
+def root(tmp_path: Path) -> Path:
+    """A folder with ``images/`` holding a.png, b.png, c.png (solid colours), a broken file."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, colour in COLOURS.items():
+        Image.fromarray(np.full((H, W, 3), colour, dtype=np.uint8)).save(images / name)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    buf = images / "full.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)).save(buf, quality=90)
+    data = buf.read_bytes()
+    (images / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    return tmp_path
+
+
+def _write(root: Path, name: str, data: Any) -> Path:
+    path = root / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def _edit(fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    data = copy.deepcopy(_valid())
+    fn(data)
+    return data
+
+
+def _ann(i: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda d: next(a for a in d["annotations"] if a["id"] == i)
+
+
+# (case name, file content, substrings the single problem line must contain)
+CASES: list[tuple[str, Any, tuple[str, ...]]] = [
+    ("non_json", '{"images": [', ("not valid JSON",)),
+    ("top_level_list", [1, 2, 3], ("top level must be an object",)),
+    ("missing_top_key", {"images": [], "categories": []}, ("'annotations'",)),
+    ("missing_record_key", _edit(lambda d: _ann(2)(d).pop("bbox")), ("annotation 2", "'bbox'")),
+    ("duplicate_image_id", _edit(lambda d: d["images"].append({"id": 2, "file_name": "c.png", "width": W, "height": H})),
+     ("image 2", "duplicate id")),
+    ("duplicate_annotation_id", _edit(lambda d: d["annotations"].append({**_ann(1)(d)})), ("annotation 1", "duplicate id")),
+    ("unknown_image_id", _edit(lambda d: _ann(3)(d).update(image_id=99)), ("annotation 3", "image_id 99")),
+    ("unknown_category_id", _edit(lambda d: _ann(1)(d).update(category_id=42)), ("annotation 1", "category_id 42")),
+    ("non_numeric_bbox", _edit(lambda d: _ann(2)(d).update(bbox=["10", 1, 2, 3])), ("annotation 2", "bbox")),
+    ("wrong_length_bbox", _edit(lambda d: _ann(1)(d).update(bbox=[1, 2, 3])), ("annotation 1", "bbox", "[1, 2, 3]")),
+    ("nan_bbox", _edit(lambda d: _ann(3)(d).update(bbox=[0, 0, math.nan, 10])), ("annotation 3", "bbox", "nan")),
+    ("non_positive_box_width", _edit(lambda d: _ann(1)(d).update(bbox=[10, 20, 0, 8])), ("annotation 1", "non-positive width")),
+    ("box_outside_image", _edit(lambda d: _ann(2)(d).update(bbox=[150, 30, 40, 40])), ("annotation 2", "outside image 1")),
+    ("non_positive_image_size", _edit(lambda d: d["images"][2].update(width=0)), ("image 3", "width/height", "0x128")),
+    ("missing_image_file", _edit(lambda d: d["images"][1].update(file_name="nope.png")), ("image 2", "file_name", "nope.png", "not found")),
+    ("unreadable_image_file", _edit(lambda d: d["images"][0].update(file_name="broken.jpg")), ("image 1", "broken.jpg", "not a readable image")),
+    ("truncated_image_file", _edit(lambda d: d["images"][0].update(file_name="truncated.jpg")), ("image 1", "truncated.jpg", "not a readable image")),
+    ("image_size_mismatch", _edit(lambda d: d["images"][2].update(height=100)), ("image 3", "c.png", "160x128", "160x100")),
+    ("unhashable_annotation_id", _edit(lambda d: _ann(2)(d).update(id=[2])), ("annotation #1", "'id'")),
+    ("unhashable_image_id_ref", _edit(lambda d: _ann(1)(d).update(image_id=[1])), ("annotation 1", "image_id [1]")),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_each_malformed_file_gives_one_problem_naming_file_and_field(root, name, content, expected):
+    path = _write(root, f"{name}.json", content)
+    report = validate_coco(path)
+    assert len(report.problems) == 1, report.problems
+    line = report.problems[0]
+    assert line.startswith(f"{name}.json: ")
+    for part in expected:
+        assert part in line, (part, line)
+    assert "\n" not in line
+    assert not report.ok
+
+
+def test_valid_file_has_no_problems_and_counts(root):
+    report = validate_coco(_write(root, "ok.json", _valid()))
+    assert report.problems == [] and report.ok
+    assert (report.num_images, report.num_annotations) == (3, 4)
+    assert report.class_counts == {"car": 2, "bus": 1}  # the crowd box is not counted
+    assert report.size_counts == {"small": 1, "medium": 1, "large": 1}
+
+
+def test_problem_lines_are_capped_per_kind(root):
+    data = _valid()
+    data["annotations"] = [{"id": i, "image_id": 1, "category_id": 99, "bbox": [1, 1, 2, 2]} for i in range(1, 31)]
+    report = validate_coco(_write(root, "many.json", data))
+    assert len(report.problems) == 21
+    assert report.problems[-1] == "many.json: ... and 10 more ann-cat problems"
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_cli_check_reports_problems_without_traceback(root, capsys, name, content, expected):
+    path = _write(root, f"{name}.json", content)
+    problems = validate_coco(path).problems
+    assert main(["data", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines() == problems + [f"{len(problems)} problem(s) found"]
+
+
+def test_cli_check_valid_file_prints_counts(root, capsys):
+    path = _write(root, "ok.json", _valid())
+    assert main(["data", "check", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    lines = captured.out.splitlines()
+    assert lines[0] == f"{path}: 3 images, 4 annotations"
+    assert "per class: bus 1, car 2" in lines
+    assert "by size:   small 1 (33%), medium 1 (33%), large 1 (33%)" in lines
+    assert lines[-1] == "ok"
+
+
+def test_cli_check_images_option(root, tmp_path_factory, capsys):
+    elsewhere = tmp_path_factory.mktemp("ann") / "ok.json"
+    elsewhere.write_text(json.dumps(_valid()))
+    assert main(["data", "check", str(elsewhere)]) == 1  # no images/ beside it
+    assert "image folder" in capsys.readouterr().err
+    assert main(["data", "check", str(elsewhere), "--images", str(root / "images")]) == 0
+
+
+def test_load_validated(root):
+    bad = _write(root, "bad.json", _edit(lambda d: _ann(1)(d).update(category_id=42)))
+    with pytest.raises(DataError) as info:
+        load_validated(bad)
+    assert "bad.json" in str(info.value) and "annotation 1" in str(info.value)
+    report = load_validated(_write(root, "ok.json", _valid()), root / "images")
+    assert report.ok and report.num_annotations == 4
+
+
+def test_dataset_items_shapes_dtypes_and_labels(root):
+    ds = CocoDetection(_write(root, "ok.json", _valid()), root / "images")
+    assert len(ds) == 3 and ds.num_classes == 2
+    assert ds.categories == ["car", "bus"]  # sorted by category id 3, 7
+    assert ds.label_to_cat_id == {1: 3, 2: 7}
+
+    image, target = ds[0]
+    assert image.dtype == torch.float32 and image.shape == (3, H, W)
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+    assert torch.allclose(image[:, 0, 0], torch.tensor(COLOURS["a.png"], dtype=torch.float32) / 255)
+    assert target["image_id"] == 1
+    assert target["boxes"].dtype == torch.float32 and target["boxes"].shape == (2, 4)
+    assert torch.equal(target["boxes"], torch.tensor([[10, 20, 20, 28], [50.5, 30, 90.5, 70]], dtype=torch.float32))
+    assert target["labels"].dtype == torch.int64
+    assert target["labels"].tolist() == [1, 2]
+
+    _, target = ds[1]  # the crowd box is left out
+    assert target["boxes"].tolist() == [[0, 0, 150, 100]] and target["labels"].tolist() == [1]
+
+    _, target = ds[2]  # no annotations
+    assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == torch.float32
+    assert target["labels"].shape == (0,) and target["labels"].dtype == torch.int64
+
+
+def test_max_images_truncates_and_coco_gt_follows(root):
+    ds = CocoDetection(_write(root, "ok.json", _valid()), root / "images", max_images=1)
+    assert len(ds) == 1 and ds.image_ids == [1]
+    gt = ds.coco_gt
+    assert gt.getImgIds() == [1]
+    assert sorted(gt.getAnnIds()) == [1, 2]
+    assert sorted(gt.getCatIds()) == [3, 7]
+    full = CocoDetection(root / "ok.json", root / "images")
+    assert sorted(full.coco_gt.getAnnIds()) == [1, 2, 3, 4]
+
+
+def _synth_layout(folder: Path) -> Path:
+    (folder / "images").mkdir(parents=True)
+    for split in ("train", "val"):
+        (folder / f"{split}.json").write_text(json.dumps(_valid()))
+    return folder
+
+
+def test_resolve_data_root(tmp_path):
+    root = _synth_layout(tmp_path / "data")
+    paths = resolve_data(DataConfig(root=str(root)))
+    assert paths.train_ann == root / "train.json" and paths.val_ann == root / "val.json"
+    assert paths.train_images == paths.val_images == root / "images"
+
+
+def test_resolve_data_annotation_files(tmp_path):
+    root = _synth_layout(tmp_path / "data")
+    images = tmp_path / "pics"
+    images.mkdir()
+    paths = resolve_data(DataConfig(train_ann=str(root / "train.json"), val_ann=str(root / "val.json"), images=str(images)))
+    assert (paths.train_ann, paths.val_ann) == (root / "train.json", root / "val.json")
+    assert paths.train_images == paths.val_images == images
+    # without images: images/ beside each JSON
+    paths = resolve_data(DataConfig(train_ann=str(root / "train.json"), val_ann=str(root / "val.json")))
+    assert paths.train_images == root / "images"
+
+
+def test_resolve_data_errors(tmp_path):
+    root = _synth_layout(tmp_path / "data")
+    (root / "val.json").unlink()
+    with pytest.raises(DataError, match=r"val\.json: annotation file not found"):
+        resolve_data(DataConfig(root=str(root)))
+    with pytest.raises(DataError, match="both train_ann and val_ann"):
+        resolve_data(DataConfig(train_ann=str(root / "train.json")))
+    with pytest.raises(DataError, match="image folder not found"):
+        resolve_data(DataConfig(train_ann=str(root / "train.json"), val_ann=str(root / "train.json"),
+                                images=str(tmp_path / "missing")))
+
+
+def test_load_validated_remembers_a_clean_result_until_the_file_changes(tmp_path, monkeypatch):
+    import kdsweep.data.coco as coco_mod
+    from kdsweep.data.synthetic import generate
+
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    root = tmp_path / "ds"
+    generate(root, train=3, val=1, size=64, seed=0, progress=False)
+    calls = []
+    real = coco_mod.validate_coco
+    monkeypatch.setattr(coco_mod, "validate_coco", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = coco_mod.load_validated(root / "train.json", root / "images")
+    again = coco_mod.load_validated(root / "train.json", root / "images")
+    assert len(calls) == 1 and again.num_images == first.num_images == 3
+    coco_mod.load_validated(root / "train.json", root / "images", use_cache=False)
+    assert len(calls) == 2
+    data = json.loads((root / "train.json").read_text())
+    data["annotations"].append({"id": 999999, "image_id": -5, "category_id": 1, "bbox": [0, 0, 1, 1]})
+    (root / "train.json").write_text(json.dumps(data))
+    with pytest.raises(coco_mod.DataError, match="image_id -5"):
+        coco_mod.load_validated(root / "train.json", root / "images")
