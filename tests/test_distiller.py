@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import sys
 import types
-from collections.abc import Iterator
 from typing import Sequence
 
 import pytest
@@ -21,15 +20,6 @@ from kdsweep.models.taps import FeatureTap, align_to
 
 K = 3
 DET_KEYS = {"classification", "bbox_regression"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is as fast and immune to other jobs on the CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class StandInL2(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,15 +13,6 @@ from kdsweep.models.taps import FeatureTap, align_to, extract_features, resize_t
 
 K = 3
 STRIDES = {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is as fast and immune to other jobs on the CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(size: int = 64, fpn: int = 16) -> torch.nn.Module:
