@@ -1,0 +1,152 @@
+"""Tests of kdsweep.losses: Lp losses, FeatureTerm (levels, adapters, validation) and the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdsweep.config import ConfigError, KDTermConfig, from_dict
+from kdsweep.losses import LOSSES, FeatureTerm, build_loss, loss_names
+from kdsweep.losses.feature import l1_feature_loss, l2_feature_loss
+from kdsweep.losses.ssim import ssim_feature_loss
+
+
+def _levels(channels: int, sizes=(16, 8, 4, 2, 1), n: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, channels, s, s, generator=g) for s in sizes]
+
+
+# ----------------------------------------------------------------------------- Lp losses
+
+
+def test_l2_is_mean_squared_error_by_hand() -> None:
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], requires_grad=True)
+    y = torch.tensor([[[[1.0, 0.0], [5.0, 4.5]]]])
+    loss = l2_feature_loss(x, y)
+    assert loss.item() == pytest.approx((0 + 4 + 4 + 0.25) / 4)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * (x - y).detach() / 4)
+
+
+def test_l1_is_mean_absolute_error_by_hand() -> None:
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], requires_grad=True)
+    y = torch.tensor([[[[1.5, 0.0], [5.0, 4.5]]]])
+    loss = l1_feature_loss(x, y)
+    assert loss.item() == pytest.approx((0.5 + 2 + 2 + 0.5) / 4)
+    loss.backward()
+    torch.testing.assert_close(x.grad, torch.sign(x - y).detach() / 4)
+
+
+@pytest.mark.parametrize("fn", [l1_feature_loss, l2_feature_loss])
+def test_lp_identity_and_shape_check(fn) -> None:
+    x = torch.randn(2, 3, 5, 7)
+    assert float(fn(x, x.clone())) == 0.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        fn(x, torch.randn(2, 3, 5, 6))
+
+
+# ----------------------------------------------------------------------------- FeatureTerm
+
+
+@pytest.mark.parametrize(
+    "fn, params", [(l2_feature_loss, {}), (l1_feature_loss, {}), (ssim_feature_loss, {"gamma": 0.5})]
+)
+def test_feature_term_sums_levels(fn, params) -> None:
+    s, t = _levels(4, seed=1), _levels(4, seed=2)
+    term = FeatureTerm(fn, student_channels=4, teacher_channels=4, num_levels=len(s), **params)
+    expected = sum(fn(a, b, **params) for a, b in zip(s, t))
+    assert term(s, t).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_feature_term_adapter_shapes_and_gradient() -> None:
+    s = [x.requires_grad_(True) for x in _levels(3, sizes=(8, 4))]
+    t_source = torch.ones(1, requires_grad=True)
+    t = [x * t_source for x in _levels(5, sizes=(8, 4), seed=3)]  # teacher that would carry a gradient
+    term = FeatureTerm(ssim_feature_loss, student_channels=3, teacher_channels=5, num_levels=2, adapter=True)
+    assert term.adapters is not None and len(term.adapters) == 2
+    for conv in term.adapters:
+        assert isinstance(conv, nn.Conv2d)
+        assert conv.weight.shape == (5, 3, 1, 1)
+    term(s, t).backward()
+    for conv in term.adapters:
+        assert conv.weight.grad is not None and float(conv.weight.grad.abs().sum()) > 0
+    assert all(x.grad is not None for x in s)
+    assert t_source.grad is None  # the teacher is detached inside the term
+
+
+def test_feature_term_adapter_equals_loss_of_adapted_features() -> None:
+    s, t = _levels(3, sizes=(6,)), _levels(5, sizes=(6,), seed=4)
+    term = FeatureTerm(l2_feature_loss, student_channels=3, teacher_channels=5, num_levels=1, adapter=True)
+    assert term.adapters is not None
+    assert term(s, t).item() == pytest.approx(l2_feature_loss(term.adapters[0](s[0]), t[0]).item())
+
+
+def test_channel_mismatch_without_adapter_raises() -> None:
+    with pytest.raises(ConfigError, match="set `adapter: true`"):
+        LOSSES["ssim"](student_channels=64, teacher_channels=256, num_levels=5)
+
+
+def test_unknown_param_raises_one_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        LOSSES["ssim"](student_channels=8, teacher_channels=8, num_levels=1, alfa=1.0)
+    assert str(info.value) == (
+        "kd.ssim.params.alfa is unknown; known: alpha, beta, gamma, window_size, sigma, normalize, k1, k2"
+    )
+    with pytest.raises(ConfigError, match=r"kd\.l2\.params\.beta is unknown; known: \(none\)"):
+        LOSSES["l2"](student_channels=8, teacher_channels=8, num_levels=1, beta=1.0)
+
+
+@pytest.mark.parametrize("params", [{"window_size": 4}, {"alpha": -1.0}, {"normalize": "zscore"}, {"alpha": "x"}])
+def test_invalid_param_value_raises_at_build_time(params) -> None:
+    with pytest.raises(ConfigError, match=r"kd\.ssim\.params"):
+        LOSSES["ssim"](student_channels=8, teacher_channels=8, num_levels=1, **params)
+
+
+def test_feature_term_checks_levels_and_shapes() -> None:
+    term = LOSSES["l2"](student_channels=4, teacher_channels=4, num_levels=2)
+    with pytest.raises(ValueError, match="expected 2 levels"):
+        term(_levels(4, sizes=(8,)), _levels(4, sizes=(8,)))
+    with pytest.raises(ValueError, match="align resolution"):
+        term(_levels(4, sizes=(8, 4)), _levels(4, sizes=(8, 2)))
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_keys_and_signature() -> None:
+    assert isinstance(LOSSES, dict)
+    assert set(LOSSES) == {"l1", "l2", "ssim"}
+    assert loss_names() == ["l1", "l2", "ssim"]
+    s, t = _levels(4, sizes=(8, 4)), _levels(4, sizes=(8, 4), seed=5)
+    for name, builder in LOSSES.items():
+        term = builder(student_channels=4, teacher_channels=4, num_levels=2, adapter=False)
+        assert isinstance(term, nn.Module)
+        value = term(s, t)
+        assert value.shape == () and torch.isfinite(value) and value.item() > 0, name
+
+
+def test_build_loss_from_config() -> None:
+    cfg = from_dict(KDTermConfig, {"loss": "ssim", "weight": 2.0, "adapter": True, "params": {"alpha": 0, "beta": 0}})
+    term = build_loss(cfg, student_channels=3, teacher_channels=6, num_levels=2)
+    assert isinstance(term, FeatureTerm)
+    assert term.params == {"alpha": 0, "beta": 0} and term.adapters is not None
+    s, t = _levels(3, sizes=(8, 4)), _levels(6, sizes=(8, 4), seed=6)
+    expected = sum(ssim_feature_loss(a(x), y, alpha=0, beta=0) for a, x, y in zip(term.adapters, s, t))
+    assert term(s, t).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_build_loss_unknown_name() -> None:
+    cfg = KDTermConfig(loss="ssimm")
+    with pytest.raises(ConfigError) as info:
+        build_loss(cfg, student_channels=8, teacher_channels=8, num_levels=1, index=0)
+    assert str(info.value) == "kd[0].loss 'ssimm' is unknown; known: l1, l2, ssim"
+    with pytest.raises(ConfigError, match=r"^kd\.loss 'ssimm' is unknown; known: l1, l2, ssim$"):
+        build_loss(cfg, student_channels=8, teacher_channels=8, num_levels=1)
+
+
+def test_build_loss_passes_config_errors_through() -> None:
+    with pytest.raises(ConfigError, match="alfa is unknown"):
+        build_loss(KDTermConfig(loss="ssim", params={"alfa": 1}), student_channels=8, teacher_channels=8, num_levels=1)
+    with pytest.raises(ConfigError, match="adapter: true"):
+        build_loss(KDTermConfig(loss="l1"), student_channels=8, teacher_channels=16, num_levels=1)
