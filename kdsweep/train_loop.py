@@ -161,6 +161,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             )
         )
         metrics["epoch"] = epoch
+        metrics["start_epoch"] = start_epoch  # > 1 after a resume from a checkpoint
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         if log:
             log(f"epoch {epoch}/{cfg.epochs} AP {metrics['AP']:.2f} AP_S {metrics['AP_S']:.2f} loss {metrics['loss']:.4f}")
