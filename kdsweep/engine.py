@@ -175,9 +175,14 @@ def warmup_cosine(total_iters: int, warmup_iters: int, schedule: str) -> Callabl
 
 
 def console(prefix: str) -> Callable[[str], None]:
-    """A logger that prints ``[prefix] message`` and flushes (Ray forwards worker stdout)."""
+    """A logger that writes ``[prefix] message`` to stdout and flushes (Ray forwards it).
+
+    It writes to ``sys.stdout`` directly: Ray Train V2 patches ``print`` in its workers to both
+    tee and log each line, which shows every line twice on the driver.
+    """
 
     def log(message: str) -> None:
-        print(f"[{prefix}] {message}", file=sys.stdout, flush=True)
+        sys.stdout.write(f"[{prefix}] {message}\n")
+        sys.stdout.flush()
 
     return log

@@ -129,7 +129,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        # The dashboard serves Ray's State API, which Train's controller queries; bind it locally.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
 
 
 def result_rows(results: Any, describe: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:
