@@ -344,6 +344,8 @@ def test_shape_mismatch_raises() -> None:
 
 
 def test_no_pytorch_msssim_warning_on_small_maps() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ssim_feature_loss(torch.rand(1, 2, 3, 3), torch.rand(1, 2, 3, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = ssim_feature_loss(torch.rand(1, 2, 3, 3), torch.rand(1, 2, 3, 3))
+    assert caught == []  # the window shrinks silently (pytorch_msssim warns and skips smoothing)
+    assert torch.isfinite(loss) and 0.0 <= float(loss) <= 2.0
