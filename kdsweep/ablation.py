@@ -92,7 +92,7 @@ def _describe(ctx, role: str, extra_tags: dict[str, str]):
     return describe
 
 
-def train_teacher(tracker: Tracker, parent: str, ctx, teacher_hash: str, max_concurrent: int) -> tuple[dict[str, Any], dict]:
+def train_teacher(tracker: Tracker, parent: str, ctx, teacher_hash: str) -> tuple[dict[str, Any], dict]:
     """Train the teacher as a one-trial sweep; log its weights to its MLflow run."""
     import torch
     from ray import tune
@@ -111,8 +111,8 @@ def train_teacher(tracker: Tracker, parent: str, ctx, teacher_hash: str, max_con
     local = paths.home() / "teachers" / teacher_hash
     Checkpoint(record["checkpoint_path"]).to_directory(str(local))
     weights = student_weights_path(local)
-    run = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG_HASH}` = '{teacher_hash}'", order_by=["attributes.start_time DESC"], max_results=1)[0]
-    tracker.log_artifact(run.info.run_id, weights, "teacher")
+    run_id = callback.finished[-1]
+    tracker.log_artifact(run_id, weights, "teacher")
     return record, torch.load(weights, map_location="cpu", weights_only=True)["model"]
 
 
@@ -134,9 +134,11 @@ def run_ablation(default_space: str | Path, argv: Sequence[str] | None = None, p
     parser.add_argument("--space", default=str(default_space), help="search-space YAML (default: %(default)s)")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    from kdsweep.data.coco import DataError
+
     try:
         return _run(args)
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"kdsweep: error: {exc}", file=sys.stderr)
         return 2
 
@@ -163,13 +165,7 @@ def _prepare(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kdsweep.data.coco import DataError
-
-    try:
-        preset, space, preset_dict, data = _prepare(args)
-    except DataError as exc:
-        print(f"kdsweep: error: {exc}", file=sys.stderr)
-        return 2
+    preset, space, preset_dict, data = _prepare(args)
     import ray
 
     from kdsweep.sweep import SweepContext, init_ray, result_rows, run_trials
@@ -200,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print(f"kdsweep: training the teacher (config hash {teacher_hash})", flush=True)
             tctx = SweepContext(preset=preset_dict, space=teacher_space(space), data=data, storage_path=storage, role="teacher")
-            teacher_record, teacher_state = train_teacher(tracker, parent, tctx, teacher_hash, max_concurrent)
+            teacher_record, teacher_state = train_teacher(tracker, parent, tctx, teacher_hash)
         tracker.client.set_tag(parent, "kdsweep.teacher_AP", f"{teacher_record.get('AP', float('nan')):.2f}")
         ctx = SweepContext(preset=preset_dict, space=space, data=data, storage_path=storage, role="student", teacher_state=ray.put(teacher_state))
         callback = tune_callback(tracker, parent, _describe(ctx, "student", {}))

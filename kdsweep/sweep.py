@@ -10,7 +10,7 @@ own Train workers on a small machine.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from kdsweep.config import to_dict
@@ -30,15 +30,11 @@ class SweepContext:
     role: str = "student"
     teacher_state: Any = None  # ObjectRef of the teacher's state_dict
     max_failures: int = 0
-    extra_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def trial_experiment(ctx: SweepContext, config: dict[str, Any]):
     """The ExperimentConfig of a trial from its Tune config (row, seed, sampled params)."""
-    from kdsweep.config import merge
-
-    preset = merge(ctx.preset, ctx.extra_overrides)
-    return build_experiment(preset, ctx.space, config["row"], config.get("params") or {}, config.get("seed"))
+    return build_experiment(ctx.preset, ctx.space, config["row"], config.get("params") or {}, config.get("seed"))
 
 
 def train_driver_fn(config: dict[str, Any], ctx: SweepContext) -> None:

@@ -144,7 +144,8 @@ def tune_callback(tracker: Tracker, parent: str, describe: Callable[[dict[str, A
 
     class MLflowTrialCallback(Callback):
         def __init__(self) -> None:
-            self.runs: dict[str, str] = {}
+            self.runs: dict[str, str] = {}  # trial id -> open MLflow run id
+            self.finished: list[str] = []  # MLflow run ids that ended FINISHED, in order
 
         def on_trial_start(self, iteration, trials, trial, **info):
             if trial.trial_id in self.runs:
@@ -165,6 +166,7 @@ def tune_callback(tracker: Tracker, parent: str, describe: Callable[[dict[str, A
             run_id = self.runs.pop(trial.trial_id, None)
             if run_id is not None:
                 tracker.end_run(run_id, "FINISHED")
+                self.finished.append(run_id)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             run_id = self.runs.pop(trial.trial_id, None)

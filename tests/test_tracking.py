@@ -43,6 +43,7 @@ def test_callback_creates_one_child_per_trial_and_ends_each(tracker):
     assert "nan" not in children["ssim"].data.metrics
     assert children["ssim"].data.params["row"] == "ssim"
     assert children["ssim"].data.tags[PARENT_TAG] == parent
+    assert cb.finished == [children["ssim"].info.run_id]
 
 
 def test_find_teacher_needs_finished_run_with_weights(tracker, tmp_path):
