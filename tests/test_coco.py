@@ -123,6 +123,15 @@ def test_problem_lines_are_capped_per_kind(root):
     report = validate_coco(_write(root, "many.json", data))
     assert len(report.problems) == 21
     assert report.problems[-1] == "many.json: ... and 10 more ann-cat problems"
+    assert report.num_problems == 30
+
+
+def test_cli_check_counts_every_problem_when_lines_are_capped(root, capsys):
+    data = _valid()
+    data["annotations"] = [{"id": i, "image_id": 1, "category_id": 99, "bbox": [1, 1, 2, 2]} for i in range(1, 31)]
+    assert main(["data", "check", str(_write(root, "many.json", data))]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 22 and err[-1] == "30 problem(s) found"
 
 
 @pytest.mark.parametrize(("name", "content", "expected"), CASES, ids=[c[0] for c in CASES])
@@ -257,3 +266,27 @@ def test_load_validated_remembers_a_clean_result_until_the_file_changes(tmp_path
     (root / "train.json").write_text(json.dumps(data))
     with pytest.raises(coco_mod.DataError, match="image_id -5"):
         coco_mod.load_validated(root / "train.json", root / "images")
+
+
+def test_dataset_clips_boxes_to_the_image_and_drops_slivers(root):
+    data = _valid()
+    data["annotations"] = [
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [-0.5, 10, 20, 10]},  # within the 1 px tolerance
+        {"id": 2, "image_id": 1, "category_id": 7, "bbox": [150, 100, 10.8, 28.6]},  # ends 0.8/0.6 px outside
+        {"id": 3, "image_id": 1, "category_id": 7, "bbox": [159.995, 5, 0.9, 5]},  # a sliver once clipped
+    ]
+    path = _write(root, "edge.json", data)
+    assert validate_coco(path).ok
+    _, target = CocoDetection(path, root / "images")[0]
+    assert target["boxes"].tolist() == [[0, 10, 19.5, 20], [150, 100, W, H]]
+    assert target["labels"].tolist() == [1, 2]
+
+
+def test_dataset_names_an_unreadable_image_instead_of_a_decoder_traceback(root):
+    data = _valid()
+    data["images"][1]["file_name"] = "broken.jpg"
+    ds = CocoDetection(_write(root, "broken.json", data), root / "images")
+    image, _ = ds[0]
+    assert image.is_contiguous()
+    with pytest.raises(DataError, match=r"broken\.json: image 2: file_name 'broken\.jpg' is not a readable image"):
+        ds[1]

@@ -37,7 +37,7 @@ def _check(args: argparse.Namespace) -> int:
     for line in report.problems:
         print(line, file=sys.stderr)
     if report.problems:
-        print(f"{len(report.problems)} problem(s) found", file=sys.stderr)
+        print(f"{report.num_problems} problem(s) found", file=sys.stderr)
         return 1
     print("ok")
     return 0

@@ -24,6 +24,7 @@ from kdsweep.config import DataConfig
 
 MAX_LINES_PER_KIND = 20
 SMALL, MEDIUM = 32**2, 96**2
+MIN_BOX_SIDE = 0.01  # px; narrower boxes (after clipping to the image) are left out of targets
 
 
 class DataError(ValueError):
@@ -71,13 +72,18 @@ def resolve_data(cfg: DataConfig) -> DataPaths:
 
 @dataclass
 class ValidationReport:
-    """What :func:`validate_coco` found."""
+    """What :func:`validate_coco` found.
+
+    ``problems``: one line each, at most MAX_LINES_PER_KIND per kind plus an ``... and N more``
+    line; ``num_problems`` counts every problem, shown or not.
+    """
 
     problems: list[str] = field(default_factory=list)
     class_counts: dict[str, int] = field(default_factory=dict)
     size_counts: dict[str, int] = field(default_factory=lambda: {"small": 0, "medium": 0, "large": 0})
     num_images: int = 0
     num_annotations: int = 0
+    num_problems: int = 0
 
     @property
     def ok(self) -> bool:
@@ -100,6 +106,10 @@ class _Problems:
     def finish(self) -> list[str]:
         extra = [f"{self.name}: ... and {n - MAX_LINES_PER_KIND} more {kind} problems" for kind, n in self.counts.items() if n > MAX_LINES_PER_KIND]
         return self.lines + extra
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
 
 def _number(value: Any) -> bool:
@@ -220,6 +230,7 @@ def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *,
     report = ValidationReport()
     data = _read_json(path, report)
     if data is None:
+        report.num_problems = len(report.problems)
         return report
     out = _Problems(path.name)
     images = _check_records(data["images"], "image", ("id", "file_name", "width", "height"), out)
@@ -233,6 +244,7 @@ def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *,
     for ann in annotations.values():
         _check_annotation(ann, images, categories, out, report)
     report.problems = out.finish()
+    report.num_problems = out.total
     report.num_images, report.num_annotations = len(images), len(annotations)
     return report
 
@@ -262,11 +274,21 @@ def load_validated(ann_path: str | Path, images_dir: str | Path | None = None, *
     report = validate_coco(path, images_dir)
     if report.problems:
         shown = "\n".join(report.problems[:10])
-        raise DataError(f"{path}: {len(report.problems)} problem(s); run `kdsweep data check` for all\n{shown}")
+        raise DataError(f"{path}: {report.num_problems} problem(s); run `kdsweep data check` for all\n{shown}")
     if stamp is not None:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(dataclasses.asdict(report)))
     return report
+
+
+def _clipped_xyxy(bbox: list[float], width: float, height: float) -> list[float] | None:
+    """COCO [x, y, w, h] as [x0, y0, x1, y1] clipped to the image; None if (nearly) empty."""
+    x, y, w, h = bbox
+    x0, y0 = max(float(x), 0.0), max(float(y), 0.0)
+    x1, y1 = min(float(x + w), float(width)), min(float(y + h), float(height))
+    if x1 - x0 < MIN_BOX_SIDE or y1 - y0 < MIN_BOX_SIDE:
+        return None
+    return [x0, y0, x1, y1]
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -274,7 +296,10 @@ class CocoDetection(torch.utils.data.Dataset):
 
     ``image``: float32 (3, H, W) in [0, 1]. ``target``: ``boxes`` float32 (N, 4) xyxy,
     ``labels`` int64 (N,) in 1..K (category ids sorted, made contiguous; 0 is background),
-    ``image_id`` int. Crowd and degenerate boxes are left out of the targets.
+    ``image_id`` int. Boxes are clipped to the image; crowd boxes and boxes narrower than
+    MIN_BOX_SIDE after clipping are left out of the targets (crowd ones stay in ``coco_gt``).
+    Images are in id order (``image_ids``); ``max_images`` keeps the first ones.
+    The file is not validated here: call :func:`load_validated` first (training does).
     """
 
     def __init__(self, ann_path: str | Path, images_dir: str | Path, *, max_images: int | None = None) -> None:
@@ -290,10 +315,13 @@ class CocoDetection(torch.utils.data.Dataset):
         self.images = images
         self.image_ids = [im["id"] for im in images]
         boxes: dict[Any, list[tuple[list[float], int]]] = {im["id"]: [] for im in images}
+        sizes = {im["id"]: (im["width"], im["height"]) for im in images}
         for ann in self.dataset["annotations"]:
-            x, y, w, h = ann["bbox"]
-            if ann["image_id"] in boxes and not ann.get("iscrowd", 0) and w > 0 and h > 0:
-                boxes[ann["image_id"]].append(([x, y, x + w, y + h], cat_to_label[ann["category_id"]]))
+            if ann["image_id"] not in boxes or ann.get("iscrowd", 0):
+                continue
+            box = _clipped_xyxy(ann["bbox"], *sizes[ann["image_id"]])
+            if box is not None:
+                boxes[ann["image_id"]].append((box, cat_to_label[ann["category_id"]]))
         self._boxes = boxes
         self._coco_gt = None
 
@@ -330,9 +358,14 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         info = self.images[index]
-        with Image.open(self.images_dir / info["file_name"]) as handle:
-            array = np.asarray(handle.convert("RGB"), dtype=np.uint8)
-        image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        path = self.images_dir / info["file_name"]
+        try:
+            with Image.open(path) as handle:
+                array = np.array(handle.convert("RGB"), dtype=np.uint8)
+        except Exception as exc:  # noqa: BLE001 - any decoder error means unreadable
+            raise DataError(f"{self.ann_path.name}: image {info['id']}: file_name '{info['file_name']}' "
+                            f"is not a readable image ({exc.__class__.__name__}); run `kdsweep data check`") from None
+        image = torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div_(255.0)
         items = self._boxes[info["id"]]
         target = {
             "boxes": torch.tensor([b for b, _ in items], dtype=torch.float32).reshape(-1, 4),

@@ -23,8 +23,9 @@ so the same seed gives byte-identical JSON and images):
   each JSON counts drawn, annotated, skipped and partly occluded objects and distractors.
 
 Scale distribution is long-tailed: the object radius is drawn from a mixture (about 58 %
-tiny/small, 30 % medium, 12 % large), which gives roughly half of the boxes COCO-small
-(area < 32^2 px) at ``size=192`` with medium and large boxes present too.
+tiny/small, 30 % medium, 12 % large), which gives about 65 % COCO-small boxes
+(area < 32^2 px), 26 % medium and 8 % large at ``size=192`` (the large share shrinks with
+``size``; below ``size`` 112 no large boxes are drawn).
 Each annotation has ``bbox`` [x, y, w, h] (floats, 2 decimals), ``area`` (w*h), ``iscrowd`` 0
 and ``visibility`` (fraction of the object's pixels that stay visible, 0.5-1).
 """
