@@ -92,9 +92,15 @@ def _describe(ctx, role: str, extra_tags: dict[str, str]):
     return describe
 
 
+def _load_weights(path: Path) -> dict:
+    """The detector state_dict in a ``model.pt`` written by :func:`~kdsweep.train_loop.save_checkpoint`."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
 def train_teacher(tracker: Tracker, parent: str, ctx, teacher_hash: str) -> tuple[dict[str, Any], dict]:
     """Train the teacher as a one-trial sweep; log its weights to its MLflow run."""
-    import torch
     from ray import tune
 
     from kdsweep.sweep import result_rows, run_trials
@@ -113,19 +119,17 @@ def train_teacher(tracker: Tracker, parent: str, ctx, teacher_hash: str) -> tupl
     weights = student_weights_path(local)
     run_id = callback.finished[-1]
     tracker.log_artifact(run_id, weights, "teacher")
-    return record, torch.load(weights, map_location="cpu", weights_only=True)["model"]
+    return record, _load_weights(weights)
 
 
 def reuse_teacher(tracker: Tracker, teacher_hash: str) -> tuple[dict[str, Any], dict] | None:
     """Metrics and weights of a FINISHED teacher run with this hash, or None."""
-    import torch
-
     run = tracker.find_teacher(teacher_hash)
     if run is None:
         return None
     path = tracker.download(run.info.run_id, "teacher/model.pt", paths.home() / "teachers" / teacher_hash / run.info.run_id)
     record = {"row": "teacher", "status": "FINISHED", **run.data.metrics, "run_id": run.info.run_id}
-    return record, torch.load(path, map_location="cpu", weights_only=True)["model"]
+    return record, _load_weights(path)
 
 
 def run_ablation(default_space: str | Path, argv: Sequence[str] | None = None, prog: str | None = None) -> int:

@@ -249,6 +249,8 @@ def build_experiment(preset: Mapping[str, Any], space: SearchSpace, label: str, 
 def validate_space(space: SearchSpace, preset: Mapping[str, Any]) -> list[ExperimentConfig]:
     """Build every row's config with each grid value (and a representative value of other
     samplers), checking loss names and parameters; return the row configs."""
+    from kdsweep.losses import LOSSES, build_loss
+
     configs = []
     for label in space.labels:
         variants: list[dict[str, Any]] = [{}]
@@ -257,8 +259,6 @@ def validate_space(space: SearchSpace, preset: Mapping[str, Any]) -> list[Experi
             variants = [dict(v, **{path: value}) for v in variants for value in values]
         for sampled in variants:
             exp = build_experiment(preset, space, label, sampled, seed=None)
-            if exp.kd:
-                from kdsweep.losses import LOSSES, build_loss
             for i, term in enumerate(exp.kd):
                 if term.loss not in LOSSES:
                     raise ConfigError(

@@ -28,7 +28,7 @@ from kdsweep.config import ExperimentConfig, TrainConfig, from_dict
 from kdsweep.data.coco import CocoDetection, collate
 from kdsweep.distiller import Distiller, build_distiller
 from kdsweep.engine import console, evaluate, train_one_epoch, warmup_cosine
-from kdsweep.models.detectors import build_detector
+from kdsweep.models.detectors import build_detector, load_state
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
@@ -68,7 +68,7 @@ def build_model(config: dict[str, Any], exp: ExperimentConfig, num_classes: int)
             state = ray.get(state)
         if state is None:
             raise ValueError("KD terms are configured but no teacher weights were given")
-        teacher.load_state_dict(state)
+        load_state(teacher, state, "teacher weights")
     return build_distiller(exp, num_classes, teacher)
 
 
