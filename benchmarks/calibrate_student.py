@@ -36,11 +36,13 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=600)
     parser.add_argument("--val", type=int, default=150)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--style", default="cluttered", choices=["cluttered", "simple"])
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    paths = resolve_data(DataConfig(synth_train=args.train, synth_val=args.val, synth_size=args.size))
+    paths = resolve_data(DataConfig(synth_train=args.train, synth_val=args.val, synth_size=args.size,
+                                   synth_style=args.style))
     train_ds = CocoDetection(paths.train_ann, paths.train_images)
     val_ds = CocoDetection(paths.val_ann, paths.val_images)
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)

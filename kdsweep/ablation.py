@@ -147,10 +147,8 @@ def run_ablation(default_space: str | Path, argv: Sequence[str] | None = None, p
         return 2
 
 
-def _prepare(args: argparse.Namespace):
-    """Everything checked before anything starts: preset, space, data."""
-    from kdsweep.data.coco import load_validated, resolve_data
-
+def prepare_space(args: argparse.Namespace):
+    """Preset, search space (``--rows`` applied) and the merged preset dict; every row validated."""
     preset = get_preset(args.preset)
     space = load_space(args.space)
     if args.rows:
@@ -160,8 +158,17 @@ def _prepare(args: argparse.Namespace):
             raise ConfigError(f"--rows: '{missing[0]}' is not a row of {space.source}; rows: {', '.join(space.labels)}")
         space = SearchSpace(**{**space.__dict__, "rows": tuple(r for r in space.rows if r.label in wanted)})
     preset_dict = merge(preset.experiment, cli_overrides(args))
-    configs = validate_space(space, preset_dict)
-    data_paths = resolve_data(configs[0].data)
+    validate_space(space, preset_dict)
+    return preset, space, preset_dict
+
+
+def _prepare(args: argparse.Namespace):
+    """Everything checked before anything starts: preset, space, data."""
+    from kdsweep.data.coco import load_validated, resolve_data
+
+    preset, space, preset_dict = prepare_space(args)
+    first = build_experiment(preset_dict, space, space.labels[0], {}, None)
+    data_paths = resolve_data(first.data)
     for ann, images in ((data_paths.train_ann, data_paths.train_images), (data_paths.val_ann, data_paths.val_images)):
         load_validated(ann, images)
     data = {k: str(v) for k, v in data_paths.__dict__.items()}

@@ -1,4 +1,4 @@
-"""``kdsweep`` command line: ``data`` (synth, check, convert), ``ablation``, ``ui``.
+"""``kdsweep`` command line: ``data`` (synth, check, convert), ``ablation``, ``sweep``, ``ui``.
 
 Errors a user can fix (bad config, bad data) print one line and exit non-zero; no traceback.
 """
@@ -19,6 +19,12 @@ def _ablation(args: argparse.Namespace) -> int:
     from kdsweep.ablation import run_ablation
 
     return run_ablation(args.space, args.rest, prog="kdsweep ablation")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from kdsweep.search import run_sweep
+
+    return run_sweep([args.space, *args.rest], prog="kdsweep sweep")
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -44,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("space", help="search-space YAML")
     abl.add_argument("rest", nargs=argparse.REMAINDER, help="launcher options (--preset, --tracking-uri, ...)")
     abl.set_defaults(func=_ablation)
+    swp = sub.add_parser("sweep", help="run a search-space file as a Tune search (Optuna/ASHA); --dry-run to check it")
+    swp.add_argument("space", help="search-space YAML")
+    swp.add_argument("rest", nargs=argparse.REMAINDER, help="options: --num-samples, --dry-run, --preset, --tracking-uri, ...")
+    swp.set_defaults(func=_sweep)
     ui = sub.add_parser("ui", help="serve the MLflow UI of the embedded store on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-ARCHS = ("retinanet", "fcos", "fasterrcnn")
+ARCHS = ("retinanet", "fcos", "fasterrcnn", "mimicdet")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "mobilenet_v3_small")
 
 
@@ -31,7 +31,8 @@ class DataConfig:
     ``root`` is a synth-layout folder (``train.json``, ``val.json``, ``images/``); or give
     ``train_ann``/``val_ann`` (COCO instances files) and ``images`` (their image folder).
     With neither, the embedded synthetic dataset under ``KDSWEEP_HOME`` is generated on first use
-    with the ``synth_*`` settings.
+    with the ``synth_*`` settings (``synth_style``: ``cluttered``, VisDrone-like, or ``simple``,
+    no distractors or occluders; see :mod:`kdsweep.data.synthetic`).
     """
 
     root: str | None = None
@@ -42,8 +43,13 @@ class DataConfig:
     synth_val: int = 150
     synth_size: int = 192
     synth_seed: int = 0
+    synth_style: str = "cluttered"
     max_train_images: int | None = None
     max_val_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.synth_style not in ("cluttered", "simple"):
+            raise ConfigError(f"data.synth_style '{self.synth_style}' is unknown; use cluttered or simple")
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class ModelConfig:
     ``min_size``/``max_size`` set the input resolution (torchvision's transform).
     ``anchor_scale``: anchor (or FCOS/RPN reference) size = ``anchor_scale * stride`` per FPN level;
     torchvision's RetinaNet uses 4 (32 px at P3); small-object data wants 2.
+    ``options``: arch-specific settings, only for ``mimicdet`` (``staggered``, ``t_head``,
+    ``mimic_weight``, ``similarity``, ``mimic_paths``, ... see :func:`kdsweep.models.mimicdet.build_mimicdet`).
     """
 
     arch: str = "retinanet"
@@ -67,6 +75,7 @@ class ModelConfig:
     weights: str | None = None
     trainable_backbone_layers: int = 5
     anchor_scale: float = 4.0
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -103,7 +112,11 @@ class KDTermConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and Ray Train scaling settings (batch size is per worker)."""
+    """Optimisation and Ray Train scaling settings (batch size is per worker).
+
+    ``freeze_backbone``: fraction of training during which the student's backbone body gets no
+    update (ScaleKD freezes it for the first 10k of 90k iterations, about 0.11).
+    """
 
     epochs: int = 4
     batch_size: int = 8
@@ -122,8 +135,13 @@ class TrainConfig:
     seed: int = 0
     max_iters_per_epoch: int | None = None
     eval_batch_size: int = 8
+    freeze_backbone: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.freeze_backbone <= 1.0:
+            raise ConfigError(
+                f"train.freeze_backbone {self.freeze_backbone} is a fraction of training; use a value in [0, 1]"
+            )
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"train.optimizer '{self.optimizer}' is unknown; use sgd or adamw")
         if self.lr_schedule not in ("cosine", "step", "constant"):

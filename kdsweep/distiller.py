@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
+from kdsweep.context import KDContext, StepTap, TeacherOutputs
 from kdsweep.models.detectors import build_detector, level_names
 from kdsweep.models.taps import FeatureTap, align_to, extract_features
 
@@ -59,30 +60,64 @@ class Trainable(nn.Module):
         wanted = {lv for levels in self.levels.values() for lv in levels}
         return tuple(name for name in level_names(self.student).values() if name in wanted)
 
+    @property
+    def uses_context(self) -> bool:
+        """True when some term reads the whole step (:class:`~kdsweep.context.KDContext`)."""
+        return any(getattr(term, "uses_context", False) for term in self.terms.values())
+
+    @property
+    def needs_body(self) -> bool:
+        """True when some term reads the last backbone stage (teacher side too)."""
+        return any(getattr(term, "needs_body", False) for term in self.terms.values())
+
     def forward(
         self,
         images: list[Tensor],
         targets: list[dict[str, Tensor]] | None = None,
-        teacher_feats: Mapping[str, Tensor] | None = None,
+        teacher_out: TeacherOutputs | Mapping[str, Tensor] | None = None,
+        progress: float = 0.0,
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Student step plus weighted KD terms.
 
         Args:
             images: N images (3, H_i, W_i) in [0, 1].
             targets: per image ``boxes`` (n, 4) xyxy and ``labels`` (n,) in 1..K (train mode).
-            teacher_feats: ``{"p3": (N, C_t, h, w), ...}`` from the teacher (no grad).
+            teacher_out: the teacher's :class:`~kdsweep.context.TeacherOutputs` (or just its
+                ``{"p3": (N, C_t, h, w), ...}`` maps), computed without grad.
+            progress: fraction of training done, in [0, 1] (schedules of context terms).
         Returns:
-            Train mode: torchvision's loss dict (+ ``kd_<name>`` = weight * term when
-            ``teacher_feats`` is given and there are terms). Eval mode: the student's detections.
+            Train mode: torchvision's loss dict plus ``kd_<name>`` = weight * term for each term
+            (a term returning a dict of parts gives ``kd_<name>_<part>``, each times the weight).
+            Eval mode: the student's detections.
         """
-        if not self.training or not self.terms or teacher_feats is None:
+        if not self.training or not self.terms or teacher_out is None:
             return self.student(images, targets)
-        with FeatureTap(self.student, levels=self.needed_levels) as tap:
-            losses = self.student(images, targets)
+        if not isinstance(teacher_out, TeacherOutputs):
+            teacher_out = TeacherOutputs(feats=dict(teacher_out))
+        step = StepTap(self.student) if self.uses_context else None
+        try:
+            with FeatureTap(self.student, levels=self.needed_levels) as tap:
+                losses = self.student(images, targets)
+        finally:
+            if step is not None:
+                step.remove()
         student_feats = tap.pop()
         for name, term in self.terms.items():
-            s, t = align_to(student_feats, teacher_feats, self.levels[name], self.teacher_scale)
-            losses[f"kd_{name}"] = self.weights[name] * term(s, t)
+            weight = self.weights[name]
+            if getattr(term, "uses_context", False):
+                ctx = KDContext(
+                    student=self.student, teacher=self.__dict__.get("teacher_ref"), student_feats=student_feats, teacher_out=teacher_out,
+                    levels=self.levels[name], teacher_scale=self.teacher_scale, progress=float(progress),
+                )
+                out = term(step.fill(ctx))
+            else:
+                s, t = align_to(student_feats, teacher_out.feats, self.levels[name], self.teacher_scale)
+                out = term(s, t)
+            if isinstance(out, Mapping):
+                for part, value in out.items():
+                    losses[f"kd_{name}_{part}"] = weight * value
+            else:
+                losses[f"kd_{name}"] = weight * out
         return losses
 
 
@@ -152,6 +187,8 @@ class Distiller(nn.Module):
             raise ConfigError("kd terms need a teacher; give one or drop the kd terms")
         per_term = _resolve_levels(terms, levels, _shared_levels(student, teacher)) if terms else {}
         self.trainable: nn.Module = Trainable(student, terms, per_term, teacher_scale)
+        # context terms may run teacher parts (heads on student proposals); a plain reference
+        self.trainable.__dict__["teacher_ref"] = teacher
         # Plain attribute, not a submodule: invisible to state_dict, parameters(), train() and DDP.
         self.__dict__["_teacher"] = freeze(teacher) if teacher is not None else None
 
@@ -205,6 +242,11 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_features(self, images: list[Tensor]) -> dict[str, Tensor]:
         """Teacher FPN maps ``{"p3": (N, C_t, h, w), ...}`` for the levels the terms use."""
+        return self.teacher_outputs(images).feats
+
+    @torch.no_grad()
+    def teacher_outputs(self, images: list[Tensor]) -> TeacherOutputs:
+        """The teacher's FPN maps (levels the terms use), last backbone stage and image sizes."""
         teacher = self.teacher
         if teacher is None:
             raise RuntimeError("Distiller.teacher_features: this Distiller has no teacher")
@@ -212,10 +254,24 @@ class Distiller(nn.Module):
         if param is not None and param.device != images[0].device:
             teacher.to(images[0].device)
         teacher.eval()
-        return extract_features(teacher, images, levels=self._inner.needed_levels)
+        inner = self._inner
+        seen: dict[str, Any] = {}
+        handles = []
+        if inner.needs_body:
+            handles.append(teacher.backbone.body.register_forward_hook(
+                lambda m, i, out: seen.__setitem__("body", list(out.values())[-1])))
+        handles.append(teacher.transform.register_forward_hook(
+            lambda m, i, out: seen.__setitem__("sizes", [tuple(s) for s in out[0].image_sizes])))
+        try:
+            levels = inner.needed_levels if not inner.uses_context else None
+            feats = extract_features(teacher, images, levels=levels)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return TeacherOutputs(feats=feats, body=seen.get("body"), image_sizes=seen.get("sizes", []))
 
     def forward(
-        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, progress: float = 0.0
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """One step: teacher features (train mode with KD only) then ``self.trainable``.
 
@@ -227,8 +283,12 @@ class Distiller(nn.Module):
             Train mode: ``{"classification": ..., "bbox_regression": ..., "kd_l2": ...}`` (detection
             keys as torchvision names them). Eval mode: the student's detections.
         """
-        feats = self.teacher_features(images) if self.training and self.has_kd else None
-        return self.trainable(images, targets, feats)
+        if not (self.training and self.has_kd):
+            return self.trainable(images, targets)
+        teacher_out = self.teacher_outputs(images)
+        if self._inner.uses_context:
+            return self.trainable(images, targets, teacher_out, progress)
+        return self.trainable(images, targets, teacher_out)
 
 
 # -------------------------------------------------------------------------------- from config
@@ -283,8 +343,11 @@ def build_distiller(cfg: ExperimentConfig, num_classes: int, teacher: nn.Module 
                 student_channels=student.backbone.out_channels,
                 teacher_channels=teacher.backbone.out_channels,
                 num_levels=len(levels[name]),
+                index=i,
+                student=student,
+                teacher=teacher,
             ),
         )
-        for name, term in zip(names, cfg.kd)
+        for i, (name, term) in enumerate(zip(names, cfg.kd))
     }
     return Distiller(student, teacher, terms, levels, teacher_scale=cfg.teacher_scale)

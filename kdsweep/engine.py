@@ -65,8 +65,20 @@ def train_one_epoch(
     max_iters: int | None = None,
     log: Callable[[str], None] | None = None,
     log_every: int = 20,
+    extra_optimizers: list[torch.optim.Optimizer] = (),
+    step_offset: int = 0,
+    total_steps: int | None = None,
+    frozen: list[Tensor] = (),
+    freeze_until: float = 0.0,
 ) -> dict[str, float]:
     """Train for one epoch; return the mean of every loss term and the throughput.
+
+    Args (beyond the obvious):
+        extra_optimizers: stepped after ``optimizer`` (e.g. ScaleKD's assistant has its own Adam).
+        step_offset, total_steps: global step of this epoch's first batch and of the whole run;
+            ``progress = (step_offset + step) / total_steps`` goes to the distiller (schedules).
+        frozen, freeze_until: while ``progress < freeze_until`` the gradients of ``frozen`` are
+            dropped (set to None, so no optimizer moves them) after backward.
 
     Returns:
         ``{"loss": mean total, "loss/<term>": mean per term, "train_images_per_s": ...}``.
@@ -79,23 +91,32 @@ def train_one_epoch(
         if max_iters is not None and step >= max_iters:
             break
         images, targets = move_batch(images, targets, device)
+        progress = (step_offset + step) / total_steps if total_steps else 0.0
         with torch.autocast(device.type, enabled=amp):
-            losses = distiller(images, targets)
+            losses = distiller(images, targets, progress=progress)
         total = sum(losses.values())
         check_finite(total, losses, epoch=epoch, step=step)
-        optimizer.zero_grad(set_to_none=True)
+        optimizers = [optimizer, *extra_optimizers]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
+            for opt in optimizers:
+                scaler.unscale_(opt)
         else:
             total.backward()
+        if progress < freeze_until:
+            for p in frozen:
+                p.grad = None
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        for opt in optimizers:
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
         if scaler is not None:
-            scaler.step(optimizer)
             scaler.update()
-        else:
-            optimizer.step()
         scheduler.step()
         steps += 1
         images_seen += len(images)

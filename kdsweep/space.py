@@ -28,6 +28,7 @@ Samplers: ``grid: [v, ...]``, ``choice: [v, ...]``, ``uniform: [lo, hi]``,
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,7 +39,7 @@ from kdsweep.config import ConfigError, ExperimentConfig, from_dict, merge
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = ("name", "description", "metric", "mode", "base", "rows", "space", "search")
-SEARCH_KEYS = ("algorithm", "scheduler", "num_samples", "max_concurrent_trials", "grace_period", "reduction_factor")
+SEARCH_KEYS = ("algorithm", "scheduler", "num_samples", "max_concurrent_trials", "grace_period", "reduction_factor", "seed")
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,25 @@ class Sampler:
         if self.kind == "grid":
             return tune.grid_search(list(self.args))
         if self.kind == "choice":
-            return tune.choice(list(self.args))
+            return tune.choice(self.encoded())
         if self.kind == "uniform":
             return tune.uniform(*self.args)
         if self.kind == "loguniform":
             return tune.loguniform(*self.args)
         return tune.randint(*self.args)
+
+    @property
+    def structured(self) -> bool:
+        """A choice among lists/mappings (e.g. dilation-rate sets): Optuna takes only scalars."""
+        return self.kind == "choice" and any(isinstance(a, (list, tuple, Mapping)) for a in self.args)
+
+    def encoded(self) -> list[Any]:
+        """Choice values as Tune sees them: JSON strings when :attr:`structured`."""
+        return [json.dumps(a) for a in self.args] if self.structured else list(self.args)
+
+    def decode(self, value: Any) -> Any:
+        """The config value of a sampled (possibly encoded) value."""
+        return json.loads(value) if self.structured and isinstance(value, str) else value
 
     def representative(self) -> Any:
         """A value the sampler can produce (used to validate configs before starting)."""
@@ -175,6 +189,12 @@ def parse_space(data: Any, source: str) -> SearchSpace:
     space = {str(p): _parse_sampler(source, str(p), s) for p, s in space_spec.items()}
     if search.get("algorithm") == "optuna" and any(s.kind == "grid" for s in space.values()):
         raise ConfigError(f"{source}: optuna cannot search a grid sampler; use choice, or a separate grid sweep")
+    for key, low in (("num_samples", 1), ("max_concurrent_trials", 1), ("grace_period", 1), ("reduction_factor", 2), ("seed", 0)):
+        value = search.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ConfigError(f"{source}: search.{key} must be an integer >= {low}, got {value!r}")
+    if search.get("algorithm") == "optuna" and len(data.get("rows") or []) > 1:
+        raise ConfigError(f"{source}: optuna searches one configuration; keep one row (or run the rows as an ablation)")
     base = data.get("base") or {}
     if not isinstance(base, Mapping):
         raise ConfigError(f"{source}: base must be a mapping of config overrides")
@@ -229,7 +249,8 @@ def experiment_dict(preset: Mapping[str, Any], space: SearchSpace, label: str, s
     """Preset <- space.base <- row overrides <- sampled values <- seed, as a plain dict."""
     config = merge(merge(copy.deepcopy(dict(preset)), space.base), space.row(label).overrides)
     for path, value in sampled.items():
-        set_path(config, path, value, space.source)
+        sampler = space.space.get(path)
+        set_path(config, path, sampler.decode(value) if sampler is not None else value, space.source)
     if seed is not None:
         for section in ("train", "teacher_train"):
             config.setdefault(section, {})
@@ -249,9 +270,10 @@ def build_experiment(preset: Mapping[str, Any], space: SearchSpace, label: str, 
 def validate_space(space: SearchSpace, preset: Mapping[str, Any]) -> list[ExperimentConfig]:
     """Build every row's config with each grid value (and a representative value of other
     samplers), checking loss names and parameters; return the row configs."""
-    from kdsweep.losses import LOSSES, build_loss
+    from kdsweep.losses import LOSSES
 
     configs = []
+    teachers: dict[str, Any] = {}
     for label in space.labels:
         variants: list[dict[str, Any]] = [{}]
         for path, sampler in space.space.items():
@@ -264,12 +286,32 @@ def validate_space(space: SearchSpace, preset: Mapping[str, Any]) -> list[Experi
                     raise ConfigError(
                         f"{space.source}: row '{label}': kd[{i}].loss '{term.loss}' is unknown; known: {', '.join(sorted(LOSSES))}"
                     )
-                try:
-                    build_loss(term, student_channels=8, teacher_channels=8, num_levels=1)
-                except ConfigError as exc:
-                    raise ConfigError(f"{space.source}: row '{label}': kd[{i}]: {exc}") from None
+            try:
+                _dry_build(exp, teachers)
+            except ConfigError as exc:
+                raise ConfigError(f"{space.source}: row '{label}': {exc}") from None
             configs.append(exp)
     return configs
+
+
+def _dry_build(exp: ExperimentConfig, teachers: dict[str, Any]) -> None:
+    """Build the row's student, teacher and KD terms (random weights, no data) so that a bad
+    loss parameter or a teacher/student mismatch fails before anything starts."""
+    if not exp.kd:
+        return
+    import dataclasses
+    import json
+
+    from kdsweep.distiller import build_distiller
+    from kdsweep.models.detectors import build_detector
+
+    classes = exp.student.num_classes or 2
+    teacher_cfg = dataclasses.replace(exp.teacher, weights=None)
+    key = json.dumps([dataclasses.asdict(teacher_cfg), classes], sort_keys=True, default=str)
+    if key not in teachers:
+        teachers[key] = build_detector(teacher_cfg, exp.teacher.num_classes or classes)
+    build_distiller(dataclasses.replace(exp, student=dataclasses.replace(exp.student, weights=None)), classes,
+                    teachers[key])
 
 
 def tune_param_space(space: SearchSpace, seeds: list[int]) -> dict[str, Any]:

@@ -79,12 +79,35 @@ def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def split_params(distiller: Distiller) -> tuple[list[torch.Tensor], list[torch.optim.Optimizer]]:
+    """Trainable parameters of the main optimizer, and one optimizer per term that wants its own.
+
+    A KD term with an ``optimizer_spec`` attribute (``{"name": "adam"|"adamw"|"sgd", "lr": ...,
+    "weight_decay": ...}``, e.g. ScaleKD's cross-scale assistant: Adam, lr 3e-4, wd 1e-4) gets a
+    separate optimizer at a constant learning rate; everything else trains under ``optimizer``.
+    """
+    inner = unwrap(distiller.trainable)
+    owned: set[int] = set()
+    extra: list[torch.optim.Optimizer] = []
+    for term in getattr(inner, "terms", {}).values():
+        spec = getattr(term, "optimizer_spec", None)
+        own = [p for p in term.parameters() if p.requires_grad]
+        if not spec or not own:
+            continue
+        owned.update(id(p) for p in own)
+        kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[spec.get("name", "adam")]
+        extra.append(kind(own, lr=spec.get("lr", 3e-4), weight_decay=spec.get("weight_decay", 0.0)))
+    main = [p for p in distiller.trainable.parameters() if p.requires_grad and id(p) not in owned]
+    return main, extra
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DDP wrapper, or the module itself."""
     return getattr(module, "module", module)
 
 
-def save_checkpoint(directory: str, distiller: Distiller, optimizer, scheduler, scaler, epoch: int) -> None:
+def save_checkpoint(directory: str, distiller: Distiller, optimizer, scheduler, scaler, epoch: int,
+                    extra_optimizers: list[torch.optim.Optimizer] = ()) -> None:
     """Write ``model.pt`` (student state_dict, loadable as detector weights) and ``state.pt``."""
     torch.save({"model": distiller.student.state_dict()}, os.path.join(directory, MODEL_FILE))
     torch.save(
@@ -93,13 +116,15 @@ def save_checkpoint(directory: str, distiller: Distiller, optimizer, scheduler, 
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "extra_optimizers": [opt.state_dict() for opt in extra_optimizers],
             "epoch": epoch,
         },
         os.path.join(directory, STATE_FILE),
     )
 
 
-def load_checkpoint(directory: str, distiller: Distiller, optimizer, scheduler, scaler) -> int:
+def load_checkpoint(directory: str, distiller: Distiller, optimizer, scheduler, scaler,
+                    extra_optimizers: list[torch.optim.Optimizer] = ()) -> int:
     """Restore from ``state.pt``; return the next epoch to run."""
     state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
     unwrap(distiller.trainable).load_state_dict(state["trainable"])
@@ -107,6 +132,8 @@ def load_checkpoint(directory: str, distiller: Distiller, optimizer, scheduler, 
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    for opt, opt_state in zip(extra_optimizers, state.get("extra_optimizers", [])):
+        opt.load_state_dict(opt_state)
     return int(state["epoch"]) + 1
 
 
@@ -131,8 +158,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     distiller = build_model(config, exp, num_classes)
     distiller.to(device)
     distiller.wrap(ray.train.torch.prepare_model)
+    main_params, extra_optimizers = split_params(distiller)
     params = [p for p in distiller.trainable.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(main_params, cfg)
+    frozen = list(distiller.student.backbone.body.parameters()) if cfg.freeze_backbone > 0 else []
     iters = len(train_loader) if cfg.max_iters_per_epoch is None else min(len(train_loader), cfg.max_iters_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(max(iters * cfg.epochs, 1), min(cfg.warmup_iters, iters * cfg.epochs // 2), cfg.lr_schedule)
@@ -144,7 +173,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            start_epoch = load_checkpoint(directory, distiller, optimizer, scheduler, scaler)
+            start_epoch = load_checkpoint(directory, distiller, optimizer, scheduler, scaler, extra_optimizers)
         if log:
             log(f"resumed from checkpoint, continuing at epoch {start_epoch}")
 
@@ -153,6 +182,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = train_one_epoch(
             distiller, optimizer, scheduler, train_loader, device=device, epoch=epoch, params=params,
             scaler=scaler, amp=amp, grad_clip=cfg.grad_clip, max_iters=cfg.max_iters_per_epoch, log=log,
+            extra_optimizers=extra_optimizers, step_offset=(epoch - 1) * iters, total_steps=iters * cfg.epochs,
+            frozen=frozen, freeze_until=cfg.freeze_backbone,
         )
         metrics.update(
             evaluate(
@@ -168,7 +199,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_checkpoint(tmp, distiller, optimizer, scheduler, scaler, epoch)
+                save_checkpoint(tmp, distiller, optimizer, scheduler, scaler, epoch, extra_optimizers)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 

@@ -175,7 +175,7 @@ def stub_losses(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """Replace kdsweep.losses by a stub whose build_loss records its calls."""
     calls: list[dict] = []
 
-    def build_loss(cfg: KDTermConfig, *, student_channels: int, teacher_channels: int, num_levels: int) -> nn.Module:
+    def build_loss(cfg: KDTermConfig, *, student_channels: int, teacher_channels: int, num_levels: int, **models: object) -> nn.Module:
         calls.append(dict(loss=cfg.loss, s=student_channels, t=teacher_channels, n=num_levels))
         return StandInL2(student_channels, teacher_channels, num_levels)
 

@@ -30,7 +30,7 @@ class _Toy(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(()))
 
-    def forward(self, images, targets):
+    def forward(self, images, targets, progress=0.0):
         goal = torch.stack([t["boxes"].mean() for t in targets]).mean()
         return {"mse": (self.w - goal) ** 2}
 

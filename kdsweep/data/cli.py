@@ -15,7 +15,8 @@ def _synth(args: argparse.Namespace) -> int:
         print("kdsweep data synth: --train/--val must be >= 0, --size >= 64 and --seed >= 0", file=sys.stderr)
         return 2
     try:
-        written = generate(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed, progress=True)
+        written = generate(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed, progress=True,
+                           style=args.style)
     except FileExistsError as exc:
         print(f"kdsweep data {exc}", file=sys.stderr)
         return 1
@@ -71,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--val", type=int, default=150, help="validation images (default 150)")
     synth.add_argument("--size", type=int, default=192, help="image side in pixels (default 192)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--style", choices=["cluttered", "simple"], default="cluttered",
+                       help="cluttered (VisDrone-like, default) or simple (no distractors or occluders)")
     synth.set_defaults(func=_synth)
     check = sub.add_parser("check", help="validate a COCO instances file and its images")
     check.add_argument("annotations", help="COCO instances JSON")

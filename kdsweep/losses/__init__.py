@@ -4,12 +4,17 @@
 
     builder(*, student_channels, teacher_channels, num_levels, adapter=False, **params) -> nn.Module
 
-whose ``forward(student_levels, teacher_levels)`` returns the (unweighted) term. Adding a loss
-means adding its file and one line here; nothing registers itself on import.
+whose ``forward(student_levels, teacher_levels)`` returns the (unweighted) term. A builder that
+also takes ``student=`` / ``teacher=`` gets the two detectors (to size heads or embeddings).
+A module with ``uses_context = True`` is a *context term*: its ``forward(ctx)`` gets the step's
+:class:`~kdsweep.context.KDContext` (proposals, head outputs, targets, backbone embeddings) and
+returns a scalar or a dict of named scalar parts. Adding a loss means adding its file and one
+line here; nothing registers itself on import.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
 
@@ -17,6 +22,8 @@ from torch import nn
 
 from kdsweep.config import ConfigError, KDTermConfig
 from kdsweep.losses.feature import l1_feature_loss, l2_feature_loss
+from kdsweep.losses.mimic import build_mimic, build_mimic_full, build_mimic_head, build_mimic_logits
+from kdsweep.losses.scalekd import build_csa, build_sdf
 from kdsweep.losses.ssim import SSIMLoss, ssim_feature_loss
 from kdsweep.losses.term import FeatureTerm
 
@@ -35,6 +42,12 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
     "l1": partial(FeatureTerm, l1_feature_loss, name="l1"),
     "l2": partial(FeatureTerm, l2_feature_loss, name="l2"),
     "ssim": partial(FeatureTerm, ssim_feature_loss, name="ssim"),
+    "sdf": build_sdf,
+    "csa": build_csa,
+    "mimic": build_mimic,
+    "mimic_full": build_mimic_full,
+    "mimic_logits": build_mimic_logits,
+    "mimic_head": build_mimic_head,
 }
 
 
@@ -50,6 +63,8 @@ def build_loss(
     teacher_channels: int,
     num_levels: int,
     index: int | None = None,
+    student: nn.Module | None = None,
+    teacher: nn.Module | None = None,
 ) -> nn.Module:
     """The KD term module for one ``kd`` entry of the config.
 
@@ -68,10 +83,16 @@ def build_loss(
     if builder is None:
         where = "kd" if index is None else f"kd[{index}]"
         raise ConfigError(f"{where}.loss '{cfg.loss}' is unknown; known: {', '.join(loss_names())}")
+    models = {}
+    accepted = inspect.signature(builder).parameters
+    for key, model in (("student", student), ("teacher", teacher)):
+        if key in accepted:
+            models[key] = model
     return builder(
         student_channels=student_channels,
         teacher_channels=teacher_channels,
         num_levels=num_levels,
         adapter=cfg.adapter,
+        **models,
         **dict(cfg.params),
     )

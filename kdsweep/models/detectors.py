@@ -298,15 +298,47 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
     classes = cfg.num_classes or num_classes
     if classes < 1:
         raise ConfigError(f"model.num_classes {classes} must be >= 1 (classes without background)")
+    if cfg.arch == "mimicdet":
+        return _mimicdet(cfg, classes)
+    if cfg.options:
+        raise ConfigError(f"model.options {dict(cfg.options)} apply only to arch mimicdet; remove them for {cfg.arch}")
     arch = ARCH_BUILDERS.get(cfg.arch)
     if arch is None:
-        raise ConfigError(f"model.arch '{cfg.arch}' is unknown; use one of {', '.join(ARCH_BUILDERS)}")
+        raise ConfigError(f"model.arch '{cfg.arch}' is unknown; use one of {', '.join(ARCH_BUILDERS)}, mimicdet")
     source = parse_weights(cfg)
     model = arch(build_backbone(cfg, source), cfg, classes + 1)
     if source.checkpoint is not None:
         load_checkpoint(model, source.checkpoint)
     elif source.detector is not None:  # needs internet; never used in tests
         load_state(model, source.detector.get_state_dict(progress=True), str(cfg.weights))
+    return model
+
+
+def _mimicdet(cfg: ModelConfig, classes: int) -> nn.Module:
+    """MimicDet (Lu et al., ECCV 2020) from :mod:`kdsweep.models.mimicdet`; ``cfg.options`` go to
+    its builder. Weights: None or a local checkpoint of this architecture."""
+    import inspect
+
+    from kdsweep.models.mimicdet import MimicDet, build_mimicdet
+
+    if not cfg.backbone.startswith("resnet"):
+        raise ConfigError(f"model.backbone '{cfg.backbone}': mimicdet is built on a ResNet; use resnet18/34/50/101")
+    known = (set(inspect.signature(build_mimicdet).parameters) | set(inspect.signature(MimicDet).parameters)) - {
+        "backbone_name", "num_classes", "backbone", "fpn_channels", "min_size", "max_size", "anchor_scale", "kwargs",
+        "backbone_weights", "trainable_layers"}
+    unknown = sorted(set(cfg.options) - known)
+    if unknown:
+        raise ConfigError(f"model.options.{unknown[0]} is unknown for mimicdet; known: {', '.join(sorted(known))}")
+    source = parse_weights(cfg)
+    if source.detector is not None or source.backbone is not None:
+        raise ConfigError("model.weights for mimicdet: use none or a local checkpoint of a mimicdet model")
+    try:
+        model = build_mimicdet(cfg.backbone, classes, fpn_channels=cfg.fpn_channels, min_size=cfg.min_size,
+                               max_size=cfg.max_size, anchor_scale=cfg.anchor_scale, **dict(cfg.options))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.options: {exc}") from None
+    if source.checkpoint is not None:
+        load_checkpoint(model, source.checkpoint)
     return model
 
 

@@ -1,0 +1,73 @@
+"""Full grid vs ASHA on the same search space, in one run: compute used and best AP found.
+
+Both sweeps run the same grid of SSIM loss weights on the smoke-sized task (longer schedule so
+that ASHA has milestones to stop at): first every trial to the end (FIFO), then ASHA (grace 1
+epoch, reduction factor 2). Compute is counted in trial-epochs (epochs actually trained, summed
+over trials). Printed: both figures and the ratios ASHA/grid. Example::
+
+    python benchmarks/bench_asha.py --epochs 4 --weights 0.5,1,2,4,8,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kdsweep.search import run_sweep  # noqa: E402
+
+
+def space(weights: list[float], epochs: int, scheduler: str) -> dict:
+    return {
+        "name": f"bench_asha_{scheduler}",
+        "metric": "AP",
+        "mode": "max",
+        "base": {"train": {"epochs": epochs}},
+        "rows": [{"label": "ssim", "kd": [{"loss": "ssim", "weight": 1.0, "adapter": True}]}],
+        "space": {"kd.0.weight": {"grid": weights}},
+        "search": {"algorithm": "random", "scheduler": scheduler, "grace_period": 1, "reduction_factor": 2},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--weights", default="0.5,1,2,4,8,16")
+    parser.add_argument("--preset", default="smoke")
+    parser.add_argument("--tracking-uri")
+    args = parser.parse_args()
+    weights = [float(w) for w in args.weights.split(",")]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheduler in ("fifo", "asha"):
+            path = Path(tmp) / f"{scheduler}.yaml"
+            path.write_text(yaml.safe_dump(space(weights, args.epochs, scheduler)))
+            summary = Path(tmp) / f"{scheduler}.json"
+            argv = [str(path), "--preset", args.preset, "--summary-json", str(summary), "--experiment", "kdsweep-bench-asha"]
+            if args.tracking_uri:
+                argv += ["--tracking-uri", args.tracking_uri]
+            start = time.perf_counter()
+            code = run_sweep(argv, prog="bench_asha.py")
+            if code != 0:
+                sys.exit(f"bench_asha: the {scheduler} sweep failed (exit {code})")
+            results[scheduler] = dict(json.loads(summary.read_text()), wall_s=time.perf_counter() - start)
+    grid, asha = results["fifo"], results["asha"]
+    print(f"\nsearch space: SSIM weight grid {weights}, {args.epochs} epochs, preset {args.preset}")
+    print(f"{'':12s}{'trials':>8s}{'trial-epochs':>14s}{'best AP':>10s}{'wall s':>9s}")
+    for name, r in (("full grid", grid), ("ASHA", asha)):
+        print(f"{name:12s}{r['trials']:>8d}{r['trial_epochs']:>14d}{r['best']:>10.2f}{r['wall_s']:>9.0f}")
+    print(f"ASHA / grid: compute {asha['trial_epochs'] / grid['trial_epochs']:.2f}x, "
+          f"best AP {asha['best'] / grid['best'] if grid['best'] else float('nan'):.2f}x, "
+          f"wall time {asha['wall_s'] / grid['wall_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

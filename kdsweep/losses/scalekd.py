@@ -1,0 +1,208 @@
+"""ScaleKD's two KD terms on the kdsweep path: ``sdf`` and ``csa`` (registry keys).
+
+Reference:
+    Zhu et al., "ScaleKD: Distilling Scale-Aware Knowledge in Small Object Detector", CVPR 2023.
+    Total loss ``L = L_det + alpha * L_feat + beta * L_cls + gamma * L_bbox``; ``alpha`` is the
+    ``sdf`` entry's ``weight``, ``beta``/``gamma`` are ``csa`` params. Defaults per detector type
+    (secondary sources, see METHODS.md): one-stage (0.01, 0.2, 0.05), two-stage (0.07, 0.5, 0.2)
+    in :data:`SCALEKD_DEFAULTS`.
+
+Both are *context terms* (``uses_context = True``): they receive the step's
+:class:`~kdsweep.context.KDContext` rather than matched FPN lists.
+
+* ``sdf`` (:class:`SDFTerm`): scale-decoupled feature distillation
+  (:class:`~kdsweep.losses.sdf.SDFLoss`) on the last backbone stage (``source: body``, the
+  paper's embedding Z; default) or on the configured FPN levels (``source: fpn``).
+* ``csa`` (:class:`CSATerm`): the cross-scale assistant
+  (:class:`~kdsweep.losses.csa.CrossScaleAssistant`), one multi-scale cross-attention layer per
+  student level (queries and values from the student, keys from the teacher) with its own
+  RetinaNet-style classification/regression branches. It returns three parts:
+
+  - ``assist``: the assistant's detection loss against ground truth, computed by the student's
+    own ``compute_loss`` (same anchors, matcher and focal/L1 losses). The student maps are
+    detached on the way in, so this trains only the assistant;
+  - ``cls`` = ``beta * L_cls`` and ``bbox`` = ``gamma * L_bbox``: the student's dense head
+    distilled from the assistant's (detached) outputs, see
+    :func:`~kdsweep.losses.csa.csa_distill_losses`. These train only the student.
+
+  Before ``start`` (a fraction of training; ScaleKD warms the student up for 30k of 90k
+  iterations, ~0.33) all three parts are multiplied by 0: the assistant is still computed, so
+  every parameter takes part in every step (DDP needs no ``find_unused_parameters``). The
+  assistant's parameters have their own optimizer (``optimizer_spec``: Adam, lr 3e-4, wd 1e-4).
+  ``csa`` needs a RetinaNet student (its loss supervises the assistant) and every student level.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from kdsweep.config import ConfigError
+from kdsweep.context import KDContext, body_channels
+from kdsweep.losses.csa import CrossScaleAssistant, csa_distill_losses
+from kdsweep.losses.sdf import SDFLoss
+
+SCALEKD_DEFAULTS: dict[str, dict[str, float]] = {
+    "one_stage": {"alpha": 0.01, "beta": 0.2, "gamma": 0.05},
+    "two_stage": {"alpha": 0.07, "beta": 0.5, "gamma": 0.2},
+}
+
+
+def detector_kind(model: nn.Module | None) -> str:
+    """``two_stage`` for a model with an RPN (Faster R-CNN), else ``one_stage``."""
+    return "two_stage" if model is not None and hasattr(model, "rpn") else "one_stage"
+
+
+class SDFTerm(SDFLoss):
+    """``sdf``: :class:`~kdsweep.losses.sdf.SDFLoss` on the backbone embedding or FPN levels.
+
+    Shape:
+        ``source="body"``: the last backbone stages ``(N, C_body_s, H/32, W/32)`` and
+        ``(N, C_body_t, h/32, w/32)`` (the teacher's is resized to the student's); ``"fpn"``: the
+        term's levels, as the feature terms get them. Output ``()``.
+    """
+
+    uses_context = True
+
+    def __init__(self, *, source: str = "body", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.source = source
+        self.needs_body = source == "body"
+
+    def forward(self, ctx: KDContext) -> Tensor:  # type: ignore[override]
+        if self.source == "body":
+            if ctx.student_body is None or ctx.teacher_out.body is None:
+                raise RuntimeError("kd.sdf: the backbone embeddings were not captured")
+            return super().forward([ctx.student_body], [ctx.teacher_out.body])
+        return super().forward(*ctx.aligned())
+
+
+def build_sdf(
+    *,
+    student_channels: int,
+    teacher_channels: int,
+    num_levels: int,
+    adapter: bool = False,
+    student: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+    source: str = "body",
+    **params: Any,
+) -> SDFTerm:
+    """Registry builder of ``sdf``; ``source`` is ``body`` (default, the paper's) or ``fpn``."""
+    if source not in ("body", "fpn"):
+        raise ConfigError(f"kd.sdf.params.source '{source}' is unknown; use body or fpn")
+    if source == "body":
+        if student is None or teacher is None:
+            raise ConfigError("kd.sdf with source: body needs the student and teacher models")
+        student_channels, teacher_channels, num_levels = body_channels(student), body_channels(teacher), 1
+    return SDFTerm(source=source, student_channels=student_channels, teacher_channels=teacher_channels,
+                   num_levels=num_levels, adapter=adapter, **params)
+
+
+class CSATerm(nn.Module):
+    """``csa``: ScaleKD's cross-scale assistant (see the module docstring for what trains how).
+
+    Args:
+        student_channels, teacher_channels, num_levels: FPN channels; every student level.
+        num_anchors, num_classes: of the student's RetinaNet head (the assistant's head matches).
+        num_heads, ratios: attention heads, grouped by key/value downsample ratio.
+        beta, gamma: weights of ``L_cls`` and ``L_bbox`` (default: :data:`SCALEKD_DEFAULTS`).
+        temperature: of the classification distillation.
+        start: fraction of training before the assistant joins.
+        lr, weight_decay: the assistant's Adam.
+        num_convs: conv layers in each of the assistant's branches.
+
+    Shape:
+        ``forward(ctx)`` reads ``ctx.aligned()`` (levels (N, C, H_l, W_l)), ``ctx.head_outputs``,
+        ``ctx.anchors`` and ``ctx.targets``; returns ``{"assist": (), "cls": (), "bbox": ()}``.
+    """
+
+    uses_context = True
+    needs_body = False
+
+    def __init__(
+        self,
+        *,
+        student_channels: int,
+        teacher_channels: int,
+        num_levels: int,
+        num_anchors: int,
+        num_classes: int,
+        num_heads: int = 4,
+        ratios: tuple[int, ...] = (1, 2, 4, 8),
+        beta: float = 0.2,
+        gamma: float = 0.05,
+        temperature: float = 1.0,
+        start: float = 0.0,
+        lr: float = 3e-4,
+        weight_decay: float = 1e-4,
+        num_convs: int = 2,
+    ) -> None:
+        super().__init__()
+        for key, value in (("beta", beta), ("gamma", gamma), ("lr", lr), ("weight_decay", weight_decay)):
+            if not value >= 0:
+                raise ConfigError(f"kd.csa.params.{key} {value} must be >= 0")
+        if not 0.0 <= start < 1.0:
+            raise ConfigError(f"kd.csa.params.start {start} is a fraction of training; use a value in [0, 1)")
+        if not temperature > 0:
+            raise ConfigError(f"kd.csa.params.temperature {temperature} must be > 0")
+        self.assistant = CrossScaleAssistant(
+            student_channels, teacher_channels, num_levels, num_anchors, num_classes,
+            num_heads=num_heads, ratios=tuple(ratios), num_convs=num_convs,
+        )
+        self.beta, self.gamma, self.temperature, self.start = float(beta), float(gamma), float(temperature), float(start)
+        self.optimizer_spec = {"name": "adam", "lr": float(lr), "weight_decay": float(weight_decay)}
+
+    def forward(self, ctx: KDContext) -> dict[str, Tensor]:
+        if ctx.head_outputs is None or ctx.anchors is None or ctx.targets is None:
+            raise RuntimeError("kd.csa: the student's head outputs, anchors and targets were not captured")
+        students, teachers = ctx.aligned()
+        assist_out = self.assistant([s.detach() for s in students], teachers)
+        det = ctx.student.compute_loss(ctx.targets, assist_out, ctx.anchors)
+        loss_cls, loss_box = csa_distill_losses(ctx.head_outputs, assist_out, temperature=self.temperature)
+        join = 1.0 if ctx.progress >= self.start else 0.0
+        return {
+            "assist": join * sum(det.values()),
+            "cls": join * self.beta * loss_cls,
+            "bbox": join * self.gamma * loss_box,
+        }
+
+
+def build_csa(
+    *,
+    student_channels: int,
+    teacher_channels: int,
+    num_levels: int,
+    adapter: bool = False,
+    student: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+    beta: float | None = None,
+    gamma: float | None = None,
+    **params: Any,
+) -> CSATerm:
+    """Registry builder of ``csa`` (``adapter`` is not used: attention projects channels itself)."""
+    from torchvision.models.detection import RetinaNet
+
+    if not isinstance(student, RetinaNet):
+        name = type(student).__name__ if student is not None else "no student"
+        raise ConfigError(f"kd.csa needs a RetinaNet student (its loss supervises the assistant), got {name}; "
+                          "use student.arch: retinanet")
+    levels = len(student.anchor_generator.sizes)
+    if num_levels != levels:
+        raise ConfigError(f"kd.csa uses every student level ({levels}); drop kd.csa.levels")
+    defaults = SCALEKD_DEFAULTS[detector_kind(student)]
+    known = {"num_heads", "ratios", "temperature", "start", "lr", "weight_decay", "num_convs"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"kd.csa.params.{unknown[0]} is unknown; known: beta, gamma, {', '.join(sorted(known))}")
+    return CSATerm(
+        student_channels=student_channels, teacher_channels=teacher_channels, num_levels=num_levels,
+        num_anchors=student.anchor_generator.num_anchors_per_location()[0],
+        num_classes=student.head.classification_head.num_classes,
+        beta=defaults["beta"] if beta is None else beta, gamma=defaults["gamma"] if gamma is None else gamma,
+        **params,
+    )
+
+
+__all__ = ["CSATerm", "SCALEKD_DEFAULTS", "SDFTerm", "build_csa", "build_sdf", "detector_kind"]

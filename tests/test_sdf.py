@@ -1,0 +1,193 @@
+"""Tests of kdsweep.losses.sdf: ScaleKD scale-decoupled feature (SDF) distillation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdsweep.config import ConfigError
+from kdsweep.losses.sdf import SDFBranches, SDFLoss
+
+SMALL = dict(embed=8, pool=2, hidden_ratio=2)
+
+
+def _n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- (a) parameter count
+
+
+def test_shared_param_count_independent_of_dilations() -> None:
+    one = SDFBranches(8, dilations=(1,), shared=True, **SMALL)
+    four = SDFBranches(8, dilations=(1, 2, 3, 4), shared=True, **SMALL)
+    assert _n_params(one) == _n_params(four) > 0
+    sep_one = SDFBranches(8, dilations=(1,), shared=False, **SMALL)
+    sep_four = SDFBranches(8, dilations=(1, 2, 3, 4), shared=False, **SMALL)
+    assert _n_params(sep_one) == _n_params(one)
+    assert _n_params(sep_four) == 4 * _n_params(sep_one)
+    loss_one = SDFLoss(student_channels=8, teacher_channels=8, num_levels=2, dilations=[1], **SMALL)
+    loss_four = SDFLoss(student_channels=8, teacher_channels=8, num_levels=2, dilations=[1, 2, 3, 4], **SMALL)
+    assert _n_params(loss_one) == _n_params(loss_four) == 2 * _n_params(one)
+
+
+# ----------------------------------------------------------------------------- (b) dilation really used
+
+
+def _reference_branch(module: SDFBranches, x: torch.Tensor, d: int) -> torch.Tensor:
+    blk = module.blocks[0]
+    y = F.conv2d(x, blk.reduce.weight)
+    y = F.relu(F.group_norm(y, blk.norm1.num_groups, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps))
+    y = F.conv2d(y, blk.conv.weight, padding=d, dilation=d)
+    y = F.relu(F.group_norm(y, blk.norm2.num_groups, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps))
+    return x + F.conv2d(y, blk.expand.weight, blk.expand.bias)
+
+
+def test_shared_branches_use_their_dilation() -> None:
+    torch.manual_seed(0)
+    dilations = (1, 2, 3)
+    module = SDFBranches(8, dilations=dilations, shared=True, **SMALL)
+    x = _randn(2, 8, 9, 11)
+    maps = module.branch_maps(x)
+    for d, z in zip(dilations, maps):
+        torch.testing.assert_close(z, _reference_branch(module, x, d), rtol=1e-5, atol=1e-5)
+    # the rates make a difference (otherwise the check above would be vacuous)
+    assert not torch.allclose(maps[0], maps[1]) and not torch.allclose(maps[1], maps[2])
+    # forward = concatenation of the shared MLP over the branch maps
+    mlp = module.mlps[0]
+    expected = torch.cat([mlp(z) for z in maps], dim=1)
+    torch.testing.assert_close(module(x), expected)
+
+
+def test_separate_branches_have_own_weights() -> None:
+    torch.manual_seed(0)
+    module = SDFBranches(8, dilations=(2, 2), shared=False, **SMALL)
+    out = module(_randn(1, 8, 6, 6))
+    assert not torch.allclose(out[:, :8], out[:, 8:])  # same dilation, different weights
+
+
+# ----------------------------------------------------------------------------- (c) identity
+
+
+@pytest.mark.parametrize("direct", [1.0, 0.0])
+def test_identical_inputs_give_zero(direct: float) -> None:
+    torch.manual_seed(0)
+    loss = SDFLoss(student_channels=8, teacher_channels=8, num_levels=2, direct=direct, **SMALL)
+    feats = [_randn(2, 8, 6, 5, seed=1), _randn(2, 8, 3, 3, seed=2)]
+    value = loss(feats, [f.clone() for f in feats])
+    assert value.shape == ()
+    assert value.item() == 0.0
+
+
+def test_different_inputs_give_positive_loss() -> None:
+    torch.manual_seed(0)
+    loss = SDFLoss(student_channels=8, teacher_channels=8, num_levels=1, direct=0.0, **SMALL)
+    assert loss([_randn(2, 8, 6, 6, seed=1)], [_randn(2, 8, 6, 6, seed=2)]).item() > 0
+
+
+# ----------------------------------------------------------------------------- (d) gradients
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_gradients_reach_student_and_module_not_teacher(adapter: bool) -> None:
+    torch.manual_seed(0)
+    cs = 6 if adapter else 8
+    loss = SDFLoss(student_channels=cs, teacher_channels=8, num_levels=1, adapter=adapter, **SMALL)
+    s = _randn(2, cs, 5, 5, seed=1).requires_grad_(True)
+    t = _randn(2, 8, 5, 5, seed=2).requires_grad_(True)
+    loss([s], [t]).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+    sdf = loss.branches[0]
+    for p in (sdf.blocks[0].reduce.weight, sdf.blocks[0].conv.weight, sdf.mlps[0].fc1.weight, sdf.mlps[0].fc2.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    if adapter:
+        assert loss.adapters is not None and loss.adapters[0].weight.grad is not None
+
+
+def test_student_gradient_flows_through_branches() -> None:
+    torch.manual_seed(0)
+    loss = SDFLoss(student_channels=8, teacher_channels=8, num_levels=1, direct=0.0, **SMALL)
+    s = _randn(1, 8, 4, 4, seed=1).requires_grad_(True)
+    loss([s], [_randn(1, 8, 4, 4, seed=2)]).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- (e) high-res teacher
+
+
+def test_high_resolution_teacher_equals_pre_resized() -> None:
+    torch.manual_seed(0)
+    loss = SDFLoss(student_channels=8, teacher_channels=8, num_levels=2, **SMALL)
+    s = [_randn(2, 8, 6, 5, seed=1), _randn(2, 8, 3, 3, seed=2)]
+    t_big = [_randn(2, 8, 12, 10, seed=3), _randn(2, 8, 6, 6, seed=4)]
+    t_small = [F.interpolate(t, size=x.shape[-2:], mode="bilinear", align_corners=False) for t, x in zip(t_big, s)]
+    torch.testing.assert_close(loss(s, t_big), loss(s, t_small))
+
+
+def test_mismatched_batch_raises() -> None:
+    loss = SDFLoss(student_channels=8, teacher_channels=8, num_levels=1, **SMALL)
+    with pytest.raises(ValueError, match="kd.sdf"):
+        loss([_randn(2, 8, 4, 4)], [_randn(3, 8, 4, 4)])
+    with pytest.raises(ValueError, match="levels"):
+        loss([_randn(2, 8, 4, 4)], [])
+
+
+# ----------------------------------------------------------------------------- (f) validation
+
+
+@pytest.mark.parametrize("dilations", [[], (), [0], [1, -2], [64], [1.5], [True], "123", 2, None])
+def test_bad_dilations_raise(dilations: object) -> None:
+    with pytest.raises(ConfigError, match=r"kd\.sdf\.params\.dilations.*e\.g\. \[1, 2, 3\]"):
+        SDFBranches(8, dilations=dilations)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"kd\.sdf\.params\.dilations"):
+        SDFLoss(student_channels=8, teacher_channels=8, num_levels=1, dilations=dilations)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(embed=0), "embed"),
+        (dict(pool=0), "pool"),
+        (dict(hidden_ratio=0), "hidden_ratio"),
+        (dict(direct=-1.0), "direct"),
+        (dict(shared="yes"), "shared"),
+        (dict(dilatons=[1, 2]), "dilatons"),
+    ],
+)
+def test_bad_params_raise(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"kd\.sdf\.params\.{field}") as info:
+        SDFLoss(student_channels=8, teacher_channels=8, num_levels=1, **kwargs)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)
+
+
+def test_channel_mismatch_without_adapter_raises() -> None:
+    with pytest.raises(ConfigError) as info:
+        SDFLoss(student_channels=6, teacher_channels=8, num_levels=1)
+    assert str(info.value) == "kd.sdf: student features have 6 channels, the teacher's 8; set adapter: true"
+
+
+# ----------------------------------------------------------------------------- (g) shapes
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("hw", [(5, 7), (1, 1), (8, 8)])
+def test_branches_output_shape(shared: bool, hw: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    module = SDFBranches(6, dilations=(1, 2, 3), shared=shared, embed=5, pool=4, hidden_ratio=4)
+    out = module(_randn(1, 6, *hw))
+    assert out.shape == (1, 3 * 5)
+    assert torch.isfinite(out).all()
+    for z in module.branch_maps(_randn(2, 6, *hw)):
+        assert z.shape == (2, 6, *hw)
+
+
+def test_batch_size_one_on_1x1_loss() -> None:
+    loss = SDFLoss(student_channels=4, teacher_channels=4, num_levels=1, **SMALL)
+    value = loss([_randn(1, 4, 1, 1, seed=1)], [_randn(1, 4, 2, 2, seed=2)])
+    assert torch.isfinite(value)
