@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=150)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--style", default="cluttered", choices=["cluttered", "simple"])
+    parser.add_argument("--head-norm", action="store_true", help="GroupNorm in RetinaNet's head (ModelConfig.head_norm)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -48,7 +49,7 @@ def main() -> None:
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=8, collate_fn=collate)
     model_cfg = ModelConfig(arch=args.arch, backbone=args.backbone, fpn_channels=args.fpn, min_size=args.size,
-                            max_size=args.size, anchor_scale=args.anchor_scale)
+                            max_size=args.size, anchor_scale=args.anchor_scale, head_norm=args.head_norm)
     distiller = Distiller(build_detector(model_cfg, train_ds.num_classes))
     params = [p for p in distiller.trainable.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, TrainConfig(optimizer=args.optimizer, lr=args.lr))

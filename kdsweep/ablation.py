@@ -33,23 +33,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", help="MLflow experiment name (default: kdsweep-<space name>)")
     parser.add_argument("--num-workers", type=int, help="Ray Train workers per trial")
     parser.add_argument("--use-gpu", action="store_true", help="train on GPUs (NCCL, AMP)")
+    parser.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                        help="where a run's workers go (STRICT_SPREAD: one per node); default PACK")
     parser.add_argument("--seeds", type=int, help="seeds per row (default: the preset's)")
     parser.add_argument("--max-concurrent", type=int, help="trials running at once (default: the preset's)")
     parser.add_argument("--storage-path", help="Ray storage path (default: KDSWEEP_HOME/ray_results; use shared storage on a cluster)")
     parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--rows", help="comma-separated subset of row labels to run")
+    parser.add_argument("--no-throughput", action="store_true", help="skip the params / inference images-per-second columns")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the newest interrupted run of this space and preset: finished trials are kept, "
+                             "unfinished ones resume from their checkpoints, each keeps its one MLflow child run")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Experiment overrides from command-line options."""
     over: dict[str, Any] = {}
     train: dict[str, Any] = {}
+    for option in ("num_workers", "seeds", "max_concurrent"):  # 0 is a bad value, not "not given"
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{option.replace('_', '-')} {value} must be >= 1")
     if args.num_workers:
-        if args.num_workers < 1:
-            raise ConfigError("--num-workers must be >= 1")
         train["num_workers"] = args.num_workers
     if args.use_gpu:
         train.update(use_gpu=True, amp=True)
+    if getattr(args, "placement_strategy", None):
+        train["placement_strategy"] = args.placement_strategy
     if train:
         over["train"] = dict(train)
         over["teacher_train"] = dict(train)
@@ -77,8 +87,44 @@ def teacher_identity(preset: dict[str, Any], space: SearchSpace, data: dict[str,
     return config_hash(ident), ident
 
 
+TAG_TUNE = "kdsweep.tune_name"
+
+
+def open_parent(tracker: Tracker, args: argparse.Namespace, name: str, tags: dict[str, str],
+                tune_prefix: str) -> tuple[str, str, bool]:
+    """The MLflow parent run and the Tune experiment name: a new pair, or with ``--resume`` the
+    newest unfinished parent with the same tags (reopened) and its Tune experiment.
+
+    Returns ``(parent run id, tune name, resumed)``.
+    Raises:
+        ConfigError: ``--resume`` with nothing to resume.
+    """
+    if getattr(args, "resume", False):
+        run = tracker.find_resumable(tags)
+        if run is None or TAG_TUNE not in run.data.tags:
+            raise ConfigError(f"--resume: no interrupted run of '{name}' in this MLflow experiment; run without --resume")
+        tracker.client.update_run(run.info.run_id, status="RUNNING")
+        tracker.client.set_tag(run.info.run_id, "kdsweep.resumed", "true")
+        return run.info.run_id, run.data.tags[TAG_TUNE], True
+    parent = tracker.start_run(name, tags=tags)
+    tune_name = f"{tune_prefix}-{parent[:8]}"
+    tracker.client.set_tag(parent, TAG_TUNE, tune_name)
+    return parent, tune_name, False
+
+
 def _describe(ctx, role: str, extra_tags: dict[str, str]):
+    """``describe(config) -> (run name, params, tags, config)`` for the MLflow Tune callback.
+
+    It closes over a copy of ``ctx`` *without* the teacher's ObjectRef: Tune pickles its
+    callbacks into the experiment state, and an ObjectRef of this driver unpickled by a later
+    ``--resume`` driver collides with that driver's own objects (Ray aborts with "Tried to create
+    an owned object that already exists").
+    """
+    import dataclasses
+
     from kdsweep.sweep import trial_experiment
+
+    ctx = dataclasses.replace(ctx, teacher_state=None)
 
     def describe(config: dict[str, Any]):
         exp = to_dict(trial_experiment(ctx, config))
@@ -90,6 +136,40 @@ def _describe(ctx, role: str, extra_tags: dict[str, str]):
         return name, params, tags, exp
 
     return describe
+
+
+def throughput_columns(preset_dict: dict[str, Any], space: SearchSpace, data: dict[str, str],
+                       with_teacher: bool, quick: bool = False) -> dict[str, dict[str, float]]:
+    """Per row label (and ``teacher``): ``params_M`` (inference parameters, millions),
+    ``infer_img_s`` (CPU images/s of the launcher's machine, after all trials, the models measured
+    interleaved, see :func:`kdsweep.throughput.measure_configs`) and ``infer_speedup`` (vs the
+    teacher). Rows with the same student config share one measurement."""
+    import dataclasses
+    import json
+
+    from kdsweep.throughput import measure_configs
+
+    classes = len(json.loads(Path(data["val_ann"]).read_text()).get("categories", [])) or 1
+    unique: dict[str, Any] = {}
+    label_key: dict[str, str] = {}
+    for label in space.labels:
+        exp = build_experiment(preset_dict, space, label, {}, None)
+        cfg = dataclasses.replace(exp.student, weights=None)
+        key = config_hash(to_dict(cfg))
+        unique.setdefault(key, cfg)
+        label_key[label] = key
+        if with_teacher and "teacher" not in unique:
+            unique["teacher"] = dataclasses.replace(exp.teacher, weights=None)
+    settings = {"batch": 2, "iters": 2, "rounds": 1} if quick else {"batch": 4, "iters": 5, "rounds": 3}
+    measured = measure_configs(unique, classes, **settings)
+    out: dict[str, dict[str, float]] = {}
+    teacher_rate = measured["teacher"]["images_per_s"] if "teacher" in measured else None
+    for label, key in [*label_key.items(), *((("teacher", "teacher"),) if "teacher" in measured else ())]:
+        m = measured[key]
+        out[label] = {"params_M": m["inference_params"] / 1e6, "infer_img_s": m["images_per_s"]}
+        if teacher_rate:
+            out[label]["infer_speedup"] = m["images_per_s"] / teacher_rate
+    return out
 
 
 def _load_weights(path: Path) -> dict:
@@ -179,7 +259,7 @@ def _run(args: argparse.Namespace) -> int:
     preset, space, preset_dict, data = _prepare(args)
     import ray
 
-    from kdsweep.sweep import SweepContext, init_ray, result_rows, run_trials
+    from kdsweep.sweep import SweepContext, init_ray, interrupted, result_rows, run_trials
     from kdsweep.table import plot, summarize, to_markdown, write_parquet
     from kdsweep.tracking import write_temp
 
@@ -189,33 +269,53 @@ def _run(args: argparse.Namespace) -> int:
     max_concurrent = args.max_concurrent or preset.max_concurrent_trials
     storage = str(Path(args.storage_path).resolve()) if args.storage_path and "://" not in args.storage_path else (args.storage_path or str(paths.ray_storage()))
     teacher_hash, ident = teacher_identity(preset_dict, space, data)
-    parent = tracker.start_run(
-        f"{space.name} [{preset.name}]",
-        tags={TAG_ROLE: "ablation", "kdsweep.space": space.name, "kdsweep.preset": preset.name, TAG_HASH: teacher_hash},
+    parent, tune_name, resumed = open_parent(
+        tracker, args, f"{space.name} [{preset.name}]",
+        {TAG_ROLE: "ablation", "kdsweep.space": space.name, "kdsweep.preset": preset.name, TAG_HASH: teacher_hash},
+        f"{space.name}-{preset.name}",
     )
-    tracker.log_params(parent, {"preset": preset.name, "seeds": len(seeds), "rows": ",".join(space.labels), "space_file": space.source})
-    tracker.log_text(parent, Path(space.source).read_text(), "search_space.yaml")
+    if not resumed:
+        tracker.log_params(parent, {"preset": preset.name, "seeds": len(seeds), "rows": ",".join(space.labels), "space_file": space.source})
+        tracker.log_text(parent, Path(space.source).read_text(), "search_space.yaml")
     print(f"kdsweep: MLflow {uri} experiment '{tracker.client.get_experiment(tracker.experiment_id).name}' parent run {parent}", flush=True)
     callbacks: list[Any] = []
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         init_ray(args.ray_address)
-        reused = reuse_teacher(tracker, teacher_hash)
-        if reused is not None:
-            teacher_record, teacher_state = reused
-            print(f"kdsweep: reusing teacher run {teacher_record['run_id']} (config hash {teacher_hash})", flush=True)
+        teacher_record, teacher_state = None, None
+        if any(build_experiment(preset_dict, space, label, {}, None).kd for label in space.labels):
+            reused = reuse_teacher(tracker, teacher_hash)
+            if reused is not None:
+                teacher_record, teacher_state = reused
+                print(f"kdsweep: reusing teacher run {teacher_record['run_id']} (config hash {teacher_hash})", flush=True)
+            else:
+                print(f"kdsweep: training the teacher (config hash {teacher_hash})", flush=True)
+                tctx = SweepContext(preset=preset_dict, space=teacher_space(space), data=data, storage_path=storage, role="teacher")
+                teacher_record, teacher_state = train_teacher(tracker, parent, tctx, teacher_hash)
+            tracker.client.set_tag(parent, "kdsweep.teacher_AP", f"{teacher_record.get('AP', float('nan')):.2f}")
         else:
-            print(f"kdsweep: training the teacher (config hash {teacher_hash})", flush=True)
-            tctx = SweepContext(preset=preset_dict, space=teacher_space(space), data=data, storage_path=storage, role="teacher")
-            teacher_record, teacher_state = train_teacher(tracker, parent, tctx, teacher_hash)
-        tracker.client.set_tag(parent, "kdsweep.teacher_AP", f"{teacher_record.get('AP', float('nan')):.2f}")
-        ctx = SweepContext(preset=preset_dict, space=space, data=data, storage_path=storage, role="student", teacher_state=ray.put(teacher_state))
+            print("kdsweep: no row distils; no teacher needed", flush=True)
+        ctx = SweepContext(preset=preset_dict, space=space, data=data, storage_path=storage, role="student",
+                           teacher_state=ray.put(teacher_state) if teacher_state is not None else None)
         callback = tune_callback(tracker, parent, _describe(ctx, "student", {}))
         callbacks.append(callback)
         print(f"kdsweep: running {len(space.labels)} rows x {len(seeds)} seeds", flush=True)
-        results = run_trials(ctx, tune_param_space(space, seeds), name=f"{space.name}-{preset.name}-{parent[:8]}", callbacks=callbacks, max_concurrent_trials=max_concurrent)
+        if resumed:
+            print(f"kdsweep: resuming {tune_name}: finished trials are kept", flush=True)
+        results = run_trials(ctx, tune_param_space(space, seeds), name=tune_name, callbacks=callbacks,
+                             max_concurrent_trials=max_concurrent, restore=resumed)
+        if interrupted(results):
+            raise KeyboardInterrupt
         records = result_rows(results, lambda c: {"row": c["row"], "seed": c.get("seed", 0)})
-        table = summarize(records, space.labels, teacher_record)
+        throughput = {}
+        if not args.no_throughput:
+            print("kdsweep: measuring inference throughput of each row's student (and the teacher)", flush=True)
+            try:
+                throughput = throughput_columns(preset_dict, space, data, teacher_record is not None, quick=preset.name == "smoke")
+            except Exception as exc:  # noqa: BLE001 - an extra column must not cost the finished trials
+                print(f"kdsweep: warning: throughput not measured ({type(exc).__name__}: {exc}); the table goes on without it",
+                      file=sys.stderr, flush=True)
+        table = summarize(records, space.labels, teacher_record, baseline=space.baseline, extra=throughput)
         title = f"{space.name} [{preset.name}], {len(seeds)} seed(s)"
         markdown = to_markdown(table, title)
         folder = write_temp(markdown, "ablation.md").parent
@@ -231,7 +331,8 @@ def _run(args: argparse.Namespace) -> int:
         for cb in callbacks:
             cb.kill_open_runs("interrupted")
         tracker.end_run(parent, "KILLED", reason="interrupted (Ctrl-C or SIGTERM)")
-        print("kdsweep: interrupted; finished trials stay recorded in MLflow", file=sys.stderr)
+        print("kdsweep: interrupted; finished trials stay recorded in MLflow; continue with the same command plus --resume",
+              file=sys.stderr)
         return 130
     except BaseException as exc:
         for cb in callbacks:

@@ -62,6 +62,9 @@ class ModelConfig:
     ``min_size``/``max_size`` set the input resolution (torchvision's transform).
     ``anchor_scale``: anchor (or FCOS/RPN reference) size = ``anchor_scale * stride`` per FPN level;
     torchvision's RetinaNet uses 4 (32 px at P3); small-object data wants 2.
+    ``head_norm``: GroupNorm in RetinaNet's head towers (torchvision's RetinaNet v2 head); from
+    scratch on small data it converges about twice as fast (``benchmarks/calibrate_student.py``).
+    FCOS's head always has it; Faster R-CNN ignores it.
     ``options``: arch-specific settings, only for ``mimicdet`` (``staggered``, ``t_head``,
     ``mimic_weight``, ``similarity``, ``mimic_paths``, ... see :func:`kdsweep.models.mimicdet.build_mimicdet`).
     """
@@ -75,6 +78,7 @@ class ModelConfig:
     weights: str | None = None
     trainable_backbone_layers: int = 5
     anchor_scale: float = 4.0
+    head_norm: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -116,6 +120,8 @@ class TrainConfig:
 
     ``freeze_backbone``: fraction of training during which the student's backbone body gets no
     update (ScaleKD freezes it for the first 10k of 90k iterations, about 0.11).
+    ``placement_strategy``: Ray Train's placement of a run's workers (``STRICT_SPREAD``: one
+    worker per node).
     """
 
     epochs: int = 4
@@ -136,8 +142,13 @@ class TrainConfig:
     max_iters_per_epoch: int | None = None
     eval_batch_size: int = 8
     freeze_backbone: float = 0.0
+    placement_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(
+                f"train.placement_strategy '{self.placement_strategy}' is unknown; use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
+            )
         if not 0.0 <= self.freeze_backbone <= 1.0:
             raise ConfigError(
                 f"train.freeze_backbone {self.freeze_backbone} is a fraction of training; use a value in [0, 1]"

@@ -23,6 +23,10 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; training stops instead of going on with garbage."""
 
 
+class TrialOutOfMemoryError(RuntimeError):
+    """The device ran out of memory; the trial fails with this reason, the sweep goes on."""
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -92,19 +96,25 @@ def train_one_epoch(
             break
         images, targets = move_batch(images, targets, device)
         progress = (step_offset + step) / total_steps if total_steps else 0.0
-        with torch.autocast(device.type, enabled=amp):
-            losses = distiller(images, targets, progress=progress)
-        total = sum(losses.values())
-        check_finite(total, losses, epoch=epoch, step=step)
         optimizers = [optimizer, *extra_optimizers]
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(total).backward()
+        try:
+            with torch.autocast(device.type, enabled=amp):
+                losses = distiller(images, targets, progress=progress)
+            total = sum(losses.values())
+            check_finite(total, losses, epoch=epoch, step=step)
             for opt in optimizers:
-                scaler.unscale_(opt)
-        else:
-            total.backward()
+                opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(total).backward()
+                for opt in optimizers:
+                    scaler.unscale_(opt)
+            else:
+                total.backward()
+        except torch.OutOfMemoryError:
+            raise TrialOutOfMemoryError(
+                f"out of memory at epoch {epoch} step {step} ({len(images)} images per worker); "
+                "lower train.batch_size or the input size, or use a larger device"
+            ) from None
         if progress < freeze_until:
             for p in frozen:
                 p.grad = None

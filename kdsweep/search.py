@@ -324,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
     import ray
 
     from kdsweep.ablation import _describe, reuse_teacher, teacher_identity, train_teacher
-    from kdsweep.sweep import SweepContext, init_ray, result_rows, run_trials, trial_experiment
+    from kdsweep.sweep import SweepContext, init_ray, interrupted, result_rows, run_trials, trial_experiment
     from kdsweep.table import write_parquet
     from kdsweep.tracking import write_temp
 
@@ -337,14 +337,18 @@ def _run(args: argparse.Namespace) -> int:
         build_experiment(preset_dict, space, row, {}, None).kd for row in space.labels
     )
     teacher_hash, _ = teacher_identity(preset_dict, space, data)
-    parent = tracker.start_run(
-        f"{space.name} [{preset.name}] {plan.algorithm}/{plan.scheduler}",
-        tags={TAG_ROLE: "sweep", "kdsweep.space": space.name, "kdsweep.preset": preset.name, TAG_HASH: teacher_hash},
+    from kdsweep.ablation import open_parent
+
+    parent, tune_name, resumed = open_parent(
+        tracker, args, f"{space.name} [{preset.name}] {plan.algorithm}/{plan.scheduler}",
+        {TAG_ROLE: "sweep", "kdsweep.space": space.name, "kdsweep.preset": preset.name, TAG_HASH: teacher_hash},
+        f"{space.name}-{preset.name}",
     )
-    tracker.log_params(parent, {"preset": preset.name, "algorithm": plan.algorithm, "scheduler": plan.scheduler,
-                                "num_samples": plan.num_samples, "seeds": len(seeds), "space_file": space.source,
-                                "metric": metric, "mode": mode})
-    tracker.log_text(parent, Path(space.source).read_text(), "search_space.yaml")
+    if not resumed:
+        tracker.log_params(parent, {"preset": preset.name, "algorithm": plan.algorithm, "scheduler": plan.scheduler,
+                                    "num_samples": plan.num_samples, "seeds": len(seeds), "space_file": space.source,
+                                    "metric": metric, "mode": mode})
+        tracker.log_text(parent, Path(space.source).read_text(), "search_space.yaml")
     print(f"kdsweep: MLflow {uri} parent run {parent}; {trial_count(space, plan, len(seeds))} trial(s), "
           f"{plan.algorithm} search, {plan.scheduler} scheduler", flush=True)
     callbacks: list[Any] = []
@@ -377,11 +381,13 @@ def _run(args: argparse.Namespace) -> int:
         callbacks.append(tune_callback(tracker, parent, named))
         max_epochs = trial_experiment(ctx, {"row": space.labels[0], "params": {}, "seed": 0}).train.epochs
         results = run_trials(
-            ctx, param_space(space, plan, seeds), name=f"{space.name}-{preset.name}-{parent[:8]}", callbacks=callbacks,
+            ctx, param_space(space, plan, seeds), name=tune_name, callbacks=callbacks, restore=resumed,
             max_concurrent_trials=plan.max_concurrent, num_samples=plan.num_samples,
             search_alg=make_search_alg(plan, metric, mode), scheduler=make_scheduler(plan, metric, mode, max_epochs),
             metric=metric, mode=mode,
         )
+        if interrupted(results):
+            raise KeyboardInterrupt
         records = result_rows(results, lambda c: {
             "row": c["row"], "seed": c.get("seed", 0),
             "params": {p: space.space[p].decode(v) for p, v in (c.get("params") or {}).items() if p in space.space},
@@ -422,7 +428,8 @@ def _run(args: argparse.Namespace) -> int:
         for cb in callbacks:
             cb.kill_open_runs("interrupted")
         tracker.end_run(parent, "KILLED", reason="interrupted (Ctrl-C or SIGTERM)")
-        print("kdsweep: interrupted; finished trials stay recorded in MLflow", file=sys.stderr)
+        print("kdsweep: interrupted; finished trials stay recorded in MLflow; continue with the same command plus --resume",
+              file=sys.stderr)
         return 130
     except BaseException as exc:
         for cb in callbacks:

@@ -6,6 +6,7 @@ A file looks like::
     description: ...
     metric: AP            # what a search optimises / what the table sorts by
     mode: max
+    baseline: baseline    # the row the table's deltas refer to (default: the row labelled baseline)
     base:                 # ExperimentConfig overrides applied to every row (on top of the preset)
       train: {epochs: 4}
     rows:                 # labelled configurations; each one's keys override ``base``
@@ -27,18 +28,19 @@ Samplers: ``grid: [v, ...]``, ``choice: [v, ...]``, ``uniform: [lo, hi]``,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import yaml
 
-from kdsweep.config import ConfigError, ExperimentConfig, from_dict, merge
+from kdsweep.config import ConfigError, ExperimentConfig, ModelConfig, from_dict, merge
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
-TOP_KEYS = ("name", "description", "metric", "mode", "base", "rows", "space", "search")
+TOP_KEYS = ("name", "description", "metric", "mode", "baseline", "base", "rows", "space", "search")
 SEARCH_KEYS = ("algorithm", "scheduler", "num_samples", "max_concurrent_trials", "grace_period", "reduction_factor", "seed")
 
 
@@ -104,6 +106,7 @@ class SearchSpace:
     description: str = ""
     metric: str = "AP"
     mode: str = "max"
+    baseline: str = "baseline"
     base: Mapping[str, Any] = field(default_factory=dict)
     rows: tuple[Row, ...] = ()
     space: Mapping[str, Sampler] = field(default_factory=dict)
@@ -187,8 +190,9 @@ def parse_space(data: Any, source: str) -> SearchSpace:
     if search.get("scheduler", "fifo") not in ("fifo", "asha"):
         raise ConfigError(f"{source}: search.scheduler must be fifo or asha")
     space = {str(p): _parse_sampler(source, str(p), s) for p, s in space_spec.items()}
-    if search.get("algorithm") == "optuna" and any(s.kind == "grid" for s in space.values()):
-        raise ConfigError(f"{source}: optuna cannot search a grid sampler; use choice, or a separate grid sweep")
+    grids = [p for p, s in space.items() if s.kind == "grid"]
+    if search.get("algorithm") == "optuna" and grids:
+        raise ConfigError(f"{source}: space.{grids[0]}: optuna cannot search a grid sampler; use choice, or a separate grid sweep")
     for key, low in (("num_samples", 1), ("max_concurrent_trials", 1), ("grace_period", 1), ("reduction_factor", 2), ("seed", 0)):
         value = search.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
@@ -204,6 +208,7 @@ def parse_space(data: Any, source: str) -> SearchSpace:
         description=str(data.get("description") or ""),
         metric=str(data.get("metric", "AP")),
         mode=str(data.get("mode", "max")),
+        baseline=str(data.get("baseline", "baseline")),
         base=dict(base),
         rows=_parse_rows(source, data.get("rows") or []),
         space=space,
@@ -215,7 +220,7 @@ def load_space(path: str | Path) -> SearchSpace:
     """Read and parse a search-space YAML file (safe_load: data only)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such search-space file")
+        raise ConfigError(f"{path}: no such search-space file; check the path (e.g. search_spaces/ablation_ssim.yaml)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -296,22 +301,61 @@ def validate_space(space: SearchSpace, preset: Mapping[str, Any]) -> list[Experi
 
 def _dry_build(exp: ExperimentConfig, teachers: dict[str, Any]) -> None:
     """Build the row's student, teacher and KD terms (random weights, no data) so that a bad
-    loss parameter or a teacher/student mismatch fails before anything starts."""
-    if not exp.kd:
-        return
+    model option or loss parameter, a checkpoint of another architecture or a teacher/student
+    mismatch fails before anything starts. Local checkpoints are checked (see
+    :func:`_dry_model`); ``torchvision:`` weights are left out (they would download)."""
     import dataclasses
-    import json
 
     from kdsweep.distiller import build_distiller
     from kdsweep.models.detectors import build_detector
 
     classes = exp.student.num_classes or 2
-    teacher_cfg = dataclasses.replace(exp.teacher, weights=None)
+    student_cfg = _dry_model(exp.student, "student", teachers)
+    if not exp.kd:
+        with _role("student"):
+            build_detector(student_cfg, classes)
+        return
+    teacher_cfg = _dry_model(exp.teacher, "teacher", teachers)
     key = json.dumps([dataclasses.asdict(teacher_cfg), classes], sort_keys=True, default=str)
     if key not in teachers:
-        teachers[key] = build_detector(teacher_cfg, exp.teacher.num_classes or classes)
-    build_distiller(dataclasses.replace(exp, student=dataclasses.replace(exp.student, weights=None)), classes,
-                    teachers[key])
+        with _role("teacher"):
+            teachers[key] = build_detector(teacher_cfg, exp.teacher.num_classes or classes)
+    with _role("student"):  # its model errors start with "model."; the KD terms' with "kd"
+        build_distiller(dataclasses.replace(exp, student=student_cfg), classes, teachers[key])
+
+
+def _dry_model(cfg: ModelConfig, role: str, checked: dict[str, Any]) -> ModelConfig:
+    """``cfg`` as the dry build builds it. ``torchvision:`` weights are dropped (they would
+    download). A local checkpoint is kept when ``num_classes`` is set, so that building the model
+    loads it and a checkpoint of another architecture fails here; with ``num_classes: 0`` (the
+    dataset's count, unknown before the data is read) it is checked once for everything but the
+    class-dependent shapes (:func:`~kdsweep.models.detectors.check_checkpoint`), then dropped."""
+    import dataclasses
+
+    from kdsweep.models.detectors import TORCHVISION_PREFIX, check_checkpoint
+
+    if cfg.weights is None or cfg.weights.startswith(TORCHVISION_PREFIX):
+        return dataclasses.replace(cfg, weights=None)
+    if cfg.num_classes:
+        return cfg
+    key = "checkpoint:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    if key not in checked:
+        with _role(role):
+            check_checkpoint(cfg)
+        checked[key] = True
+    return dataclasses.replace(cfg, weights=None)
+
+
+@contextlib.contextmanager
+def _role(role: str) -> Iterator[None]:
+    """Rename ``model.<field>`` in a ConfigError raised inside to ``student.<field>`` or
+    ``teacher.<field>``, so that the error names the config field to fix."""
+    try:
+        yield
+    except ConfigError as exc:
+        if not str(exc).startswith("model."):
+            raise
+        raise ConfigError(f"{role}.{str(exc)[len('model.'):]}") from None
 
 
 def tune_param_space(space: SearchSpace, seeds: list[int]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ class SweepContext:
     storage_path: str
     role: str = "student"
     teacher_state: Any = None  # ObjectRef of the teacher's state_dict
-    max_failures: int = 0
+    max_failures: int = 2  # Train restarts of a trial's workers from its last checkpoint
 
 
 def trial_experiment(ctx: SweepContext, config: dict[str, Any]):
@@ -62,7 +62,8 @@ def train_driver_fn(config: dict[str, Any], ctx: SweepContext) -> None:
             "label": f"{config['row']} s{config.get('seed', 0)}",
         },
         torch_config=TorchConfig(backend=None),
-        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=train_cfg.placement_strategy),
         run_config=RunConfig(
             name=f"train-{trial_id}",
             storage_path=ctx.storage_path,
@@ -86,11 +87,28 @@ def run_trials(
     scheduler: Any = None,
     metric: str | None = None,
     mode: str | None = None,
+    restore: bool = False,
 ):
-    """Run a Tune sweep of ``train_driver_fn`` trials; return the ``ResultGrid``."""
+    """Run a Tune sweep of ``train_driver_fn`` trials; return the ``ResultGrid``.
+
+    ``restore``: continue the interrupted sweep stored under ``ctx.storage_path/name``
+    (``Tuner.restore``): finished trials keep their results and are not run again, unfinished
+    and errored ones resume from their last checkpoint. The restored Tuner keeps its pickled
+    settings; only the callbacks are replaced by ``callbacks`` (the pickled ones belong to the
+    interrupted launcher process).
+    """
     from ray import tune
 
+    callbacks = list(callbacks)  # Tune appends its own reporters to the list it is given
     trainable = tune.with_resources(tune.with_parameters(train_driver_fn, ctx=ctx), {"cpu": DRIVER_CPU})
+    if restore:
+        path = experiment_path(ctx, name)
+        if not tune.Tuner.can_restore(path):
+            raise FileNotFoundError(f"--resume: no Tune state at {path}; start the sweep without --resume")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        local = tuner._local_tuner  # the public API has no way to swap callbacks on restore
+        local.get_run_config().callbacks = list(callbacks)  # the live RunConfig object
+        return _fit(tuner)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -110,7 +128,52 @@ def run_trials(
             verbose=1,
         ),
     )
-    return tuner.fit()
+    return _fit(tuner)
+
+
+def _sigint_sentinel(signum: int, frame: Any) -> None:  # pragma: no cover - replaced by Tune's
+    raise KeyboardInterrupt
+
+
+def _fit(tuner: Any) -> Any:
+    """``tuner.fit()``, noting whether Ctrl-C stopped it.
+
+    Tune catches the first SIGINT itself: it saves the experiment state, stops the trials and
+    *returns* (trials it stopped look TERMINATED), after putting back the SIGINT handler it
+    found. So a sentinel handler installed here that is back in place afterwards means the run
+    was interrupted; :func:`interrupted` reads the flag.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()
+    previous = signal.signal(signal.SIGINT, _sigint_sentinel)
+    try:
+        results = tuner.fit()
+        stopped = signal.getsignal(signal.SIGINT) is _sigint_sentinel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        results._kdsweep_interrupted = stopped
+    except AttributeError:  # pragma: no cover
+        pass
+    return results
+
+
+def interrupted(results: Any) -> bool:
+    """True when ``tuner.fit()`` returned early (Ctrl-C: Tune saves its state and stops) with
+    trials neither finished nor errored; such a sweep continues with ``--resume``."""
+    if getattr(results, "_kdsweep_interrupted", False):
+        return True
+    analysis = getattr(results, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None) or []
+    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+
+
+def experiment_path(ctx: SweepContext, name: str) -> str:
+    """Where Tune keeps the state of sweep ``name`` (a local path or a URI)."""
+    return f"{ctx.storage_path.rstrip('/')}/{name}"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

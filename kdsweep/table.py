@@ -26,12 +26,15 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def summarize(records: list[dict[str, Any]], order: Sequence[str], teacher: dict[str, Any] | None = None) -> pa.Table:
+def summarize(records: list[dict[str, Any]], order: Sequence[str], teacher: dict[str, Any] | None = None,
+              baseline: str = "baseline", extra: dict[str, dict[str, float]] | None = None) -> pa.Table:
     """Aggregate trial records (``row``, ``status`` and metric keys) into the ablation table.
 
     Rows come in ``order`` (the search-space order), after a ``teacher`` row when given. Columns:
     ``row, kind, seeds, failed`` then ``<m>_mean, <m>_std`` for m in AP, AP50, AP75, AP_S, AP_M,
-    AP_L, and ``dAP``/``dAP_S``: the difference of the means to the ``baseline`` row.
+    AP_L, and ``dAP``/``dAP_S``: the difference of the means to the ``baseline`` row. ``extra``
+    adds numeric columns per row label (e.g. ``params_M``, ``infer_img_s`` from
+    :mod:`kdsweep.throughput`); rows without a value get NaN.
     """
     table: dict[str, list[Any]] = {"row": [], "kind": [], "seeds": [], "failed": []}
     for name in STAT_NAMES:
@@ -40,7 +43,7 @@ def summarize(records: list[dict[str, Any]], order: Sequence[str], teacher: dict
     if teacher is not None:
         entries.append(("teacher", "teacher", [teacher]))
     for label in order:
-        kind = "baseline" if label == "baseline" else "kd"
+        kind = "baseline" if label == baseline else "kd"
         entries.append((label, kind, [r for r in records if r.get("row") == label]))
     for label, kind, group in entries:
         done = [r for r in group if r.get("status", "FINISHED") == "FINISHED"]
@@ -52,17 +55,24 @@ def summarize(records: list[dict[str, Any]], order: Sequence[str], teacher: dict
             mean, std = _mean_std([float(r[name]) for r in done if name in r])
             table[f"{name}_mean"].append(mean)
             table[f"{name}_std"].append(std)
-    base = table["row"].index("baseline") if "baseline" in table["row"] else None
+    base = table["row"].index(baseline) if baseline in table["row"] else None
     for name in ("AP", "AP_S"):
         col = table[f"{name}_mean"]
         table[f"d{name}"] = [v - col[base] if base is not None else math.nan for v in col]
+    columns = sorted({key for values in (extra or {}).values() for key in values})
+    for key in columns:
+        table[key] = [float((extra or {}).get(label, {}).get(key, math.nan)) for label in table["row"]]
     return pa.table(table)
+
+
+EXTRA_COLUMNS = {"params_M": ("params (M)", "{:.2f}"), "infer_img_s": ("img/s", "{:.1f}"), "infer_speedup": ("speed-up", "{:.2f}x")}
 
 
 def to_markdown(table: pa.Table, title: str | None = None) -> str:
     """Markdown table with ``mean ± std`` cells (one decimal), deltas to the baseline."""
     data = table.to_pydict()
-    header = ["row", "seeds"] + list(STAT_NAMES) + ["ΔAP", "ΔAP_S"]
+    extras = [k for k in EXTRA_COLUMNS if k in data]
+    header = ["row", "seeds"] + list(STAT_NAMES) + ["ΔAP", "ΔAP_S"] + [EXTRA_COLUMNS[k][0] for k in extras]
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for i, row in enumerate(data["row"]):
@@ -74,6 +84,9 @@ def to_markdown(table: pa.Table, title: str | None = None) -> str:
         for name in ("dAP", "dAP_S"):
             value = data[name][i]
             cells.append("" if value is None or math.isnan(value) or data["kind"][i] != "kd" else f"{value:+.1f}")
+        for key in extras:
+            value = data[key][i]
+            cells.append("" if value is None or math.isnan(value) else EXTRA_COLUMNS[key][1].format(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

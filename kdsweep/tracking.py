@@ -128,6 +128,18 @@ class Tracker:
         Path(dest).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, artifact, str(dest)))
 
+    def find_resumable(self, tags: Mapping[str, str]) -> Any | None:
+        """The newest parent run with these tags that did not finish (KILLED, FAILED, RUNNING)."""
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=" and ".join(clauses),
+            order_by=["attributes.start_time DESC"], max_results=20,
+        )
+        for run in runs:
+            if run.info.status != "FINISHED":
+                return run
+        return None
+
     def children(self, parent: str) -> list[Any]:
         """Child runs of ``parent``."""
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'", max_results=10000)
@@ -146,9 +158,21 @@ def tune_callback(tracker: Tracker, parent: str, describe: Callable[[dict[str, A
         def __init__(self) -> None:
             self.runs: dict[str, str] = {}  # trial id -> open MLflow run id
             self.finished: list[str] = []  # MLflow run ids that ended FINISHED, in order
+            # a resumed sweep: trials that already have a child run continue in it
+            self.existing: dict[str, str] = {
+                run.data.tags[TAG_TRIAL]: run.info.run_id
+                for run in tracker.children(parent)
+                if TAG_TRIAL in run.data.tags
+            }
 
         def on_trial_start(self, iteration, trials, trial, **info):
             if trial.trial_id in self.runs:
+                return
+            if trial.trial_id in self.existing:  # resumed: one child run per trial, reopened
+                run_id = self.existing.pop(trial.trial_id)
+                tracker.client.update_run(run_id, status="RUNNING")
+                tracker.client.set_tag(run_id, "kdsweep.resumed", "true")
+                self.runs[trial.trial_id] = run_id
                 return
             name, params, tags, config = describe(trial.config)
             tags = dict(tags, **{TAG_TRIAL: trial.trial_id})

@@ -137,6 +137,18 @@ def load_checkpoint(directory: str, distiller: Distiller, optimizer, scheduler, 
     return int(state["epoch"]) + 1
 
 
+def count_nodes(world: int) -> int:
+    """Number of distinct Ray nodes among the run's workers (all-gathered; 1 without DDP)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world < 2 or not torch.distributed.is_initialized():
+        return 1
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, node)
+    return len(set(gathered))
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point (see module docstring for ``config``)."""
     import ray.train
@@ -177,6 +189,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if log:
             log(f"resumed from checkpoint, continuing at epoch {start_epoch}")
 
+    nodes = count_nodes(world)
     for epoch in range(start_epoch, cfg.epochs + 1):
         sampler.set_epoch(epoch)
         metrics: dict[str, Any] = train_one_epoch(
@@ -193,6 +206,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         )
         metrics["epoch"] = epoch
         metrics["start_epoch"] = start_epoch  # > 1 after a resume from a checkpoint
+        metrics["world_size"] = world
+        metrics["nodes"] = nodes  # distinct Ray nodes this run's workers are on
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         if log:
             log(f"epoch {epoch}/{cfg.epochs} AP {metrics['AP']:.2f} AP_S {metrics['AP_S']:.2f} loss {metrics['loss']:.4f}")

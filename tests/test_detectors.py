@@ -169,3 +169,31 @@ def test_unreadable_checkpoint_is_one_line_config_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="could not be read") as err:
         build_detector(tiny_cfg(weights=str(path)), K)
     assert "\n" not in str(err.value)
+
+
+def test_head_norm_puts_groupnorm_in_retinanet_head_towers() -> None:
+    from torch import nn
+
+    from kdsweep.config import ModelConfig
+    from kdsweep.models.detectors import build_detector
+
+    plain = build_detector(ModelConfig(fpn_channels=16, min_size=64, max_size=64), 3)
+    normed = build_detector(ModelConfig(fpn_channels=16, min_size=64, max_size=64, head_norm=True), 3)
+    assert not any(isinstance(m, nn.GroupNorm) for m in plain.head.modules())
+    norms = [m for m in normed.head.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 8 and all(m.num_groups == 8 for m in norms)  # 4 convs x 2 towers, >= 2 channels per group
+
+
+def test_head_groups_keep_two_channels_per_group_and_single_image_eval_works() -> None:
+    import torch
+
+    from kdsweep.config import ModelConfig
+    from kdsweep.models.detectors import build_detector, head_groups
+
+    assert [head_groups(c) for c in (256, 64, 32, 16, 24, 2)] == [32, 32, 16, 8, 12, 1]
+    for arch in ("retinanet", "fcos"):
+        model = build_detector(ModelConfig(arch=arch, fpn_channels=32, min_size=128, max_size=128, head_norm=True), 3)
+        model.eval()
+        with torch.no_grad():
+            out = model([torch.rand(3, 128, 128)])  # P7 is 1x1 for one 128 px image
+        assert out[0]["boxes"].shape[1] == 4

@@ -135,3 +135,25 @@ def test_ensure_synthetic_generates_once_then_reuses(dataset, tmp_path, monkeypa
     monkeypatch.setattr(synthetic, "generate", fail)
     assert ensure_synthetic(cfg) == root
     assert {p.name: p.stat().st_mtime_ns for p in (root / "train.json", root / "val.json", root / MARKER)} == stamps
+
+
+def test_simple_style_has_no_clutter_and_keeps_small_objects(tmp_path):
+    import json
+
+    from kdsweep.config import DataConfig
+    from kdsweep.data.synthetic import synth_name
+
+    out = generate(tmp_path / "simple", train=24, val=0, size=128, seed=0, progress=False, style="simple")
+    coco = json.loads(out["train"].read_text())
+    stats = coco["info"]["stats"]
+    assert stats["distractors_drawn"] == 0 and stats["occluders_drawn"] == 0
+    assert coco["info"]["style"] == "simple"
+    per_image = [sum(a["image_id"] == im["id"] for a in coco["annotations"]) for im in coco["images"]]
+    assert max(per_image) <= 8
+    sides = [max(a["bbox"][2], a["bbox"][3]) for a in coco["annotations"]]
+    assert min(sides) >= 6.0  # radius >= 5 px
+    assert sum(a["area"] < 32 * 32 for a in coco["annotations"]) / len(sides) >= 0.4
+    assert synth_name(DataConfig(synth_style="simple")).endswith("-simple")
+    assert synth_name(DataConfig()) == "synth-192-600-150-s0"  # the default keeps its old folder name
+    with pytest.raises(ValueError, match="style 'busy' is unknown"):
+        generate(tmp_path / "x", train=1, val=0, size=64, progress=False, style="busy")

@@ -34,3 +34,21 @@ def test_mean_std_order_teacher_and_deltas(tmp_path):
     assert pq.read_table(out).to_pydict()["AP_mean"][i] == pytest.approx(32.0)
     png = plot(table, tmp_path / "a.png", "t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_extra_columns_and_a_named_baseline_row() -> None:
+    from kdsweep.table import summarize, to_markdown
+
+    recs = [
+        {"row": "s-head only", "status": "FINISHED", "AP": 2.0, "AP_S": 1.0},
+        {"row": "mimic", "status": "FINISHED", "AP": 3.5, "AP_S": 1.5},
+    ]
+    extra = {"s-head only": {"params_M": 11.3, "infer_img_s": 40.0}, "mimic": {"params_M": 11.3, "infer_img_s": 40.0},
+             "teacher": {"params_M": 21.9, "infer_img_s": 20.0, "infer_speedup": 1.0}}
+    table = summarize(recs, ["s-head only", "mimic"], {"row": "teacher", "status": "FINISHED", "AP": 5.0}, baseline="s-head only", extra=extra)
+    data = table.to_pydict()
+    assert data["kind"] == ["teacher", "baseline", "kd"]
+    assert data["dAP"][2] == 1.5 and data["params_M"] == [21.9, 11.3, 11.3]
+    assert math.isnan(data["infer_speedup"][1])
+    md = to_markdown(table)
+    assert "| params (M) | img/s | speed-up |" in md and "| 21.90 | 20.0 | 1.00x |" in md

@@ -177,7 +177,8 @@ def _check_images(images: dict[Any, dict[str, Any]], images_dir: Path | None, ou
             continue
         path = images_dir / str(img["file_name"])
         if not path.is_file():
-            out.add("image-file", f"image {image_id}: file_name '{img['file_name']}' not found in {images_dir}")
+            out.add("image-file", f"image {image_id}: file_name '{img['file_name']}' not found in {images_dir}; "
+                                  "fix file_name or add the file (or pass --images)")
             continue
         try:
             with Image.open(path) as handle:
@@ -261,7 +262,8 @@ def _validation_stamp(ann_path: Path, images_dir: str | Path | None) -> Path:
 
 
 def load_validated(ann_path: str | Path, images_dir: str | Path | None = None, *, use_cache: bool = True) -> ValidationReport:
-    """Validate like ``kdsweep data check``; raise :class:`DataError` listing the problems.
+    """Validate like ``kdsweep data check``; raise a one-line :class:`DataError` with the first
+    problem and how many there are.
 
     A clean result is remembered under ``KDSWEEP_HOME/validated`` keyed by the annotation file's
     path, size and modification time and the image folder, so that a large dataset (COCO: every
@@ -272,9 +274,11 @@ def load_validated(ann_path: str | Path, images_dir: str | Path | None = None, *
     if stamp is not None and stamp.is_file():
         return ValidationReport(**json.loads(stamp.read_text()))
     report = validate_coco(path, images_dir)
-    if report.problems:
-        shown = "\n".join(report.problems[:10])
-        raise DataError(f"{path}: {report.num_problems} problem(s); run `kdsweep data check` for all\n{shown}")
+    if report.problems:  # one line: the first problem (it names id, field and fix), then the count
+        first = report.problems[0].removeprefix(f"{path.name}: ")
+        more = report.num_problems - 1
+        rest = f" (and {more} more problem(s); `kdsweep data check {path}` lists them)" if more else ""
+        raise DataError(f"{path}: {first}{rest}")
     if stamp is not None:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(dataclasses.asdict(report)))

@@ -23,6 +23,7 @@ from torch import nn
 from kdsweep.config import ConfigError, KDTermConfig
 from kdsweep.losses.feature import l1_feature_loss, l2_feature_loss
 from kdsweep.losses.mimic import build_mimic, build_mimic_full, build_mimic_head, build_mimic_logits
+from kdsweep.losses.mimicdet_kd import build_mimicdet_teacher
 from kdsweep.losses.scalekd import build_csa, build_sdf
 from kdsweep.losses.ssim import SSIMLoss, ssim_feature_loss
 from kdsweep.losses.term import FeatureTerm
@@ -48,6 +49,7 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
     "mimic_full": build_mimic_full,
     "mimic_logits": build_mimic_logits,
     "mimic_head": build_mimic_head,
+    "mimicdet_teacher": build_mimicdet_teacher,
 }
 
 

@@ -796,7 +796,8 @@ def build_mimic_logits(
                           "use the same anchors")
     sc, tc = _num_classes(student), _num_classes(teacher)
     if not _is_two_stage(student) and sc != tc:
-        raise ConfigError(f"kd.mimic_logits: student predicts {sc} classes, the teacher {tc}; use the same classes")
+        raise ConfigError(f"kd.mimic_logits: student predicts {sc} classes, the teacher {tc}; use the same classes "
+                          "(set student.num_classes and teacher.num_classes equal)")
     levels = len(level_names(student))
     if num_levels != levels:
         raise ConfigError(f"kd.mimic_logits uses every student level ({levels}); drop kd.mimic_logits.levels")
@@ -828,7 +829,8 @@ def build_mimic_head(
                               f"use {who}.arch: fasterrcnn")
     sc, tc = _num_classes(student), _num_classes(teacher)  # type: ignore[arg-type]
     if sc != tc:
-        raise ConfigError(f"kd.mimic_head: student predicts {sc} classes, the teacher {tc}; use the same classes")
+        raise ConfigError(f"kd.mimic_head: student predicts {sc} classes, the teacher {tc}; use the same classes "
+                          "(set student.num_classes and teacher.num_classes equal)")
     levels = len(level_names(student))  # type: ignore[arg-type]
     if num_levels != levels:
         raise ConfigError(f"kd.mimic_head uses every student level ({levels}); drop kd.mimic_head.levels")

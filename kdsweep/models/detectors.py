@@ -50,6 +50,7 @@ from torchvision.models.detection.backbone_utils import (
     _resnet_fpn_extractor,
 )
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import (
     ExtraFPNBlock,
     FeaturePyramidNetwork,
@@ -118,14 +119,11 @@ def parse_weights(cfg: ModelConfig) -> WeightsSource:
     return WeightsSource(checkpoint=path.resolve())
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a local checkpoint (raw state_dict or ``{"model": state_dict}``) into ``model``.
-
-    BatchNorm's ``num_batches_tracked`` counters may be absent (checkpoints of FrozenBatchNorm2d
-    models); every other key must match in name and shape.
+def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
+    """The state_dict in a local checkpoint (raw state_dict or ``{"model": state_dict}``).
 
     Raises:
-        ConfigError: one line naming the file and the first mismatching key.
+        ConfigError: one line naming the file: unreadable, or no state_dict in it.
     """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -135,38 +133,92 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     state = obj["model"] if isinstance(obj, Mapping) and "model" in obj else obj
     if not isinstance(state, Mapping):
         raise ConfigError(f"model.weights '{path}' holds no state_dict (got {type(state).__name__})")
-    load_state(model, state, str(path))
+    return state
 
 
-def load_state(model: nn.Module, state: Mapping[str, Any], origin: str) -> None:
+def load_checkpoint(model: nn.Module, path: str | Path, what: str | None = None) -> None:
+    """Load a local checkpoint (raw state_dict or ``{"model": state_dict}``) into ``model``.
+
+    BatchNorm's ``num_batches_tracked`` counters may be absent (checkpoints of FrozenBatchNorm2d
+    models); every other key must match in name and shape. ``what`` names the model in errors
+    (e.g. ``fasterrcnn resnet18``).
+
+    Raises:
+        ConfigError: one line naming the file, the mismatching keys and the fix.
+    """
+    load_state(model, read_checkpoint(path), str(path), what)
+
+
+def load_state(model: nn.Module, state: Mapping[str, Any], origin: str, what: str | None = None) -> None:
     """Strictly load ``state`` into ``model`` (``num_batches_tracked`` may be absent).
 
     Raises:
-        ConfigError: one line naming ``origin`` and the first mismatching key.
+        ConfigError: one line naming ``origin``, the mismatching keys and the fix.
     """
-    mismatch = first_mismatch(model.state_dict(), state)
-    if mismatch is not None:
-        raise ConfigError(
-            f"model.weights '{origin}' does not match the model: first mismatching key {mismatch}; "
-            "build the same arch/backbone/fpn_channels/num_classes the checkpoint was saved with"
-        )
+    check_state(model.state_dict(), state, origin, what)
     model.load_state_dict(state, strict=False)  # fully checked above; tolerates BN counters
 
 
-def first_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str | None:
-    """Describe the first key of ``expected`` missing from or shaped unlike ``given``, or the first
-    unexpected key of ``given``; None when they match (``num_batches_tracked`` is optional)."""
+def check_state(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any], origin: str, what: str | None = None,
+                any_shape: frozenset[str] | set[str] = frozenset()) -> None:
+    """Raise a one-line ConfigError unless ``given`` has the keys and shapes of ``expected``
+    (``num_batches_tracked`` may be absent; keys in ``any_shape`` may have any shape), e.g.
+    ``model.weights /x.pt: checkpoint does not match fasterrcnn resnet18 (40 missing, 12
+    unexpected keys, e.g. 'rpn.head.conv.0.0.weight' (missing from the checkpoint)); use a checkpoint
+    of this architecture``."""
+    missing, unexpected, shaped = _mismatches(expected, given, any_shape)
+    if not (missing or unexpected or shaped):
+        return
+    counts = f"{len(missing)} missing, {len(unexpected)} unexpected"
+    counts += f", {len(shaped)} differently shaped keys" if shaped else " keys"
+    example = (missing or unexpected or shaped)[0]
+    raise ConfigError(
+        f"model.weights {origin}: checkpoint does not match {what or 'the model'} ({counts}, e.g. {example}); "
+        "use a checkpoint of this architecture (same arch, backbone, fpn_channels and num_classes) or weights: null"
+    )
+
+
+def _mismatches(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any],
+                any_shape: frozenset[str] | set[str] = frozenset()) -> tuple[list[str], list[str], list[str]]:
+    """Described missing, unexpected and differently shaped keys of ``given`` against ``expected``."""
+    missing, shaped = [], []
     for key, value in expected.items():
         if key not in given:
             if not key.endswith("num_batches_tracked"):
-                return f"'{key}' (missing from the checkpoint)"
-        elif not isinstance(given[key], torch.Tensor) or given[key].shape != value.shape:
+                missing.append(f"'{key}' (missing from the checkpoint)")
+        elif not isinstance(given[key], torch.Tensor) or (key not in any_shape and given[key].shape != value.shape):
             shape = tuple(getattr(given[key], "shape", ()))
-            return f"'{key}' (shape {shape} in the checkpoint, {tuple(value.shape)} in the model)"
-    for key in given:
-        if key not in expected:
-            return f"'{key}' (not in the model)"
-    return None
+            shaped.append(f"'{key}' (shape {shape} in the checkpoint, {tuple(value.shape)} in the model)")
+    unexpected = [f"'{key}' (not in the model)" for key in given if key not in expected]
+    return missing, unexpected, shaped
+
+
+def check_checkpoint(cfg: ModelConfig) -> None:
+    """Check ``cfg``'s local checkpoint (if any) against ``cfg``'s architecture. With
+    ``cfg.num_classes`` set the model is built and the checkpoint loaded; with 0 (the dataset's
+    count, unknown before the data is read) every key must match, and every shape that does not
+    depend on the class count.
+
+    Raises:
+        ConfigError: as :func:`build_detector` (``model.weights ...: checkpoint does not match ...``).
+    """
+    import dataclasses
+
+    source = parse_weights(cfg)
+    if source.checkpoint is None:
+        return
+    if cfg.num_classes:
+        build_detector(cfg, cfg.num_classes)
+        return
+    bare = dataclasses.replace(cfg, weights=None)
+    one, two = build_detector(bare, 1).state_dict(), build_detector(bare, 2).state_dict()
+    per_class = {key for key, value in one.items() if two[key].shape != value.shape}
+    check_state(one, read_checkpoint(source.checkpoint), str(source.checkpoint), describe(cfg), per_class)
+
+
+def describe(cfg: ModelConfig) -> str:
+    """``arch backbone`` of a model config, for messages."""
+    return f"{cfg.arch} {cfg.backbone}"
 
 
 # ------------------------------------------------------------------------------------- backbones
@@ -242,15 +294,28 @@ def _retinanet(backbone: BackboneWithFPN, cfg: ModelConfig, classes: int) -> nn.
     """RetinaNet (Lin et al., ICCV 2017): 3 scales x 3 ratios per level."""
     sizes = tuple(tuple(cfg.anchor_scale * s * 2 ** (i / 3) for i in range(3)) for s in _strides("retinanet"))
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    return RetinaNet(backbone, classes, min_size=cfg.min_size, max_size=cfg.max_size, anchor_generator=anchors)
+    head = None
+    if cfg.head_norm:  # torchvision's RetinaNet v2 head: GroupNorm in both towers
+        norm = partial(nn.GroupNorm, head_groups(backbone.out_channels))
+        head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], classes, norm_layer=norm)
+    return RetinaNet(backbone, classes, min_size=cfg.min_size, max_size=cfg.max_size, anchor_generator=anchors,
+                     head=head)
+
+
+def head_groups(channels: int) -> int:
+    """GroupNorm groups for a head tower of ``channels``: 32 as torchvision, fewer so that every
+    group keeps at least 2 channels (one channel per group would normalise a 1x1 P7 map of a
+    single image to zero, and PyTorch refuses it: "Expected more than 1 value per channel")."""
+    return max(g for g in range(1, 33) if channels % g == 0 and channels // g >= 2) if channels >= 2 else 1
 
 
 def _fcos_head(channels: int, classes: int) -> FCOSHead:
-    """torchvision's FCOS head; its GroupNorm(32) is replaced by GroupNorm(gcd(32, C)) when the
-    FPN width C is not a multiple of 32 (the sub-heads take a ``norm_layer``, FCOSHead does not)."""
-    if channels % 32 == 0:
+    """torchvision's FCOS head; its GroupNorm(32) is replaced by GroupNorm(:func:`head_groups`)
+    when that differs (FPN widths below 64 or not multiples of 32; the sub-heads take a
+    ``norm_layer``, FCOSHead does not)."""
+    if head_groups(channels) == 32:
         return FCOSHead(channels, 1, classes)
-    norm = partial(nn.GroupNorm, math.gcd(32, channels))
+    norm = partial(nn.GroupNorm, head_groups(channels))
     head = FCOSHead(32, 1, classes, num_convs=0)  # shell: box coder; both sub-heads replaced
     head.classification_head = FCOSClassificationHead(channels, 1, classes, norm_layer=norm)
     head.regression_head = FCOSRegressionHead(channels, 1, norm_layer=norm)
@@ -308,9 +373,9 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
     source = parse_weights(cfg)
     model = arch(build_backbone(cfg, source), cfg, classes + 1)
     if source.checkpoint is not None:
-        load_checkpoint(model, source.checkpoint)
+        load_checkpoint(model, source.checkpoint, describe(cfg))
     elif source.detector is not None:  # needs internet; never used in tests
-        load_state(model, source.detector.get_state_dict(progress=True), str(cfg.weights))
+        load_state(model, source.detector.get_state_dict(progress=True), str(cfg.weights), describe(cfg))
     return model
 
 
@@ -338,7 +403,7 @@ def _mimicdet(cfg: ModelConfig, classes: int) -> nn.Module:
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model.options: {exc}") from None
     if source.checkpoint is not None:
-        load_checkpoint(model, source.checkpoint)
+        load_checkpoint(model, source.checkpoint, describe(cfg))
     return model
 
 

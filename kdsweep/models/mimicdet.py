@@ -14,9 +14,14 @@ returns a dict of scalar losses whose plain sum is the total loss
 
 * ``refine_cls`` (focal objectness), ``refine_reg`` (smooth-L1): ``L_R``, the refinement module;
 * ``s_cls`` (hard-negative-mined cross-entropy), ``s_reg`` (L1): ``L_S``, the S-head;
-* ``t_cls`` (softmax cross-entropy), ``t_reg`` (L1): ``L_T``, the T-head (only with ``t_head``);
+* ``t_cls`` (softmax cross-entropy), ``t_reg`` (L1): ``L_T``, the T-head (only with ``t_head=True``);
 * ``mimic``: ``mimic_weight`` x (sum of the enabled paths' similarity losses), already weighted
-  (only with ``t_head`` and at least one mimic path).
+  (only with ``t_head=True`` and at least one mimic path).
+
+With ``t_head="external"`` (the ablation row "mimic, separate teacher backbone") the dict has only
+``refine_*`` and ``s_*``: the T-side of the mimic is a separately trained, frozen two-stage teacher
+run by a KD term (``kdsweep.losses.mimicdet_kd``, registry key ``mimicdet_teacher``), which reads
+the step's :class:`MimicInputs` from ``model.last_mimic_inputs`` (see "External teacher" below).
 
 Eval mode ``model(images)`` returns ``[{"boxes": (d, 4), "scores": (d,), "labels": (d,)}]`` in
 original image coordinates (labels ``1..K``).
@@ -95,6 +100,21 @@ Design (choices the paper leaves open are marked *choice*):
   is the target and is **detached** (*choice*; the paper trains both heads jointly, detaching the
   teacher side is the usual mimic choice): mimic gradients reach the S-head, its projection and
   the shared backbone, never the T-head.
+* **External teacher** (``t_head="external"``): no T-head and no P2 are built (``staggered`` is
+  then moot). A training forward still samples the T-samples exactly as for the own T-head
+  (:meth:`MimicDet.sample_rois`: same candidates, same sampler) and draws the random mimic subset
+  B_m from them as :meth:`MimicDet.mimic_loss` does, then stores a :class:`MimicInputs` in
+  ``model.last_mimic_inputs``: per image the sampled RoIs (clipped refined anchors, in the model's
+  input coordinates, i.e. after its transform's resize, before batch padding) and their anchor
+  indices, the subset ``pick``, the image sizes, and the S-side of the mimic for the subset rows
+  (``s_cls``: S-head logits; ``s_reg``: the ``mimic_proj``-projected regression feature, ``t_hidden``
+  wide). ``last_mimic_inputs`` is reset to ``None`` at the start of every forward (eval included),
+  so it always belongs to the latest training step; the tensors are attached to that step's graph.
+  The KD term computes the teacher's targets on ``MimicInputs.mimic_rois`` and calls
+  :meth:`MimicDet.mimic_from` (same detaching, sigmoid/softmax handling and similarity as the own
+  T-head's mimic). ``t_hidden`` must then equal the teacher's box-head representation size (1024
+  for torchvision's ``TwoMLPHead``). ``mimic_weight`` is not used (lambda is the KD term's weight).
+  Without that KD term ``mimic_proj`` gets no gradient (DDP would need ``find_unused_parameters``).
 * **Inference**: only P3..P7 (no P2), the refinement module and the S-head run. Scores are the
   S-head class probabilities of anchors passing the easy-negative filter; per level the top
   ``topk_candidates`` (1000) above ``score_thresh`` (0.05), decoded against the refined anchors,
@@ -110,7 +130,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -382,6 +402,50 @@ def mimic_similarity(student: Tensor, teacher: Tensor, similarity: str = "cosine
 
 # ---------------------------------------------------------------------------------- detector
 @dataclass
+class MimicInputs:
+    """What the dual-path mimic needs from the student side of one training step.
+
+    Attributes:
+        index: per image (T_i,) flat anchor indices (level, y, x, anchor order) of the T-samples.
+        pick: per image (B_i,) positions into ``index[i]`` (and ``rois[i]``): the random mimic
+            subset B_m (``mimic_samples`` per image, fewer when the image has fewer T-samples).
+        s_cls: (sum B_i, C') S-head classification logits at the picked anchors, images
+            concatenated in order (``None`` without the ``cls`` path).
+        s_reg: (sum B_i, t_hidden) projected S-head regression features at the picked anchors
+            (``None`` without the ``reg`` path).
+        zero: a zero attached to the S-head's graph (the loss when there is nothing to mimic).
+        rois: per image (T_i, 4) sampled RoIs (clipped refined anchors, xyxy) in the model's input
+            coordinates (after its transform's resize); empty when not recorded (own T-head).
+        image_sizes: per image (H, W) after the model's transform.
+    """
+
+    index: list[Tensor]
+    pick: list[Tensor]
+    s_cls: Tensor | None
+    s_reg: Tensor | None
+    zero: Tensor
+    rois: list[Tensor] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def mimic_rois(self) -> list[Tensor]:
+        """Per image (B_i, 4): the RoIs of the mimic subset, rows in ``s_cls``/``s_reg`` order."""
+        return [r[p] for r, p in zip(self.rois, self.pick)]
+
+    @property
+    def rows(self) -> Tensor:
+        """(sum B_i,) rows of the subset in the images' T-samples concatenated."""
+        starts = [0]
+        for idx in self.index[:-1]:
+            starts.append(starts[-1] + idx.numel())
+        return torch.cat([s + p for s, p in zip(starts, self.pick)])
+
+    @property
+    def num_mimic(self) -> int:
+        return sum(int(p.numel()) for p in self.pick)
+
+
+@dataclass
 class DenseOutput:
     """Flattened (level, y, x, anchor order) outputs of the refinement module and S-head.
 
@@ -420,7 +484,9 @@ class MimicDet(nn.Module):
     """MimicDet detector; see the module docstring for the design and :func:`build_mimicdet`
     for the options. Attributes: ``transform``, ``backbone`` (:class:`MimicDetBackbone`),
     ``anchor_generator``, ``refine`` (:class:`RefinementModule`), ``s_head`` (:class:`SHead`),
-    ``t_head`` (:class:`THead` or ``None``)."""
+    ``t_head`` (:class:`THead` or ``None``), ``external_teacher`` (``t_head="external"``) and
+    ``last_mimic_inputs`` (:class:`MimicInputs` of the latest training forward in external-teacher
+    mode, else ``None``)."""
 
     def __init__(
         self,
@@ -433,7 +499,7 @@ class MimicDet(nn.Module):
         aspect_ratios: Sequence[float] = (1.0,),
         scales_per_octave: int = 1,
         staggered: bool = True,
-        t_head: bool = True,
+        t_head: bool | str = True,
         mimic_weight: float = 1.0,
         similarity: str = "cosine",
         mimic_paths: Sequence[str] = MIMIC_PATHS,
@@ -471,9 +537,15 @@ class MimicDet(nn.Module):
             raise ValueError(f"mimic_paths {paths} must be a subset of {MIMIC_PATHS}")
         if mimic_weight < 0:
             raise ValueError(f"mimic_weight {mimic_weight} must be >= 0")
+        if not (isinstance(t_head, bool) or t_head == "external"):
+            raise ValueError(f"t_head {t_head!r} must be true, false or 'external'")
+        external = t_head == "external"
+        own_t_head = t_head is True
+        if external and not paths:
+            raise ValueError("t_head 'external' needs at least one mimic path (mimic_paths: cls and/or reg)")
         t_levels = T_LEVELS_STAGGERED if staggered else S_LEVELS
-        if backbone.with_p2 != (t_head and staggered):
-            raise ValueError("backbone.with_p2 must be True exactly when the T-head is on and staggered")
+        if backbone.with_p2 != (own_t_head and staggered):
+            raise ValueError("backbone.with_p2 must be True exactly when the own T-head is on and staggered")
         c = backbone.out_channels
         self.num_classes = num_classes
         self.transform = GeneralizedRCNNTransform(min_size, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD))
@@ -486,14 +558,17 @@ class MimicDet(nn.Module):
         self.refine = RefinementModule(c, a, refine_convs)
         self.s_cls_loss = s_cls_loss
         s_out = num_classes + 1 if s_cls_loss == "softmax" else num_classes
-        self.mimic_paths = paths if t_head else ()
+        self.mimic_paths = paths if (own_t_head or external) else ()
+        self.external_teacher = external
+        self.t_hidden = t_hidden
+        self.last_mimic_inputs: MimicInputs | None = None
         self.s_head = SHead(
             c, a, s_out, s_convs, kernels=(3,) + (5,) * (len(S_LEVELS) - 1),
             cls_prior=0.01 if s_cls_loss == "sigmoid" else None,
             mimic_dim=t_hidden if "reg" in self.mimic_paths else None,
         )
         canonical = anchor_scale * 2 ** (4 + (1 if staggered else 0))
-        self.t_head = THead(c, num_classes + 1, t_levels, canonical, t_hidden) if t_head else None
+        self.t_head = THead(c, num_classes + 1, t_levels, canonical, t_hidden) if own_t_head else None
         self.staggered = staggered
         self.mimic_weight = mimic_weight
         self.similarity = similarity
@@ -520,6 +595,7 @@ class MimicDet(nn.Module):
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         if self.training and targets is None:
             raise ValueError("MimicDet in training mode needs targets")
+        self.last_mimic_inputs = None
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, targets = self.transform(images, targets)
         pyramid = self.backbone(image_list.tensors)
@@ -575,6 +651,9 @@ class MimicDet(nn.Module):
             losses.update(t_losses)
             if self.mimic_paths:
                 losses["mimic"] = self.mimic_weight * self.mimic_loss(out, *teacher)
+        elif self.external_teacher:
+            rois, index, _, _ = self.sample_rois(out, image_list.image_sizes, targets)
+            self.last_mimic_inputs = self.mimic_inputs(out, index, rois, image_list.image_sizes)
         return losses
 
     def refine_losses(self, out: DenseOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -687,31 +766,61 @@ class MimicDet(nn.Module):
     def mimic_loss(self, out: DenseOutput, index: list[Tensor], t_logits: Tensor, t_reg: Tensor) -> Tensor:
         """Unweighted dual-path mimic loss on a random ``mimic_samples`` subset of each image's
         T-head RoIs (``index``: flat anchor indices; T rows are the images' RoIs concatenated)."""
-        if self.detach_teacher:
-            t_logits, t_reg = t_logits.detach(), t_reg.detach()
-        rows, images, anchors = [], [], []
-        start = 0
+        inputs = self.mimic_inputs(out, index)
+        rows = inputs.rows
+        return self.mimic_from(inputs, t_logits[rows], t_reg[rows])
+
+    def mimic_inputs(
+        self, out: DenseOutput, index: list[Tensor], rois: list[Tensor] | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
+    ) -> MimicInputs:
+        """Draw the random mimic subset of each image's T-samples (``index``: flat anchor indices)
+        and gather the S-side of the enabled paths there (see :class:`MimicInputs`)."""
+        picks, images, anchors = [], [], []
         for i, idx in enumerate(index):
             pick = torch.randperm(idx.numel(), device=idx.device)[: self.mimic_samples]
-            rows.append(start + pick)
+            picks.append(pick)
             images.append(torch.full_like(pick, i))
             anchors.append(idx[pick])
-            start += idx.numel()
-        row, img, anc = torch.cat(rows), torch.cat(images), torch.cat(anchors)
-        total = out.cls.sum() * 0.0
+        img, anc = torch.cat(images), torch.cat(anchors)
+        s_cls = s_reg = None
         if "cls" in self.mimic_paths:
-            s = out.cls[img, anc]
-            t = t_logits[row]
-            if self.s_cls_loss == "sigmoid":
-                s, t = s.sigmoid(), t.softmax(-1)[:, 1:]
-            total = total + mimic_similarity(s, t, self.similarity)
+            s_cls = out.cls[img, anc]
         if "reg" in self.mimic_paths:
             proj = self.s_head.mimic_proj
             assert proj is not None
             flat = torch.cat([f.flatten(2) for f in out.reg_feats], 2).transpose(1, 2)  # (N, positions, C)
             s = proj(flat[img, out.loc[anc]]).view(anc.numel(), self.num_anchors, -1)
-            s = s[torch.arange(anc.numel(), device=anc.device), out.slot[anc]]
-            total = total + mimic_similarity(s, t_reg[row], self.similarity)
+            s_reg = s[torch.arange(anc.numel(), device=anc.device), out.slot[anc]]
+        return MimicInputs(index=list(index), pick=picks, s_cls=s_cls, s_reg=s_reg, zero=out.cls.sum() * 0.0,
+                           rois=list(rois or []), image_sizes=list(image_sizes or []))
+
+    def mimic_from(
+        self, inputs: MimicInputs, t_logits: Tensor | None, t_reg: Tensor | None, *,
+        similarity: str | None = None, paths: Sequence[str] | None = None,
+    ) -> Tensor:
+        """Unweighted dual-path mimic loss of ``inputs`` (the S-side) against T-side targets for
+        the same rows: ``t_logits`` (sum B_i, K + 1) softmax-convention logits (background 0) and
+        ``t_reg`` (sum B_i, t_hidden) features. ``similarity`` / ``paths`` default to the model's;
+        ``paths`` must be among the model's ``mimic_paths``. T-side tensors are detached when
+        ``detach_teacher``."""
+        similarity = similarity or self.similarity
+        paths = self.mimic_paths if paths is None else tuple(paths)
+        if any(p not in self.mimic_paths for p in paths):
+            raise ValueError(f"mimic paths {paths} must be among the model's mimic_paths {self.mimic_paths}")
+        if self.detach_teacher:
+            t_logits = t_logits.detach() if t_logits is not None else None
+            t_reg = t_reg.detach() if t_reg is not None else None
+        total = inputs.zero
+        if "cls" in paths:
+            assert inputs.s_cls is not None and t_logits is not None
+            s, t = inputs.s_cls, t_logits
+            if self.s_cls_loss == "sigmoid":
+                s, t = s.sigmoid(), t.softmax(-1)[:, 1:]
+            total = total + mimic_similarity(s, t, similarity)
+        if "reg" in paths:
+            assert inputs.s_reg is not None and t_reg is not None
+            total = total + mimic_similarity(inputs.s_reg, t_reg, similarity)
         return total
 
     # ---------------------------------------------------------------------------- inference
@@ -756,7 +865,7 @@ def build_mimicdet(
     mimic_weight: float = 1.0,
     similarity: str = "cosine",
     mimic_paths: Sequence[str] = MIMIC_PATHS,
-    t_head: bool = True,
+    t_head: bool | str = True,
     mimic_samples: int = 64,
     t_samples: int = 128,
     t_hidden: int = 1024,
@@ -775,9 +884,14 @@ def build_mimicdet(
         mimic_weight: lambda of ``L_mimic`` (the ``mimic`` entry is already multiplied by it).
         similarity: ``"cosine"`` (``1 - cos``) or ``"l2"`` (mean squared error).
         mimic_paths: any of ``("cls", "reg")``; empty: T-head trained, no mimic.
-        t_head: False builds no T-head, no P2 and no mimic (the "S-head only" row).
+        t_head: True: own T-head on the shared backbone; False builds no T-head, no P2 and no
+            mimic (the "S-head only" row); ``"external"`` builds no T-head and no P2 but records
+            the mimic's student side for a separately trained teacher (KD term
+            ``mimicdet_teacher``; the "separate teacher backbone" row; ``t_hidden`` must then be
+            the teacher's box-head width, 1024 for torchvision's Faster R-CNN).
         mimic_samples: mimicked RoIs per image (random subset of the T-head's samples).
-        t_samples: RoIs per image sampled for the T-head; t_hidden: its fc width (paper 1024).
+        t_samples: RoIs per image sampled for the T-head (or the external teacher); t_hidden: the
+            T-head's fc width (paper 1024), the width of the reg-path mimic feature.
         backbone_weights: None (random init) or ResNet ImageNet weights (enum or name; internet).
         trainable_layers: with weights, trainable ResNet stages (0..5).
         **kwargs: further :class:`MimicDet` options (``aspect_ratios``, ``scales_per_octave``,
@@ -786,7 +900,7 @@ def build_mimicdet(
             ``nms_thresh``, ``detections_per_img``, ``topk_candidates``, ...).
     """
     backbone = build_backbone(
-        backbone_name, fpn_channels, with_p2=t_head and staggered, weights=backbone_weights,
+        backbone_name, fpn_channels, with_p2=t_head is True and staggered, weights=backbone_weights,
         trainable_layers=trainable_layers,
     )
     return MimicDet(

@@ -1,0 +1,18 @@
+"""Feature-map mimicking ablation (Li 2017): proposal, two-stage and cross-scale mimic, with throughput.
+
+Locally:      python launch/ablation_mimic.py --preset quick
+On a cluster: ray job submit --working-dir . -- python launch/ablation_mimic.py --preset paper --data /data/coco ...
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `ray job submit --working-dir .` ships the source, not an install
+
+from kdsweep.ablation import run_ablation  # noqa: E402
+
+SPACE = ROOT / "search_spaces" / "ablation_mimic.yaml"
+
+if __name__ == "__main__":
+    sys.exit(run_ablation(SPACE, prog="ablation_mimic.py"))
