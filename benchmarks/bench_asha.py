@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--weights", default="0.5,1,2,4,8,16")
     parser.add_argument("--preset", default="smoke")
     parser.add_argument("--tracking-uri")
+    parser.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray)")
     args = parser.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
     results = {}
@@ -54,6 +55,8 @@ def main() -> None:
             argv = [str(path), "--preset", args.preset, "--summary-json", str(summary), "--experiment", "kdsweep-bench-asha"]
             if args.tracking_uri:
                 argv += ["--tracking-uri", args.tracking_uri]
+            if args.ray_address:
+                argv += ["--ray-address", args.ray_address]
             start = time.perf_counter()
             code = run_sweep(argv, prog="bench_asha.py")
             if code != 0:

@@ -43,9 +43,9 @@ PRESETS: dict[str, Preset] = {
     ),
     "quick": Preset(
         name="quick",
-        description="under 30 min on 2 CPU cores: RetinaNet R34 -> R18 (GroupNorm heads) at 128 px on 1600 simple synthetic images",
+        description="under 30 min on 2 CPU cores: RetinaNet R34 -> R18 (GroupNorm heads) at 128 px on 1400 simple synthetic images",
         experiment={
-            "data": {"synth_train": 1600, "synth_val": 120, "synth_size": 128, "synth_style": "simple"},
+            "data": {"synth_train": 1400, "synth_val": 120, "synth_size": 128, "synth_style": "simple"},
             "teacher": {"arch": "retinanet", "backbone": "resnet34", "fpn_channels": 64, "min_size": 128, "max_size": 128,
                         "anchor_scale": 2.0, "head_norm": True},
             "student": {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "min_size": 128, "max_size": 128,
