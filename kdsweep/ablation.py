@@ -279,8 +279,7 @@ def _run(args: argparse.Namespace) -> int:
         tracker.log_text(parent, Path(space.source).read_text(), "search_space.yaml")
     print(f"kdsweep: MLflow {uri} experiment '{tracker.client.get_experiment(tracker.experiment_id).name}' parent run {parent}", flush=True)
     callbacks: list[Any] = []
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+    def body() -> int:
         init_ray(args.ray_address)
         teacher_record, teacher_state = None, None
         if any(build_experiment(preset_dict, space, label, {}, None).kd for label in space.labels):
@@ -327,6 +326,24 @@ def _run(args: argparse.Namespace) -> int:
         status = "FINISHED" if failed < len(records) else "FAILED"
         tracker.end_run(parent, status, reason=f"{failed} of {len(records)} trials failed" if failed else None)
         return 0 if status == "FINISHED" else 1
+
+    return run_guarded(tracker, parent, callbacks, body)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run_guarded(tracker: Tracker, parent: str, callbacks: list[Any], body: Any) -> int:
+    """Run a launcher's ``body() -> exit code`` so that no MLflow run is left RUNNING.
+
+    SIGTERM (``ray job stop``) is turned into KeyboardInterrupt; on Ctrl-C/SIGTERM the open
+    child runs and the parent end KILLED (exit 130, the sweep continues with ``--resume``); on
+    any other error they end FAILED with the reason as a tag and the error propagates.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return body()
     except KeyboardInterrupt:
         for cb in callbacks:
             cb.kill_open_runs("interrupted")
@@ -341,7 +358,3 @@ def _run(args: argparse.Namespace) -> int:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt

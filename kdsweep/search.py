@@ -19,7 +19,6 @@ import itertools
 import json
 import math
 import random
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,7 +336,7 @@ def _run(args: argparse.Namespace) -> int:
         build_experiment(preset_dict, space, row, {}, None).kd for row in space.labels
     )
     teacher_hash, _ = teacher_identity(preset_dict, space, data)
-    from kdsweep.ablation import open_parent
+    from kdsweep.ablation import open_parent, run_guarded
 
     parent, tune_name, resumed = open_parent(
         tracker, args, f"{space.name} [{preset.name}] {plan.algorithm}/{plan.scheduler}",
@@ -352,8 +351,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"kdsweep: MLflow {uri} parent run {parent}; {trial_count(space, plan, len(seeds))} trial(s), "
           f"{plan.algorithm} search, {plan.scheduler} scheduler", flush=True)
     callbacks: list[Any] = []
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+    def body() -> int:
         init_ray(args.ray_address)
         teacher_state = None
         if needs_teacher:
@@ -424,30 +422,14 @@ def _run(args: argparse.Namespace) -> int:
         status = "FINISHED" if failed < len(records) else "FAILED"
         tracker.end_run(parent, status, reason=f"{failed} of {len(records)} trials failed" if failed else None)
         return 0 if status == "FINISHED" else 1
-    except KeyboardInterrupt:
-        for cb in callbacks:
-            cb.kill_open_runs("interrupted")
-        tracker.end_run(parent, "KILLED", reason="interrupted (Ctrl-C or SIGTERM)")
-        print("kdsweep: interrupted; finished trials stay recorded in MLflow; continue with the same command plus --resume",
-              file=sys.stderr)
-        return 130
-    except BaseException as exc:
-        for cb in callbacks:
-            cb.kill_open_runs(f"launcher failed: {exc}")
-        tracker.end_run(parent, "FAILED", reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
+    return run_guarded(tracker, parent, callbacks, body)
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value).replace(" ", "")
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 __all__ = ["SearchPlan", "best_index", "best_so_far", "make_plan", "param_space", "preview", "run_sweep", "sweep_table"]

@@ -55,3 +55,26 @@ def test_train_one_epoch_stops_on_nan():
     with pytest.raises(NonFiniteLossError):
         train_one_epoch(model, opt, sched, loader, device=torch.device("cpu"), epoch=1, params=list(model.parameters()))
     assert model.w.item() == 0.0  # no step was taken on garbage
+
+
+def test_out_of_memory_becomes_a_one_line_trial_reason():
+    from kdsweep.engine import TrialOutOfMemoryError
+    from kdsweep.tracking import summarize_error
+
+    class _Hungry(_Toy):
+        def forward(self, images, targets, progress=0.0):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    model = _Hungry()
+    loader = [([torch.zeros(3, 4, 4)] * 2, [{"boxes": torch.ones(1, 4)}] * 2)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    with pytest.raises(TrialOutOfMemoryError) as info:
+        train_one_epoch(model, opt, sched, loader, device=torch.device("cpu"), epoch=3, params=list(model.parameters()))
+    message = str(info.value)
+    assert message == ("out of memory at epoch 3 step 0 (2 images per worker); lower train.batch_size or the "
+                       "input size, or use a larger device")
+    assert model.w.item() == 0.0
+    # what the MLflow failure-reason tag keeps of the worker's traceback
+    text = f"Traceback (most recent call last):\n  File x\nkdsweep.engine.TrialOutOfMemoryError: {message}\n"
+    assert summarize_error(text) == f"kdsweep.engine.TrialOutOfMemoryError: {message}"

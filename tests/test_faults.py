@@ -50,8 +50,12 @@ def test_killed_worker_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
     killed: list[int] = []
 
     def kill_after_first_checkpoint() -> None:
+        # epoch 1's report (with its checkpoint) has reached Tune once the callback logged it
         deadline = time.time() + 300
-        while time.time() < deadline and not glob.glob(str(storage / "train-*" / "checkpoint_*")):
+        while time.time() < deadline:
+            children = tracker.children(parent) if glob.glob(str(storage / "train-*" / "checkpoint_*")) else []
+            if any("AP" in run.data.metrics for run in children):
+                break
             time.sleep(0.2)
         time.sleep(1.0)  # into epoch 2
         for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
