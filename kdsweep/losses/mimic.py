@@ -69,6 +69,7 @@ from torchvision.ops import box_iou, roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from kdsweep.config import ConfigError
+from kdsweep.losses.term import reject_unknown
 from kdsweep.context import KDContext
 from kdsweep.models.detectors import level_names
 from kdsweep.models.taps import _crop_or_pad
@@ -711,12 +712,6 @@ class HeadMimicTerm(nn.Module, _Sampling):
 
 
 # ---------------------------------------------------------------------------------------- builders
-def _reject_unknown(name: str, params: Mapping[str, Any], known: Sequence[str]) -> None:
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise ConfigError(f"kd.{name}.params.{unknown[0]} is unknown; known: {', '.join(sorted(known)) or '(none)'}")
-
-
 MIMIC_PARAMS = ("num_rois", "positive_fraction", "iou_threshold", "pooled", "assign", "deconv", "deconv_scale")
 FULL_PARAMS = ("deconv", "deconv_scale")
 HEAD_PARAMS = ("num_rois", "positive_fraction", "iou_threshold")
@@ -733,7 +728,7 @@ def build_mimic(
     **params: Any,
 ) -> MimicTerm:
     """Registry builder of ``mimic`` (params: :data:`MIMIC_PARAMS`, see :class:`MimicTerm`)."""
-    _reject_unknown("mimic", params, MIMIC_PARAMS)
+    reject_unknown("mimic", params, sorted(MIMIC_PARAMS))
     return MimicTerm(student_channels=student_channels, teacher_channels=teacher_channels,
                      num_levels=num_levels, adapter=adapter, **params)
 
@@ -749,7 +744,7 @@ def build_mimic_full(
     **params: Any,
 ) -> FullMapMimicTerm:
     """Registry builder of ``mimic_full`` (params: ``deconv``, ``deconv_scale``)."""
-    _reject_unknown("mimic_full", params, FULL_PARAMS)
+    reject_unknown("mimic_full", params, sorted(FULL_PARAMS))
     return FullMapMimicTerm(student_channels=student_channels, teacher_channels=teacher_channels,
                             num_levels=num_levels, adapter=adapter, **params)
 
@@ -782,7 +777,7 @@ def build_mimic_logits(
         ConfigError: no models, different detector kinds, anchors per location or class counts,
             or fewer levels than the student has.
     """
-    _reject_unknown("mimic_logits", params, ())
+    reject_unknown("mimic_logits", params, ())
     if student is None or teacher is None:
         raise ConfigError("kd.mimic_logits needs the student and teacher models")
     if type(student) is not type(teacher):
@@ -821,7 +816,7 @@ def build_mimic_head(
         ConfigError: student or teacher not a Faster R-CNN, different class counts, or fewer
             levels than the student has.
     """
-    _reject_unknown("mimic_head", params, HEAD_PARAMS)
+    reject_unknown("mimic_head", params, sorted(HEAD_PARAMS))
     for who, model in (("student", student), ("teacher", teacher)):
         if not _is_two_stage(model):
             name = type(model).__name__ if model is not None else "none"

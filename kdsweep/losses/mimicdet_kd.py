@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 
 from kdsweep.config import ConfigError
+from kdsweep.losses.term import reject_unknown
 from kdsweep.context import KDContext
 from kdsweep.models.detectors import level_names
 from kdsweep.models.mimicdet import MIMIC_PATHS, SIMILARITIES, MimicDet, MimicInputs
@@ -147,8 +148,7 @@ def build_mimicdet_teacher(
             external``; the teacher is not a Faster R-CNN; different class counts; the student's
             ``t_hidden`` is not the teacher's box-head width (reg path); bad similarity or paths.
     """
-    if params:
-        raise ConfigError(f"kd.{NAME}.params.{sorted(params)[0]} is unknown; known: paths, similarity")
+    reject_unknown(NAME, params, ("paths", "similarity"))
     if not isinstance(student, MimicDet) or not student.external_teacher:
         got = type(student).__name__ if student is not None else "none"
         if isinstance(student, MimicDet):

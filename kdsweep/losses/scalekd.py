@@ -39,6 +39,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from kdsweep.config import ConfigError
+from kdsweep.losses.term import reject_unknown
 from kdsweep.context import KDContext, body_channels
 from kdsweep.losses.csa import CrossScaleAssistant, csa_distill_losses
 from kdsweep.losses.sdf import SDFLoss
@@ -192,10 +193,8 @@ def build_csa(
     if num_levels != levels:
         raise ConfigError(f"kd.csa uses every student level ({levels}); drop kd.csa.levels")
     defaults = SCALEKD_DEFAULTS[detector_kind(student)]
-    known = {"num_heads", "ratios", "temperature", "start", "lr", "weight_decay", "num_convs"}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ConfigError(f"kd.csa.params.{unknown[0]} is unknown; known: beta, gamma, {', '.join(sorted(known))}")
+    known = sorted({"num_heads", "ratios", "temperature", "start", "lr", "weight_decay", "num_convs"})
+    reject_unknown("csa", params, ("beta", "gamma", *known))
     return CSATerm(
         student_channels=student_channels, teacher_channels=teacher_channels, num_levels=num_levels,
         num_anchors=student.anchor_generator.num_anchors_per_location()[0],

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdsweep.config import ConfigError
+from kdsweep.losses.term import reject_unknown
 
 __all__ = ["SDFBranches", "SDFLoss"]
 
@@ -276,9 +277,7 @@ class SDFLoss(nn.Module):
         **unknown: Any,
     ) -> None:
         super().__init__()
-        if unknown:
-            known = "adapter, dilations, shared, embed, pool, hidden_ratio, direct"
-            raise ConfigError(f"kd.sdf.params.{next(iter(unknown))} is unknown; known: {known}")
+        reject_unknown("sdf", unknown, ("adapter", "dilations", "shared", "embed", "pool", "hidden_ratio", "direct"))
         if min(num_levels, student_channels, teacher_channels) < 1:
             raise ConfigError(
                 "kd.sdf: num_levels, student_channels and teacher_channels must be >= 1, got "

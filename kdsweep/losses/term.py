@@ -9,7 +9,7 @@ Reference:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,12 +17,22 @@ from torch import Tensor, nn
 
 from kdsweep.config import ConfigError
 
-__all__ = ["FeatureTerm", "keyword_params"]
+__all__ = ["FeatureTerm", "keyword_params", "reject_unknown"]
 
 
 def keyword_params(fn: Callable[..., Tensor]) -> list[str]:
     """Names of ``fn``'s keyword-only parameters: what a term's ``params`` may set."""
     return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def reject_unknown(name: str, params: Mapping[str, Any] | Sequence[str], known: Sequence[str]) -> None:
+    """Raise ``ConfigError`` naming the first key of ``params`` not in ``known`` (listed in order).
+
+    Every KD term builder uses it, so an unknown ``kd.<name>.params.<key>`` reads the same for all.
+    """
+    for key in params:
+        if key not in known:
+            raise ConfigError(f"kd.{name}.params.{key} is unknown; known: {', '.join(known) if known else '(none)'}")
 
 
 class FeatureTerm(nn.Module):
@@ -79,12 +89,7 @@ class FeatureTerm(nn.Module):
         )
 
     def _check(self, student_channels: int, teacher_channels: int, num_levels: int, adapter: bool) -> None:
-        known = keyword_params(self.fn)
-        for key in self.params:
-            if key not in known:
-                raise ConfigError(
-                    f"kd.{self.name}.params.{key} is unknown; known: {', '.join(known) if known else '(none)'}"
-                )
+        reject_unknown(self.name, self.params, keyword_params(self.fn))
         if num_levels < 1 or student_channels < 1 or teacher_channels < 1:
             raise ConfigError(
                 f"kd.{self.name}: num_levels, student_channels and teacher_channels must be >= 1, got "
