@@ -202,6 +202,27 @@ def train_teacher(tracker: Tracker, parent: str, ctx, teacher_hash: str) -> tupl
     return record, _load_weights(weights)
 
 
+def acquire_teacher(tracker: Tracker, parent: str, preset_dict: dict[str, Any], space: SearchSpace,
+                    data: dict[str, str], storage: str, teacher_hash: str) -> tuple[dict[str, Any] | None, dict | None]:
+    """The teacher's record and weights: reused from MLflow by config hash, else trained; tags the
+    parent with its AP. ``(None, None)`` when no row of ``space`` distils (no teacher is needed)."""
+    from kdsweep.sweep import SweepContext
+
+    if not any(build_experiment(preset_dict, space, label, {}, None).kd for label in space.labels):
+        print("kdsweep: no row distils; no teacher needed", flush=True)
+        return None, None
+    reused = reuse_teacher(tracker, teacher_hash)
+    if reused is not None:
+        record, state = reused
+        print(f"kdsweep: reusing teacher run {record['run_id']} (config hash {teacher_hash})", flush=True)
+    else:
+        print(f"kdsweep: training the teacher (config hash {teacher_hash})", flush=True)
+        tctx = SweepContext(preset=preset_dict, space=teacher_space(space), data=data, storage_path=storage, role="teacher")
+        record, state = train_teacher(tracker, parent, tctx, teacher_hash)
+    tracker.client.set_tag(parent, "kdsweep.teacher_AP", f"{record.get('AP', float('nan')):.2f}")
+    return record, state
+
+
 def reuse_teacher(tracker: Tracker, teacher_hash: str) -> tuple[dict[str, Any], dict] | None:
     """Metrics and weights of a FINISHED teacher run with this hash, or None."""
     run = tracker.find_teacher(teacher_hash)
@@ -281,19 +302,7 @@ def _run(args: argparse.Namespace) -> int:
     callbacks: list[Any] = []
     def body() -> int:
         init_ray(args.ray_address)
-        teacher_record, teacher_state = None, None
-        if any(build_experiment(preset_dict, space, label, {}, None).kd for label in space.labels):
-            reused = reuse_teacher(tracker, teacher_hash)
-            if reused is not None:
-                teacher_record, teacher_state = reused
-                print(f"kdsweep: reusing teacher run {teacher_record['run_id']} (config hash {teacher_hash})", flush=True)
-            else:
-                print(f"kdsweep: training the teacher (config hash {teacher_hash})", flush=True)
-                tctx = SweepContext(preset=preset_dict, space=teacher_space(space), data=data, storage_path=storage, role="teacher")
-                teacher_record, teacher_state = train_teacher(tracker, parent, tctx, teacher_hash)
-            tracker.client.set_tag(parent, "kdsweep.teacher_AP", f"{teacher_record.get('AP', float('nan')):.2f}")
-        else:
-            print("kdsweep: no row distils; no teacher needed", flush=True)
+        teacher_record, teacher_state = acquire_teacher(tracker, parent, preset_dict, space, data, storage, teacher_hash)
         ctx = SweepContext(preset=preset_dict, space=space, data=data, storage_path=storage, role="student",
                            teacher_state=ray.put(teacher_state) if teacher_state is not None else None)
         callback = tune_callback(tracker, parent, _describe(ctx, "student", {}))

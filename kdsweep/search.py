@@ -322,7 +322,7 @@ def _run(args: argparse.Namespace) -> int:
     preset, space, preset_dict, data, seeds, plan = _validated(args, with_data=True)
     import ray
 
-    from kdsweep.ablation import _describe, reuse_teacher, teacher_identity, train_teacher
+    from kdsweep.ablation import _describe, acquire_teacher, teacher_identity
     from kdsweep.sweep import SweepContext, init_ray, interrupted, result_rows, run_trials, trial_experiment
     from kdsweep.table import write_parquet
     from kdsweep.tracking import write_temp
@@ -332,9 +332,6 @@ def _run(args: argparse.Namespace) -> int:
     storage = (str(Path(args.storage_path).resolve()) if args.storage_path and "://" not in args.storage_path
                else (args.storage_path or str(paths.ray_storage())))
     metric, mode = space.metric, space.mode
-    needs_teacher = any(
-        build_experiment(preset_dict, space, row, {}, None).kd for row in space.labels
-    )
     teacher_hash, _ = teacher_identity(preset_dict, space, data)
     from kdsweep.ablation import open_parent, run_guarded
 
@@ -353,19 +350,7 @@ def _run(args: argparse.Namespace) -> int:
     callbacks: list[Any] = []
     def body() -> int:
         init_ray(args.ray_address)
-        teacher_state = None
-        if needs_teacher:
-            from kdsweep.ablation import teacher_space
-
-            reused = reuse_teacher(tracker, teacher_hash)
-            if reused is not None:
-                teacher_record, teacher_state = reused
-                print(f"kdsweep: reusing teacher run {teacher_record['run_id']} (config hash {teacher_hash})", flush=True)
-            else:
-                print(f"kdsweep: training the teacher (config hash {teacher_hash})", flush=True)
-                tctx = SweepContext(preset=preset_dict, space=teacher_space(space), data=data, storage_path=storage, role="teacher")
-                teacher_record, teacher_state = train_teacher(tracker, parent, tctx, teacher_hash)
-            tracker.client.set_tag(parent, "kdsweep.teacher_AP", f"{teacher_record.get('AP', float('nan')):.2f}")
+        _, teacher_state = acquire_teacher(tracker, parent, preset_dict, space, data, storage, teacher_hash)
         ctx = SweepContext(preset=preset_dict, space=space, data=data, storage_path=storage, role="student",
                            teacher_state=ray.put(teacher_state) if teacher_state is not None else None)
         describe = _describe(ctx, "student", {"kdsweep.sweep": space.name})
