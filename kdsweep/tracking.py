@@ -110,9 +110,15 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     def find_teacher(self, teacher_hash: str) -> Any | None:
-        """The newest FINISHED teacher run with this config hash that holds weights, or None."""
+        """The newest FINISHED teacher run with this config hash that holds weights, or None.
+
+        Every active experiment of the store is searched: the hash covers the teacher's model, its
+        training and the data files, so the SSIM and ScaleKD ablations share one teacher, and so
+        do the mimic and MimicDet ones.
+        """
+        experiments = [e.experiment_id for e in self.client.search_experiments()] or [self.experiment_id]
         runs = self.client.search_runs(
-            [self.experiment_id],
+            experiments,
             filter_string=f"tags.`{TAG_HASH}` = '{teacher_hash}' and tags.`{TAG_ROLE}` = 'teacher' and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
             max_results=5,

@@ -60,6 +60,18 @@ def test_find_teacher_needs_finished_run_with_weights(tracker, tmp_path):
     assert local.read_bytes() == b"x"
 
 
+def test_find_teacher_reuses_a_teacher_from_another_experiment(tracker, tmp_path):
+    run = tracker.start_run("teacher", tags={TAG_ROLE: "teacher", TAG_HASH: "abc"})
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"x")
+    tracker.log_artifact(run, weights, "teacher")
+    tracker.end_run(run)
+    other = Tracker(tracker.uri, "another ablation")
+    assert other.experiment_id != tracker.experiment_id
+    assert other.find_teacher("abc").info.run_id == run
+    assert other.find_teacher("other") is None
+
+
 def test_summarize_error_picks_the_root_cause():
     text = "Traceback (most recent call last):\n  File x\nray.exceptions.RayTaskError: boom\nNonFiniteLossError: non-finite loss at epoch 3\n"
     assert summarize_error(text).startswith("NonFiniteLossError")
