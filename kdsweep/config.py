@@ -65,6 +65,11 @@ class ModelConfig:
     ``head_norm``: GroupNorm in RetinaNet's head towers (torchvision's RetinaNet v2 head); from
     scratch on small data it converges about twice as fast (``benchmarks/calibrate_student.py``).
     FCOS's head always has it; Faster R-CNN ignores it.
+    ``rpn_proposals`` (Faster R-CNN only): proposals per image the RPN keeps after NMS, in training
+    and inference (pre-NMS it keeps twice as many per level); None: torchvision's 2000 / 1000.
+    ``roi_samples`` (Faster R-CNN only): proposals per image sampled for the R-CNN head's loss;
+    None: torchvision's 512. At 128 px with a few objects per image, 300 / 128 train a step about
+    2.3x faster on CPU than the defaults.
     ``options``: arch-specific settings, only for ``mimicdet`` (``staggered``, ``t_head``,
     ``mimic_weight``, ``similarity``, ``mimic_paths``, ... see :func:`kdsweep.models.mimicdet.build_mimicdet`).
     """
@@ -79,6 +84,8 @@ class ModelConfig:
     trainable_backbone_layers: int = 5
     anchor_scale: float = 4.0
     head_norm: bool = False
+    rpn_proposals: int | None = None
+    roi_samples: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,6 +99,10 @@ class ModelConfig:
             raise ConfigError(
                 "model: fpn_channels and min_size must be > 0 and max_size >= min_size"
             )
+        for name in ("rpn_proposals", "roi_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"model.{name} {value} must be >= 1 (or left out for torchvision's default)")
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,9 @@ PRESETS: dict[str, Preset] = {
         experiment={
             "data": {"synth_train": 1400, "synth_val": 120, "synth_size": 128, "synth_style": "simple"},
             "teacher": {"arch": "retinanet", "backbone": "resnet34", "fpn_channels": 64, "min_size": 128, "max_size": 128,
-                        "anchor_scale": 2.0, "head_norm": True},
+                        "anchor_scale": 2.0, "head_norm": True, "rpn_proposals": 300, "roi_samples": 128},
             "student": {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 32, "min_size": 128, "max_size": 128,
-                        "anchor_scale": 2.0, "head_norm": True},
+                        "anchor_scale": 2.0, "head_norm": True, "rpn_proposals": 300, "roi_samples": 128},
             "teacher_train": dict(_CPU_TRAIN, epochs=4, batch_size=8, optimizer="adamw", lr=0.002, warmup_iters=30,
                                   cpus_per_worker=1.8, threads_per_worker=2),
             "train": dict(_CPU_TRAIN, epochs=2, batch_size=8, optimizer="adamw", lr=0.002, warmup_iters=30),

@@ -197,3 +197,24 @@ def test_head_groups_keep_two_channels_per_group_and_single_image_eval_works() -
         with torch.no_grad():
             out = model([torch.rand(3, 128, 128)])  # P7 is 1x1 for one 128 px image
         assert out[0]["boxes"].shape[1] == 4
+
+
+def test_fasterrcnn_proposal_and_roi_sample_counts_come_from_the_config() -> None:
+    light = build_detector(ModelConfig(arch="fasterrcnn", fpn_channels=16, min_size=64, max_size=64, rpn_proposals=50, roi_samples=32), 3)
+    assert light.rpn._post_nms_top_n == {"training": 50, "testing": 50}
+    assert light.rpn._pre_nms_top_n == {"training": 100, "testing": 100}
+    assert light.roi_heads.fg_bg_sampler.batch_size_per_image == 32
+    default = build_detector(ModelConfig(arch="fasterrcnn", fpn_channels=16, min_size=64, max_size=64), 3)
+    assert default.rpn._post_nms_top_n == {"training": 2000, "testing": 1000}
+    assert default.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    light.train()
+    images = [torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])}]
+    batch, targets = light.transform(images, targets)
+    proposals, _ = light.rpn(batch, light.backbone(batch.tensors), targets)
+    assert 0 < proposals[0].shape[0] <= 50
+
+
+def test_fasterrcnn_counts_below_one_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="model.rpn_proposals 0 must be >= 1"):
+        ModelConfig(arch="fasterrcnn", rpn_proposals=0)

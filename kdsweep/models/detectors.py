@@ -332,10 +332,18 @@ def _fcos(backbone: BackboneWithFPN, cfg: ModelConfig, classes: int) -> nn.Modul
 
 def _fasterrcnn(backbone: BackboneWithFPN, cfg: ModelConfig, classes: int) -> nn.Module:
     """Faster R-CNN + FPN (Ren et al. 2015; Lin et al. 2017): RPN with one size x 3 ratios per level;
-    RoIAlign reads P2..P5 (torchvision's default '0'..'3')."""
+    RoIAlign reads P2..P5 (torchvision's default '0'..'3'). ``cfg.rpn_proposals`` / ``cfg.roi_samples``
+    override the RPN's post-NMS proposals (pre-NMS: twice that) and the R-CNN head's sampled RoIs."""
     sizes = tuple((cfg.anchor_scale * s,) for s in _strides("fasterrcnn"))
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    return FasterRCNN(backbone, classes, min_size=cfg.min_size, max_size=cfg.max_size, rpn_anchor_generator=anchors)
+    extra: dict[str, int] = {}
+    if cfg.rpn_proposals is not None:
+        n = cfg.rpn_proposals
+        extra.update(rpn_pre_nms_top_n_train=2 * n, rpn_pre_nms_top_n_test=2 * n,
+                     rpn_post_nms_top_n_train=n, rpn_post_nms_top_n_test=n)
+    if cfg.roi_samples is not None:
+        extra["box_batch_size_per_image"] = cfg.roi_samples
+    return FasterRCNN(backbone, classes, min_size=cfg.min_size, max_size=cfg.max_size, rpn_anchor_generator=anchors, **extra)
 
 
 ARCH_BUILDERS: dict[str, Callable[[BackboneWithFPN, ModelConfig, int], nn.Module]] = {
