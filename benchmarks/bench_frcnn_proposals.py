@@ -3,8 +3,9 @@
 torchvision keeps 2000 RPN proposals per image after NMS in training and samples 512 of them for
 the R-CNN head's loss; the ``quick`` preset sets ``rpn_proposals: 300`` and ``roi_samples: 128``
 (128 px images with 2-8 objects each). One Faster R-CNN (ResNet-34, FPN-64, the quick teacher) is
-timed for forward + backward + SGD step on a batch of random images with three boxes each, with
-both settings, round-robin (one step each per round) so that drifts hit both alike; the median of
+built with each setting through ``ModelConfig`` (the same weights in both) and timed for
+forward + backward + SGD step on a batch of random images with three boxes each, round-robin
+(one step each per round) so that drifts hit both alike; the median of
 ``--repeats`` rounds after one warm-up round is printed, and the ratio::
 
     python benchmarks/bench_frcnn_proposals.py --repeats 5
@@ -21,15 +22,7 @@ import torch
 from kdsweep.config import ModelConfig
 from kdsweep.models.detectors import build_detector
 
-SETTINGS = {"torchvision default (2000 / 512)": (None, None), "quick preset (300 / 128)": (300, 128)}
-
-
-def _configure(model: torch.nn.Module, proposals: int | None, samples: int | None) -> None:
-    """Set the RPN's kept proposals (pre-NMS: 2x) and the head's sampled RoIs in place."""
-    post = {"training": proposals or 2000, "testing": proposals or 1000}
-    model.rpn._post_nms_top_n = post
-    model.rpn._pre_nms_top_n = {k: 2 * v if proposals else v for k, v in post.items()}
-    model.roi_heads.fg_bg_sampler.batch_size_per_image = samples or 512
+SETTINGS = {"torchvision default (2000 / 512)": {}, "quick preset (300 / 128)": {"rpn_proposals": 300, "roi_samples": 128}}
 
 
 def main() -> None:
@@ -42,23 +35,27 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    cfg = ModelConfig(arch="fasterrcnn", backbone=args.backbone, fpn_channels=64, min_size=args.size,
-                      max_size=args.size, anchor_scale=2.0)
-    model = build_detector(cfg, 6).train()
+    models = {}
+    for name, counts in SETTINGS.items():  # one architecture, so both get the same weights
+        cfg = ModelConfig(arch="fasterrcnn", backbone=args.backbone, fpn_channels=64, min_size=args.size,
+                          max_size=args.size, anchor_scale=2.0, **counts)
+        models[name] = build_detector(cfg, 6).train()
+    first = next(iter(models.values()))
+    for model in models.values():
+        model.load_state_dict(first.state_dict())
     images = [torch.rand(3, args.size, args.size) for _ in range(args.batch)]
     s = args.size / 128
     boxes = torch.tensor([[10.0, 10, 30, 30], [50, 50, 60, 64], [80, 20, 120, 70]]) * s
     targets = [{"boxes": boxes, "labels": torch.tensor([1, 2, 3])} for _ in images]
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    opts = {name: torch.optim.SGD(model.parameters(), lr=1e-4) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for round_ in range(args.repeats + 1):
-        for name, (proposals, samples) in SETTINGS.items():
-            _configure(model, proposals, samples)
+        for name, model in models.items():
             start = time.perf_counter()
             loss = sum(model(images, targets).values())
-            opt.zero_grad()
+            opts[name].zero_grad()
             loss.backward()
-            opt.step()
+            opts[name].step()
             if round_:  # round 0 warms up
                 times[name].append(time.perf_counter() - start)
         print(f"round {round_}/{args.repeats} done", flush=True)

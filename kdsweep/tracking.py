@@ -116,7 +116,7 @@ class Tracker:
         training and the data files, so the SSIM and ScaleKD ablations share one teacher, and so
         do the mimic and MimicDet ones.
         """
-        experiments = [e.experiment_id for e in self.client.search_experiments()] or [self.experiment_id]
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
         runs = self.client.search_runs(
             experiments,
             filter_string=f"tags.`{TAG_HASH}` = '{teacher_hash}' and tags.`{TAG_ROLE}` = 'teacher' and attributes.status = 'FINISHED'",
