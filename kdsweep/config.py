@@ -133,6 +133,8 @@ class TrainConfig:
     update (ScaleKD freezes it for the first 10k of 90k iterations, about 0.11).
     ``placement_strategy``: Ray Train's placement of a run's workers (``STRICT_SPREAD``: one
     worker per node).
+    ``amp``: mixed precision; ``amp_dtype`` ``auto`` is float16 with a GradScaler on CUDA and
+    bfloat16 on the CPU (``float16`` or ``bfloat16`` to choose; KD terms always compute in float32).
     """
 
     epochs: int = 4
@@ -147,6 +149,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     amp: bool = False
+    amp_dtype: str = "auto"
     cpus_per_worker: float = 0.9
     threads_per_worker: int = 2
     seed: int = 0
@@ -160,6 +163,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.placement_strategy '{self.placement_strategy}' is unknown; use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
             )
+        if self.amp_dtype not in ("auto", "float16", "bfloat16"):
+            raise ConfigError(f"train.amp_dtype '{self.amp_dtype}' is unknown; use auto, float16 or bfloat16")
         if not 0.0 <= self.freeze_backbone <= 1.0:
             raise ConfigError(
                 f"train.freeze_backbone {self.freeze_backbone} is a fraction of training; use a value in [0, 1]"

@@ -16,12 +16,38 @@ output ``(proposals, losses)``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from kdsweep.models.taps import align_to
+
+
+T = TypeVar("T")
+
+
+def to_float32(obj: T) -> T:
+    """``obj`` with every half-precision (float16/bfloat16) tensor in it cast to float32.
+
+    Walks dicts, lists, tuples and the dataclasses of this module (:class:`TeacherOutputs`,
+    :class:`KDContext`); modules, other tensors and other values are returned as they are (the
+    same objects). A term's input under autocast comes out as it would in a float32 step, up to
+    the rounding the half-precision forward already did; autograd flows through the cast.
+    """
+    if isinstance(obj, Tensor):
+        return obj.float() if obj.dtype in (torch.float16, torch.bfloat16) else obj  # type: ignore[return-value]
+    if isinstance(obj, dict):  # dict, OrderedDict
+        return type(obj)((k, to_float32(v)) for k, v in obj.items())  # type: ignore[return-value]
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_float32(v) for v in obj)  # type: ignore[return-value]
+    if isinstance(obj, (TeacherOutputs, KDContext)):
+        changes = {f.name: to_float32(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                   if not isinstance(getattr(obj, f.name), nn.Module)}
+        return dataclasses.replace(obj, **changes)  # type: ignore[return-value]
+    return obj
 
 
 @dataclass
@@ -169,4 +195,4 @@ def body_channels(model: nn.Module) -> int:
     return int(list(out.values())[-1].shape[1])
 
 
-__all__ = ["KDContext", "StepTap", "TeacherOutputs", "body_channels"]
+__all__ = ["KDContext", "StepTap", "TeacherOutputs", "body_channels", "to_float32"]

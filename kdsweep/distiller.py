@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
-from kdsweep.context import KDContext, StepTap, TeacherOutputs
+from kdsweep.context import KDContext, StepTap, TeacherOutputs, to_float32
 from kdsweep.models.detectors import build_detector, level_names
 from kdsweep.models.taps import FeatureTap, align_to, extract_features
 
@@ -102,22 +102,29 @@ class Trainable(nn.Module):
             if step is not None:
                 step.remove()
         student_feats = tap.pop()
-        for name, term in self.terms.items():
-            weight = self.weights[name]
-            if getattr(term, "uses_context", False):
-                ctx = KDContext(
-                    student=self.student, teacher=self.__dict__.get("teacher_ref"), student_feats=student_feats, teacher_out=teacher_out,
-                    levels=self.levels[name], teacher_scale=self.teacher_scale, progress=float(progress),
-                )
-                out = term(step.fill(ctx))
-            else:
-                s, t = align_to(student_feats, teacher_out.feats, self.levels[name], self.teacher_scale)
-                out = term(s, t)
-            if isinstance(out, Mapping):
-                for part, value in out.items():
-                    losses[f"kd_{name}_{part}"] = weight * value
-            else:
-                losses[f"kd_{name}"] = weight * out
+        # KD terms compute in float32 whatever autocast the step runs under: their inputs are
+        # promoted and autocast is off inside (half-precision statistics such as SSIM's local
+        # variances or a softmax over a whole map lose too much).
+        with torch.autocast(images[0].device.type, enabled=False):
+            student_feats = to_float32(student_feats)
+            teacher_out = to_float32(teacher_out)
+            for name, term in self.terms.items():
+                weight = self.weights[name]
+                if getattr(term, "uses_context", False):
+                    ctx = KDContext(
+                        student=self.student, teacher=self.__dict__.get("teacher_ref"), student_feats=student_feats,
+                        teacher_out=teacher_out, levels=self.levels[name], teacher_scale=self.teacher_scale,
+                        progress=float(progress),
+                    )
+                    out = term(to_float32(step.fill(ctx)))
+                else:
+                    s, t = align_to(student_feats, teacher_out.feats, self.levels[name], self.teacher_scale)
+                    out = term(s, t)
+                if isinstance(out, Mapping):
+                    for part, value in out.items():
+                        losses[f"kd_{name}_{part}"] = weight * value
+                else:
+                    losses[f"kd_{name}"] = weight * out
         return losses
 
 

@@ -1,7 +1,8 @@
 """One training epoch and one evaluation pass (the torchvision ``references/detection`` shape).
 
-Both are plain functions over a :class:`~kdsweep.distiller.Distiller`; distribution (DDP,
-sharded evaluation) is handled by the caller through ``torch.distributed`` when initialised.
+Both are plain functions over a :class:`~kdsweep.distiller.Distiller`. Under a process group
+(Ray Train's DDP) they reduce and gather through :mod:`kdsweep.collectives`, always on tensors of
+the training device.
 """
 
 from __future__ import annotations
@@ -9,14 +10,13 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from kdsweep.evaluation import coco_stats, to_coco_detections
+from kdsweep.collectives import all_true, broadcast_values, gather_rows, mean_over_workers, world_size
+from kdsweep.evaluation import STAT_NAMES, coco_stats, detection_rows, records_from_rows
 
 
 class NonFiniteLossError(RuntimeError):
@@ -27,31 +27,27 @@ class TrialOutOfMemoryError(RuntimeError):
     """The device ran out of memory; the trial fails with this reason, the sweep goes on."""
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def move_batch(images: list[Tensor], targets: list[dict[str, Any]], device: torch.device) -> tuple[list[Tensor], list[dict[str, Any]]]:
     """Move images (list of (3, H, W)) and target dicts to ``device``."""
     images = [img.to(device, non_blocking=True) for img in images]
-    targets = [{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets]
+    targets = [{k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets]
     return images, targets
 
 
 def check_finite(total: Tensor, losses: dict[str, Tensor], *, epoch: int, step: int) -> None:
     """Raise :class:`NonFiniteLossError` when ``total`` is not finite on any worker.
 
-    Under DDP the flag is all-reduced so that every worker stops at the same step (no hang).
+    The flag stays on ``total``'s device through the all-reduce (NCCL takes only CUDA tensors),
+    then one host read per step tells every worker the same thing, so all of them stop at the same
+    step (no hang). The loss values are read on the host only to word the error.
     """
-    ok = torch.isfinite(total.detach()).to(torch.int32).reshape(1).cpu()
-    if _distributed():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if int(ok.item()) == 0:
-        parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch} step {step} ({parts}); "
-            "lower the learning rate or the KD weights, or enable grad_clip"
-        )
+    if all_true(torch.isfinite(total.detach())):
+        return
+    parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+    raise NonFiniteLossError(
+        f"non-finite loss at epoch {epoch} step {step} ({parts}); "
+        "lower the learning rate or the KD weights, or enable grad_clip"
+    )
 
 
 def train_one_epoch(
@@ -65,6 +61,7 @@ def train_one_epoch(
     params: list[Tensor],
     scaler: torch.amp.GradScaler | None = None,
     amp: bool = False,
+    amp_dtype: torch.dtype | None = None,
     grad_clip: float | None = None,
     max_iters: int | None = None,
     log: Callable[[str], None] | None = None,
@@ -75,20 +72,30 @@ def train_one_epoch(
     frozen: list[Tensor] = (),
     freeze_until: float = 0.0,
 ) -> dict[str, float]:
-    """Train for one epoch; return the mean of every loss term and the throughput.
+    """Train for one epoch; return the mean of every loss term over the workers, and throughput.
 
     Args (beyond the obvious):
+        amp, amp_dtype: run the forward under ``torch.autocast(device.type, dtype=amp_dtype)``
+            (float16 with ``scaler`` on CUDA, bfloat16 on the CPU); KD terms compute in float32
+            inside it (see :class:`~kdsweep.distiller.Trainable`).
+        scaler: a ``torch.amp.GradScaler`` (float16): the loss is scaled for backward and the
+            gradients unscaled before clipping; a step whose gradients overflow is skipped.
         extra_optimizers: stepped after ``optimizer`` (e.g. ScaleKD's assistant has its own Adam).
         step_offset, total_steps: global step of this epoch's first batch and of the whole run;
             ``progress = (step_offset + step) / total_steps`` goes to the distiller (schedules).
         frozen, freeze_until: while ``progress < freeze_until`` the gradients of ``frozen`` are
             dropped (set to None, so no optimizer moves them) after backward.
 
+    Host syncs: one per step (the finiteness flag, all-reduced on the device), one per log line,
+    and one at the end (the loss means, all-reduced on the device). Loss sums accumulate on the
+    device.
+
     Returns:
-        ``{"loss": mean total, "loss/<term>": mean per term, "train_images_per_s": ...}``.
+        ``{"loss": mean total, "loss/<term>": mean per term, "train_images_per_s": images per
+        second of all workers together, "epoch_time_s": ...}``.
     """
     distiller.train()
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, Tensor] = {}
     steps, images_seen, start = 0, 0, time.perf_counter()
     total_iters = len(loader) if max_iters is None else min(len(loader), max_iters)  # type: ignore[arg-type]
     for step, (images, targets) in enumerate(loader):
@@ -98,7 +105,7 @@ def train_one_epoch(
         progress = (step_offset + step) / total_steps if total_steps else 0.0
         optimizers = [optimizer, *extra_optimizers]
         try:
-            with torch.autocast(device.type, enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 losses = distiller(images, targets, progress=progress)
             total = sum(losses.values())
             check_finite(total, losses, epoch=epoch, step=step)
@@ -130,29 +137,36 @@ def train_one_epoch(
         scheduler.step()
         steps += 1
         images_seen += len(images)
-        sums["loss"] += float(total.detach())
-        for key, value in losses.items():
-            sums[f"loss/{key}"] += float(value.detach())
+        for key, value in (("loss", total), *((f"loss/{k}", v) for k, v in losses.items())):
+            value = value.detach().float()
+            sums[key] = sums[key] + value if key in sums else value
         if log is not None and (step % log_every == 0 or step == total_iters - 1):
             rate = images_seen / max(time.perf_counter() - start, 1e-9)
             log(f"epoch {epoch} step {step + 1}/{total_iters} loss {float(total.detach()):.4f} ({rate:.1f} img/s)")
     elapsed = time.perf_counter() - start
-    out = {k: v / max(steps, 1) for k, v in sums.items()}
-    out["train_images_per_s"] = images_seen / max(elapsed, 1e-9)
+    keys = list(sums)
+    local = torch.zeros(len(keys) + 1, device=device)
+    if keys:
+        local[:-1] = torch.stack([sums[k] for k in keys]) / max(steps, 1)
+    local[-1] = images_seen / max(elapsed, 1e-9)
+    means = mean_over_workers(local).tolist()  # the epoch's one host read of the losses
+    out = dict(zip(keys, means[:-1]))
+    out["train_images_per_s"] = means[-1] * world_size()
     out["epoch_time_s"] = elapsed
     return out
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: Iterable, device: torch.device) -> list[tuple[int, dict[str, Tensor]]]:
-    """Run ``model`` (a torchvision detector) in eval mode; return ``[(image_id, output), ...]``."""
+    """Run ``model`` (a torchvision detector) in eval mode; return ``[(image_id, output), ...]``
+    with the outputs left on ``device``."""
     model.eval()
     results: list[tuple[int, dict[str, Tensor]]] = []
     for images, targets in loader:
-        images = [img.to(device) for img in images]
+        images = [img.to(device, non_blocking=True) for img in images]
         outputs = model(images)
         for out, tgt in zip(outputs, targets):
-            results.append((int(tgt["image_id"]), {k: v.cpu() for k, v in out.items()}))
+            results.append((int(tgt["image_id"]), out))
     return results
 
 
@@ -167,26 +181,22 @@ def evaluate(
 ) -> dict[str, float]:
     """COCO-evaluate ``model`` on the whole validation set.
 
-    Each worker predicts its own shard (``loader``); detections are gathered from every worker
-    and rank 0 runs COCOeval over ``image_ids`` (the full val set), then broadcasts the numbers so
-    that every rank reports the same metrics. ``eval_images`` counts the distinct images
+    Each worker predicts its own shard (``loader``) and packs its detections into rows on the
+    device (:func:`~kdsweep.evaluation.detection_rows`); the rows are gathered on rank 0 only,
+    which runs COCOeval over ``image_ids`` (the full val set), then broadcasts the numbers as a
+    tensor so that every rank reports the same metrics. ``eval_images`` counts the distinct images
     evaluated across all workers (it equals ``len(image_ids)`` when nothing was missed).
     """
     local = predict(model, loader, device)
-    records = to_coco_detections((o for _, o in local), (i for i, _ in local), label_to_cat_id)
-    seen = [i for i, _ in local]
-    if _distributed():
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (seen, records))
-        seen = [i for ids, _ in gathered for i in ids]
-        records = [r for _, part in gathered for r in part]
-    stats = coco_stats(coco_gt, records, image_ids) if not _distributed() or dist.get_rank() == 0 else None
-    if _distributed():
-        box = [stats]
-        dist.broadcast_object_list(box, src=0)
-        stats = box[0]
-    assert stats is not None
-    return {**stats, "eval_images": float(len(set(seen)))}
+    rows = detection_rows(local, device)
+    gathered = gather_rows(rows, dst=0)
+    values = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64, device=device)
+    if gathered is not None:  # rank 0 (or a single worker)
+        records, seen = records_from_rows(gathered.cpu(), label_to_cat_id)
+        stats = coco_stats(coco_gt, records, image_ids)
+        values = torch.tensor([*(stats[n] for n in STAT_NAMES), float(len(seen))], dtype=torch.float64, device=device)
+    numbers = broadcast_values(values, src=0).tolist()
+    return {**dict(zip(STAT_NAMES, numbers[:-1])), "eval_images": numbers[-1]}
 
 
 def warmup_cosine(total_iters: int, warmup_iters: int, schedule: str) -> Callable[[int], float]:

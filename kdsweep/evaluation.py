@@ -53,6 +53,56 @@ def to_coco_detections(
     return records
 
 
+ROW_FIELDS = ("image_id", "label", "x1", "y1", "x2", "y2", "score")
+"""Columns of a detection row (:func:`detection_rows`); ``label`` -1 marks an evaluated image."""
+
+
+def detection_rows(results: Iterable[tuple[int, dict[str, torch.Tensor]]], device: torch.device | str) -> torch.Tensor:
+    """Pack ``[(image_id, output), ...]`` of torchvision detectors into one float64 tensor on
+    ``device``, ready for a gather: per image, one marker row ``(image_id, -1, 0, 0, 0, 0, 0)``
+    (so that images without detections are counted) and one row per detection
+    ``(image_id, label, x1, y1, x2, y2, score)``. float64 holds every COCO image id exactly.
+
+    Shape:
+        - output ``boxes`` (K, 4), ``scores`` (K,), ``labels`` (K,) of each image.
+        - returned: ``(sum_i (1 + K_i), 7)``.
+    """
+    parts = []
+    for image_id, out in results:
+        boxes = out["boxes"].detach().to(device=device, dtype=torch.float64)
+        k = boxes.shape[0]
+        part = torch.zeros((k + 1, len(ROW_FIELDS)), dtype=torch.float64, device=device)
+        part[:, 0] = float(image_id)
+        part[0, 1] = -1.0
+        if k:
+            part[1:, 1] = out["labels"].detach().to(device=device, dtype=torch.float64)
+            part[1:, 2:6] = boxes
+            part[1:, 6] = out["scores"].detach().to(device=device, dtype=torch.float64)
+        parts.append(part)
+    if not parts:
+        return torch.zeros((0, len(ROW_FIELDS)), dtype=torch.float64, device=device)
+    return torch.cat(parts)
+
+
+def records_from_rows(rows: torch.Tensor, label_to_cat_id: dict[int, int]) -> tuple[list[dict[str, Any]], set[int]]:
+    """COCO result records and the set of evaluated image ids from :func:`detection_rows` rows
+    (of one or many workers, on the host).
+
+    Shape:
+        - rows: ``(R, 7)``.
+    """
+    data = rows.detach().cpu().double()
+    seen = {int(i) for i in data[:, 0].tolist()}
+    dets = data[data[:, 1] >= 0]
+    xywh = torch.cat([dets[:, 2:4], dets[:, 4:6] - dets[:, 2:4]], dim=1).float().tolist()
+    records = [
+        {"image_id": int(image_id), "category_id": int(label_to_cat_id[int(label)]),
+         "bbox": [round(v, 2) for v in box], "score": round(float(score), 5)}
+        for image_id, label, box, score in zip(dets[:, 0].tolist(), dets[:, 1].tolist(), xywh, dets[:, 6].float().tolist())
+    ]
+    return records, seen
+
+
 def coco_stats(coco_gt: COCO, detections: list[dict[str, Any]], image_ids: list[int] | None = None) -> dict[str, float]:
     """Run COCOeval (bbox) and return ``{AP, AP50, AP75, AP_S, AP_M, AP_L}`` in percent.
 

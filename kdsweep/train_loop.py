@@ -13,6 +13,7 @@ calls ``ray.train.report``. A restarted run resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from kdsweep import collective_check
+from kdsweep.collectives import count_distinct
 from kdsweep.config import ExperimentConfig, TrainConfig, from_dict
 from kdsweep.data.coco import CocoDetection, collate
 from kdsweep.distiller import Distiller, build_distiller
@@ -137,20 +140,43 @@ def load_checkpoint(directory: str, distiller: Distiller, optimizer, scheduler, 
     return int(state["epoch"]) + 1
 
 
-def count_nodes(world: int) -> int:
-    """Number of distinct Ray nodes among the run's workers (all-gathered; 1 without DDP)."""
+def count_nodes(device: torch.device) -> int:
+    """Number of distinct Ray nodes among the run's workers (1 without DDP); the node ids are
+    compared as int64 codes all-gathered on ``device`` (:func:`kdsweep.collectives.count_distinct`)."""
     import ray
 
-    node = ray.get_runtime_context().get_node_id()
-    if world < 2 or not torch.distributed.is_initialized():
-        return 1
-    gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, node)
-    return len(set(gathered))
+    return count_distinct(ray.get_runtime_context().get_node_id(), device)
+
+
+def amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype | None, torch.amp.GradScaler | None]:
+    """``(enabled, dtype, scaler)`` of mixed precision for ``cfg`` on ``device``.
+
+    ``amp_dtype: auto`` is float16 on CUDA (with a ``GradScaler``: float16 gradients underflow
+    without loss scaling) and bfloat16 elsewhere (the CPU's autocast dtype; bfloat16 has float32's
+    exponent range, so it needs no scaler). An explicit ``float16`` gets a ``GradScaler`` on any
+    device that has one (the CPU too, in torch >= 2.3).
+    """
+    if not cfg.amp:
+        return False, None, None
+    name = cfg.amp_dtype if cfg.amp_dtype != "auto" else ("float16" if device.type == "cuda" else "bfloat16")
+    dtype = getattr(torch, name)
+    scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
+    return True, dtype, scaler
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point (see module docstring for ``config``)."""
+    """Ray Train worker entry point (see module docstring for ``config``).
+
+    With ``KDSWEEP_CHECK_COLLECTIVES=1`` in the worker's environment the whole run goes under
+    :func:`kdsweep.collective_check.guard`: a host tensor reaching a collective fails the run on
+    the CPU as NCCL would on GPUs (the tests' multi-worker runs set it).
+    """
+    checking = os.environ.get(collective_check.ENV_FLAG) == "1"
+    with collective_check.guard() if checking else contextlib.nullcontext():
+        _run_worker(config)
+
+
+def _run_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
@@ -178,8 +204,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(max(iters * cfg.epochs, 1), min(cfg.warmup_iters, iters * cfg.epochs // 2), cfg.lr_schedule)
     )
-    amp = bool(cfg.amp and device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    amp, amp_dtype, scaler = amp_settings(cfg, device)
 
     start_epoch = 1
     checkpoint = ray.train.get_checkpoint()
@@ -189,12 +214,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if log:
             log(f"resumed from checkpoint, continuing at epoch {start_epoch}")
 
-    nodes = count_nodes(world)
+    nodes = count_nodes(device)
     for epoch in range(start_epoch, cfg.epochs + 1):
         sampler.set_epoch(epoch)
         metrics: dict[str, Any] = train_one_epoch(
             distiller, optimizer, scheduler, train_loader, device=device, epoch=epoch, params=params,
-            scaler=scaler, amp=amp, grad_clip=cfg.grad_clip, max_iters=cfg.max_iters_per_epoch, log=log,
+            scaler=scaler, amp=amp, amp_dtype=amp_dtype, grad_clip=cfg.grad_clip, max_iters=cfg.max_iters_per_epoch, log=log,
             extra_optimizers=extra_optimizers, step_offset=(epoch - 1) * iters, total_steps=iters * cfg.epochs,
             frozen=frozen, freeze_until=cfg.freeze_backbone,
         )

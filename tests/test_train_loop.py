@@ -72,6 +72,7 @@ def test_two_worker_ray_train_run_evaluates_whole_val_set_and_resumes(tmp_path, 
 
     monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("KDSWEEP_CHECK_COLLECTIVES", "1")  # workers inherit it: a host tensor in a collective fails
     exp = from_dict(
         ExperimentConfig,
         {

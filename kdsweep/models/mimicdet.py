@@ -811,16 +811,18 @@ class MimicDet(nn.Module):
         if self.detach_teacher:
             t_logits = t_logits.detach() if t_logits is not None else None
             t_reg = t_reg.detach() if t_reg is not None else None
-        total = inputs.zero
-        if "cls" in paths:
-            assert inputs.s_cls is not None and t_logits is not None
-            s, t = inputs.s_cls, t_logits
-            if self.s_cls_loss == "sigmoid":
-                s, t = s.sigmoid(), t.softmax(-1)[:, 1:]
-            total = total + mimic_similarity(s, t, similarity)
-        if "reg" in paths:
-            assert inputs.s_reg is not None and t_reg is not None
-            total = total + mimic_similarity(inputs.s_reg, t_reg, similarity)
+        # the mimic arithmetic runs in float32 under any autocast (its inputs are promoted)
+        with torch.autocast(inputs.zero.device.type, enabled=False):
+            total = inputs.zero.float()
+            if "cls" in paths:
+                assert inputs.s_cls is not None and t_logits is not None
+                s, t = inputs.s_cls.float(), t_logits.float()
+                if self.s_cls_loss == "sigmoid":
+                    s, t = s.sigmoid(), t.softmax(-1)[:, 1:]
+                total = total + mimic_similarity(s, t, similarity)
+            if "reg" in paths:
+                assert inputs.s_reg is not None and t_reg is not None
+                total = total + mimic_similarity(inputs.s_reg.float(), t_reg.float(), similarity)
         return total
 
     # ---------------------------------------------------------------------------- inference

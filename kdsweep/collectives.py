@@ -1,0 +1,127 @@
+"""Every ``torch.distributed`` call of a training worker, on tensors of the training device.
+
+NCCL, the backend Ray Train picks on GPUs (``TorchConfig(backend=None)``), maps only the ``cuda``
+device type: a collective on a CPU tensor raises "No backend type associated with device type
+cpu". So nothing here copies a tensor to the host before a collective, and nothing uses the
+pickling object collectives (``all_gather_object`` and friends): values are packed into tensors
+on ``device``, reduced or gathered there, and read on the host once, after the collective.
+
+Without an initialised process group of more than one rank every function is the identity (one
+worker, or a unit test).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "all_true",
+    "broadcast_values",
+    "count_distinct",
+    "gather_rows",
+    "is_distributed",
+    "mean_over_workers",
+    "rank",
+    "world_size",
+]
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This worker's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of workers (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_true(flag: Tensor) -> bool:
+    """Whether ``flag`` (a boolean or 0/1 tensor of any shape, on the training device) holds on
+    every element of every worker: one MIN all-reduce of an int32 scalar on ``flag``'s device,
+    then one host read. Every worker gets the same answer, so all of them stop at the same step.
+    """
+    ok = flag.detach().to(torch.int32).min().reshape(1)
+    if is_distributed():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def mean_over_workers(values: Tensor) -> Tensor:
+    """Element-wise mean of ``values`` (a float tensor on the training device) over the workers:
+    one SUM all-reduce, then a division. Returns a new tensor; ``values`` is left as it is."""
+    out = values.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= dist.get_world_size()
+    return out
+
+
+def gather_rows(rows: Tensor, dst: int = 0) -> Tensor | None:
+    """Concatenate every worker's ``rows`` (``(n_r, D)``, any ``n_r >= 0``, same ``D`` and dtype,
+    on the training device) on worker ``dst``, in rank order; other workers get None.
+
+    Two collectives: an all-gather of the row counts (int64, on the device), then a gather of the
+    rows padded to the largest count. Only ``dst`` receives (and later unpacks) the rows.
+
+    Shape:
+        - rows: ``(n_r, D)``; output on ``dst``: ``(sum_r n_r, D)``.
+    """
+    if rows.dim() != 2:
+        raise ValueError(f"gather_rows: expected a (n, D) tensor, got shape {tuple(rows.shape)}")
+    if not is_distributed():
+        return rows
+    world = dist.get_world_size()
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]  # one host read of `world` scalars
+    longest = max(sizes)
+    padded = rows.new_zeros((longest, rows.shape[1]))
+    padded[: rows.shape[0]] = rows
+    me = dist.get_rank()
+    buckets = [torch.empty_like(padded) for _ in range(world)] if me == dst else None
+    dist.gather(padded, gather_list=buckets, dst=dst)
+    if me != dst:
+        return None
+    assert buckets is not None
+    return torch.cat([bucket[:n] for bucket, n in zip(buckets, sizes)])
+
+
+def broadcast_values(values: Tensor, src: int = 0) -> Tensor:
+    """``values`` of worker ``src`` on every worker (a tensor of the same shape and dtype on each
+    worker's training device; in place)."""
+    if is_distributed():
+        dist.broadcast(values, src=src)
+    return values
+
+
+def _id_code(name: str) -> int:
+    """A 63-bit integer code of a string (SHA-1 prefix): equal strings, equal codes."""
+    return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") >> 1
+
+
+def count_distinct(name: str, device: torch.device | str) -> int:
+    """Number of distinct ``name`` strings among the workers (e.g. the Ray node ids of a run's
+    workers): each worker all-gathers a 63-bit code of its string as an int64 on ``device``."""
+    if not is_distributed():
+        return 1
+    code = torch.tensor([_id_code(name)], dtype=torch.int64, device=device)
+    codes = [torch.empty_like(code) for _ in range(dist.get_world_size())]
+    dist.all_gather(codes, code)
+    return len(set(torch.cat(codes).tolist()))
+
+
+def stack_scalars(values: Sequence[Tensor]) -> Tensor:
+    """0-d tensors (e.g. loss terms) as one detached float32 vector on their device (no host read)."""
+    return torch.stack([v.detach().float().reshape(()) for v in values])
