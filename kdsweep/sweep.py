@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from kdsweep.config import to_dict
 from kdsweep.space import SearchSpace, build_experiment
+from kdsweep.tracking import summarize_error
 
 DRIVER_CPU = 0.05
 
@@ -37,10 +38,57 @@ def trial_experiment(ctx: SweepContext, config: dict[str, Any]):
     return build_experiment(ctx.preset, ctx.space, config["row"], config.get("params") or {}, config.get("seed"))
 
 
+class TrialFailure(RuntimeError):
+    """A trial that failed for a reason a restart cannot fix; the message is its one-line reason."""
+
+
+DETERMINISTIC_ERRORS = ("NonFiniteLossError", "TrialOutOfMemoryError", "ConfigError", "DataError")
+"""Failures that a restart from the last checkpoint would meet again in exactly the same way."""
+
+LOST_WORKER_ERRORS = ("WorkerHealthCheckFailedError", "WorkerHealthCheckTimeoutError")
+
+
+def _lost_worker(error: BaseException) -> bool:
+    """A worker process or its node went away (killed, crashed, preempted, stopped answering)."""
+    from ray.exceptions import RayActorError
+
+    inner = getattr(error, "health_check_failure", error)
+    return isinstance(inner, RayActorError) or type(error).__name__ in LOST_WORKER_ERRORS
+
+
+def classify_failure(error: BaseException) -> tuple[str, str]:
+    """``(kind, reason)`` of a failed ``TorchTrainer.fit()``: kind ``lost`` (a worker or node was
+    lost and nothing else went wrong: restart from the last checkpoint) or ``fatal`` (a
+    deterministic error such as a non-finite loss, out of memory or a bad config, or any other
+    error in the training code: restarting would fail the same way and burn GPU-hours); reason is
+    the root cause in one line."""
+    from ray.train import WorkerGroupError
+
+    from kdsweep.tracking import summarize_error
+
+    failures = list(error.worker_failures.values()) if isinstance(error, WorkerGroupError) else [error]
+    texts = [str(f) for f in failures]
+    deterministic = [t for t in texts if any(name in t for name in DETERMINISTIC_ERRORS)]
+    if deterministic:
+        return "fatal", summarize_error(deterministic[0])
+    lost = [f for f in failures if _lost_worker(f)]
+    others = [t for f, t in zip(failures, texts) if not _lost_worker(f)]
+    if lost and isinstance(error, WorkerGroupError):
+        return "lost", summarize_error(str(lost[0])) or "a worker was lost"
+    return "fatal", summarize_error(others[0] if others else str(error)) or type(error).__name__
+
+
 def train_driver_fn(config: dict[str, Any], ctx: SweepContext) -> None:
-    """Tune trainable: fit one ``TorchTrainer`` for this trial (resumes if its run exists)."""
+    """Tune trainable: fit one ``TorchTrainer`` for this trial (resumes if its run exists).
+
+    Failures: Ray Train itself retries nothing but preemptions (``FailureConfig(max_failures=0)``).
+    Here a run whose workers or nodes were lost is fitted again under the same name, so it resumes
+    from its last checkpoint, up to ``ctx.max_failures`` times; any other failure (a non-finite
+    loss, out of memory, a config error, a bug) ends the trial at once with a
+    :class:`TrialFailure` carrying the one-line reason that the table and the MLflow run show.
+    """
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -52,27 +100,40 @@ def train_driver_fn(config: dict[str, Any], ctx: SweepContext) -> None:
     resources = {"CPU": train_cfg.cpus_per_worker}
     if train_cfg.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={
-            "experiment": to_dict(exp),
-            "role": ctx.role,
-            "data": ctx.data,
-            "teacher_state": ctx.teacher_state,
-            "label": f"{config['row']} s{config.get('seed', 0)}",
-        },
-        torch_config=TorchConfig(backend=None),
-        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=train_cfg.placement_strategy),
-        run_config=RunConfig(
-            name=f"train-{trial_id}",
-            storage_path=ctx.storage_path,
-            callbacks=[TuneReportCallback()],
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=ctx.max_failures),
-        ),
-    )
-    trainer.fit()
+    label = f"{config['row']} s{config.get('seed', 0)}"
+    restarts = 0
+    while True:
+        trainer = TorchTrainer(
+            train_fn_per_worker,
+            train_loop_config={
+                "experiment": to_dict(exp),
+                "role": ctx.role,
+                "data": ctx.data,
+                "teacher_state": ctx.teacher_state,
+                "label": label,
+            },
+            torch_config=TorchConfig(backend=None),
+            scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+                                         resources_per_worker=resources, placement_strategy=train_cfg.placement_strategy),
+            run_config=RunConfig(
+                name=f"train-{trial_id}",
+                storage_path=ctx.storage_path,
+                callbacks=[TuneReportCallback()],
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+        try:
+            trainer.fit()
+            return
+        except TrainingFailedError as exc:
+            kind, reason = classify_failure(exc)
+            if kind == "lost" and restarts < ctx.max_failures:
+                restarts += 1
+                print(f"[{label}] {reason}; restart {restarts} of {ctx.max_failures} from the last checkpoint", flush=True)
+                continue
+            note = "not retried" if kind == "fatal" else f"gave up after {restarts} restart(s)"
+            raise TrialFailure(f"{reason} ({note})") from None
 
 
 def run_trials(
@@ -199,7 +260,7 @@ def result_rows(results: Any, describe: Callable[[dict[str, Any]], dict[str, Any
         record = dict(describe(result.config))
         metrics = result.metrics or {}
         record["status"] = "FAILED" if result.error is not None else "FINISHED"
-        record["error"] = str(result.error).splitlines()[-1][:300] if result.error is not None else ""
+        record["error"] = (summarize_error(str(result.error)) or type(result.error).__name__)[:300] if result.error is not None else ""
         record.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         record["checkpoint_path"] = metrics.get("checkpoint_path")
         rows.append(record)

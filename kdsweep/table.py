@@ -31,12 +31,12 @@ def summarize(records: list[dict[str, Any]], order: Sequence[str], teacher: dict
     """Aggregate trial records (``row``, ``status`` and metric keys) into the ablation table.
 
     Rows come in ``order`` (the search-space order), after a ``teacher`` row when given. Columns:
-    ``row, kind, seeds, failed`` then ``<m>_mean, <m>_std`` for m in AP, AP50, AP75, AP_S, AP_M,
+    ``row, kind, seeds, failed, error`` (the one-line reason of the row's first failed trial) then ``<m>_mean, <m>_std`` for m in AP, AP50, AP75, AP_S, AP_M,
     AP_L, and ``dAP``/``dAP_S``: the difference of the means to the ``baseline`` row. ``extra``
     adds numeric columns per row label (e.g. ``params_M``, ``infer_img_s`` from
     :mod:`kdsweep.throughput`); rows without a value get NaN.
     """
-    table: dict[str, list[Any]] = {"row": [], "kind": [], "seeds": [], "failed": []}
+    table: dict[str, list[Any]] = {"row": [], "kind": [], "seeds": [], "failed": [], "error": []}
     for name in STAT_NAMES:
         table[f"{name}_mean"], table[f"{name}_std"] = [], []
     entries: list[tuple[str, str, list[dict[str, Any]]]] = []
@@ -51,6 +51,7 @@ def summarize(records: list[dict[str, Any]], order: Sequence[str], teacher: dict
         table["kind"].append(kind)
         table["seeds"].append(len(done))
         table["failed"].append(len(group) - len(done))
+        table["error"].append(next((str(r["error"]) for r in group if r.get("status") != "FINISHED" and r.get("error")), ""))
         for name in STAT_NAMES:
             mean, std = _mean_std([float(r[name]) for r in done if name in r])
             table[f"{name}_mean"].append(mean)
@@ -88,6 +89,9 @@ def to_markdown(table: pa.Table, title: str | None = None) -> str:
             value = data[key][i]
             cells.append("" if value is None or math.isnan(value) else EXTRA_COLUMNS[key][1].format(value))
         lines.append("| " + " | ".join(cells) + " |")
+    failures = [(row, data["error"][i]) for i, row in enumerate(data["row"]) if data.get("error") and data["error"][i]]
+    if failures:
+        lines += ["", "Failed trials:"] + [f"- {row}: {reason}" for row, reason in failures]
     return "\n".join(lines) + "\n"
 
 

@@ -227,7 +227,7 @@ def failure_reason(trial: Any) -> str:
 def summarize_error(text: str) -> str:
     """Pick the root-cause line out of a (possibly nested) traceback text."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for marker in ("NonFiniteLossError", "ConfigError", "DataError", "OutOfMemoryError", "Error:"):
+    for marker in ("TrialFailure", "NonFiniteLossError", "ConfigError", "DataError", "OutOfMemoryError", "Error:"):
         hits = [ln for ln in lines if marker in ln]
         if hits:
             return hits[-1][:1000]

@@ -81,6 +81,51 @@ def test_killed_worker_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
     assert sorted(steps) == [1, 2, 3]  # one history, each epoch once
 
 
+def test_a_nan_trial_fails_once_with_its_reason_and_is_not_retried(tmp_path, monkeypatch):
+    """A deterministic failure (here a KD weight that overflows float32: the loss is inf at step 0)
+    ends the trial at once, with its one-line reason in the record and in the MLflow run."""
+    import ray
+
+    from kdsweep.config import from_dict, ExperimentConfig
+    from kdsweep.data.coco import resolve_data
+    from kdsweep.space import parse_space, tune_param_space
+    from kdsweep.sweep import SweepContext, init_ray, result_rows, run_trials
+    from kdsweep.tracking import TAG_REASON, Tracker, tune_callback
+
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    preset = _preset(epochs=2, train_images=16)
+    space = parse_space({"name": "nan", "rows": [{"label": "overflow", "kd": [{"loss": "l2", "weight": 1e39}]}]}, "nan.yaml")
+    data = {k: str(v) for k, v in resolve_data(from_dict(ExperimentConfig, preset).data).__dict__.items()}
+    teacher = {k: v.clone() for k, v in _tiny_state().items()}
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "nan")
+    parent = tracker.start_run("parent")
+    callback = tune_callback(tracker, parent, lambda c: (c["row"], {"row": c["row"]}, {}, {}))
+    init_ray(num_cpus=2)
+    try:
+        ctx = SweepContext(preset=preset, space=space, data=data, storage_path=str(tmp_path / "ray"), role="student",
+                           teacher_state=ray.put(teacher), max_failures=2)
+        results = run_trials(ctx, tune_param_space(space, [0]), name="nan", callbacks=[callback], max_concurrent_trials=1)
+    finally:
+        ray.shutdown()
+    [record] = result_rows(results, lambda c: {"row": c["row"]})
+    assert record["status"] == "FAILED"
+    assert "non-finite loss at epoch 1 step 0" in record["error"] and "(not retried)" in record["error"]
+    [child] = tracker.children(parent)
+    assert child.info.status == "FAILED"
+    reason = child.data.tags[TAG_REASON]
+    assert "non-finite loss at epoch 1 step 0" in reason and "(not retried)" in reason
+    assert "\n" not in reason
+
+
+def _tiny_state() -> dict:
+    from kdsweep.config import ModelConfig
+    from kdsweep.data.synthetic import CLASSES
+    from kdsweep.models.detectors import build_detector
+
+    return build_detector(ModelConfig(**TINY), len(CLASSES)).state_dict()
+
+
 def _runs(uri: str, experiment: str):
     from mlflow.tracking import MlflowClient
 

@@ -15,7 +15,7 @@ def _rec(row, ap, status="FINISHED", **kw):
 
 
 def test_mean_std_order_teacher_and_deltas(tmp_path):
-    records = [_rec("ssim", 30.0), _rec("ssim", 34.0), _rec("baseline", 28.0), _rec("l2", 0.0, status="FAILED")]
+    records = [_rec("ssim", 30.0), _rec("ssim", 34.0), _rec("baseline", 28.0), _rec("l2", 0.0, status="FAILED", error="non-finite loss at epoch 1 step 0 (not retried)")]
     table = summarize(records, ["baseline", "l2", "ssim"], teacher=_rec("teacher", 40.0))
     data = table.to_pydict()
     assert data["row"] == ["teacher", "baseline", "l2", "ssim"]
@@ -29,6 +29,8 @@ def test_mean_std_order_teacher_and_deltas(tmp_path):
     md = to_markdown(table, "t")
     assert "| ssim | 2 | 32.0 ± 2.8 |" in md
     assert "| l2 | 0 (1 failed) | failed |" in md
+    assert data["error"][j] == "non-finite loss at epoch 1 step 0 (not retried)" and data["error"][i] == ""
+    assert md.rstrip().endswith("- l2: non-finite loss at epoch 1 step 0 (not retried)")  # the reason, under the table
     assert "+4.0" in md
     out = write_parquet(table, tmp_path / "a.parquet")
     assert pq.read_table(out).to_pydict()["AP_mean"][i] == pytest.approx(32.0)
