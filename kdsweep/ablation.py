@@ -180,25 +180,33 @@ def _load_weights(path: Path) -> dict:
 
 
 def train_teacher(tracker: Tracker, parent: str, ctx, teacher_hash: str) -> tuple[dict[str, Any], dict]:
-    """Train the teacher as a one-trial sweep; log its weights to its MLflow run."""
+    """Train the teacher as a one-trial sweep; log its weights to its MLflow run, and only then
+    mark that run FINISHED (a FINISHED teacher run always holds its weights, so it is reusable).
+
+    The checkpoint is read through the storage's own filesystem (local, ``s3://``, ...).
+    """
     from ray import tune
 
-    from kdsweep.sweep import result_rows, run_trials
+    from kdsweep.sweep import result_rows, run_trials, storage_checkpoint
     from kdsweep.train_loop import student_weights_path
 
-    callback = tune_callback(tracker, parent, _describe(ctx, "teacher", {TAG_HASH: teacher_hash}))
+    callback = tune_callback(tracker, parent, _describe(ctx, "teacher", {TAG_HASH: teacher_hash}), finish_on_complete=False)
     param_space = {"row": tune.grid_search(["teacher"]), "seed": tune.grid_search([0]), "params": {}}
-    results = run_trials(ctx, param_space, name=f"teacher-{teacher_hash}-{int(time.time())}", callbacks=[callback], max_concurrent_trials=1)
-    record = result_rows(results, lambda c: {"row": "teacher"})[0]
-    if record["status"] != "FINISHED" or not record.get("checkpoint_path"):
-        raise RuntimeError(f"teacher training failed: {record.get('error') or 'no checkpoint'}")
-    from ray.train import Checkpoint
-
-    local = paths.home() / "teachers" / teacher_hash
-    Checkpoint(record["checkpoint_path"]).to_directory(str(local))
-    weights = student_weights_path(local)
-    run_id = callback.finished[-1]
-    tracker.log_artifact(run_id, weights, "teacher")
+    try:
+        results = run_trials(ctx, param_space, name=f"teacher-{teacher_hash}-{int(time.time())}", callbacks=[callback],
+                             max_concurrent_trials=1)
+        record = result_rows(results, lambda c: {"row": "teacher"})[0]
+        if record["status"] != "FINISHED" or not record.get("checkpoint_path"):
+            raise RuntimeError(f"teacher training failed: {record.get('error') or 'no checkpoint'}")
+        local = paths.home() / "teachers" / teacher_hash
+        storage_checkpoint(ctx.storage_path, record["checkpoint_path"]).to_directory(str(local))
+        weights = student_weights_path(local)
+        [run_id] = callback.completed
+        tracker.log_artifact(run_id, weights, "teacher")
+        callback.finish(run_id)
+    except BaseException as exc:
+        callback.kill_open_runs(f"teacher not usable: {exc}" if str(exc) else "interrupted")
+        raise
     return record, _load_weights(weights)
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
+import pycocotools.coco
+import pycocotools.cocoeval
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -103,6 +105,26 @@ def records_from_rows(rows: torch.Tensor, label_to_cat_id: dict[int, int]) -> tu
     return records, seen
 
 
+def _mute(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_pycocotools() -> Iterator[None]:
+    """Silence pycocotools' progress prints. Redirecting stdout is not enough inside a Ray Train
+    worker, whose patched ``print`` also sends every line to its logger; a module-level ``print``
+    in pycocotools' modules shadows the builtin for the duration."""
+    modules = (pycocotools.coco, pycocotools.cocoeval)
+    for module in modules:
+        module.print = _mute  # type: ignore[attr-defined]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("print", None)
+
+
 def coco_stats(coco_gt: COCO, detections: list[dict[str, Any]], image_ids: list[int] | None = None) -> dict[str, float]:
     """Run COCOeval (bbox) and return ``{AP, AP50, AP75, AP_S, AP_M, AP_L}`` in percent.
 
@@ -111,7 +133,7 @@ def coco_stats(coco_gt: COCO, detections: list[dict[str, Any]], image_ids: list[
     """
     if not detections:
         return {name: 0.0 for name in STAT_NAMES}
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_pycocotools():
         coco_dt = coco_gt.loadRes(detections)
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
         if image_ids is not None:

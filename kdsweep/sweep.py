@@ -234,7 +234,31 @@ def interrupted(results: Any) -> bool:
 
 def experiment_path(ctx: SweepContext, name: str) -> str:
     """Where Tune keeps the state of sweep ``name`` (a local path or a URI)."""
-    return f"{ctx.storage_path.rstrip('/')}/{name}"
+    return join_storage(ctx.storage_path, name)
+
+
+def join_storage(storage: str, name: str) -> str:
+    """``storage/name`` for a local path or a URI, keeping a URI's query (e.g.
+    ``s3://bucket/runs?endpoint_override=host:9000`` -> ``s3://bucket/runs/name?endpoint_override=...``)."""
+    base, sep, query = storage.partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def storage_checkpoint(storage: str, path: str):
+    """The ``ray.train.Checkpoint`` at ``path`` as Ray reports it (a path *inside* the storage's
+    filesystem, without the scheme: ``bucket/runs/train-x/checkpoint_...`` on S3) under the
+    storage ``storage`` (a local path or a URI such as ``s3://bucket/runs``, optionally with
+    pyarrow's query options). The filesystem is the storage's own, as Ray builds it
+    (``pyarrow.fs.FileSystem.from_uri``), so ``to_directory()`` works for local and remote storage.
+    """
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    if "://" in storage:
+        filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage)
+    else:
+        filesystem = pyarrow.fs.LocalFileSystem()
+    return Checkpoint(path=path, filesystem=filesystem)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -151,12 +151,16 @@ class Tracker:
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'", max_results=10000)
 
 
-def tune_callback(tracker: Tracker, parent: str, describe: Callable[[dict[str, Any]], tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]]):
+def tune_callback(tracker: Tracker, parent: str, describe: Callable[[dict[str, Any]], tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]],
+                  finish_on_complete: bool = True):
     """A Ray Tune callback that mirrors each trial into one child MLflow run.
 
     ``describe(trial.config) -> (run_name, params, tags, config)``; ``config`` is stored as the
     run's ``config.json`` artifact. Per-epoch results are logged with
     ``step = epoch``; the run ends FINISHED, FAILED (with the error as a tag) or KILLED.
+    With ``finish_on_complete=False`` a completed trial's run stays RUNNING (its id goes to
+    ``callback.completed``) until the caller has logged what must be in it and calls
+    ``callback.finish(run_id)`` (the teacher: its weights); ``kill_open_runs`` ends it otherwise.
     """
     from ray.tune import Callback
 
@@ -164,6 +168,7 @@ def tune_callback(tracker: Tracker, parent: str, describe: Callable[[dict[str, A
         def __init__(self) -> None:
             self.runs: dict[str, str] = {}  # trial id -> open MLflow run id
             self.finished: list[str] = []  # MLflow run ids that ended FINISHED, in order
+            self.completed: list[str] = []  # completed trials whose runs wait for finish()
             # a resumed sweep: trials that already have a child run continue in it
             self.existing: dict[str, str] = {
                 run.data.tags[TAG_TRIAL]: run.info.run_id
@@ -193,10 +198,23 @@ def tune_callback(tracker: Tracker, parent: str, describe: Callable[[dict[str, A
                 tracker.log_metrics(run_id, result, step=int(result.get("epoch", result.get("training_iteration", 0))))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            if not finish_on_complete:
+                run_id = self.runs.get(trial.trial_id)
+                if run_id is not None and run_id not in self.completed:
+                    self.completed.append(run_id)
+                return
             run_id = self.runs.pop(trial.trial_id, None)
             if run_id is not None:
                 tracker.end_run(run_id, "FINISHED")
                 self.finished.append(run_id)
+
+        def finish(self, run_id: str) -> None:
+            """End a completed trial's run FINISHED (``finish_on_complete=False``)."""
+            for trial_id, open_id in list(self.runs.items()):
+                if open_id == run_id:
+                    del self.runs[trial_id]
+            tracker.end_run(run_id, "FINISHED")
+            self.finished.append(run_id)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             run_id = self.runs.pop(trial.trial_id, None)

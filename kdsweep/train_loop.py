@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import random
 import tempfile
@@ -35,6 +36,7 @@ from kdsweep.models.detectors import build_detector, load_state
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -207,12 +209,19 @@ def _run_worker(config: dict[str, Any]) -> None:
     amp, amp_dtype, scaler = amp_settings(cfg, device)
 
     start_epoch = 1
+    saved: dict[str, Any] = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start_epoch = load_checkpoint(directory, distiller, optimizer, scheduler, scaler, extra_optimizers)
+            saved = read_metrics(directory)
         if log:
             log(f"resumed from checkpoint, continuing at epoch {start_epoch}")
+    if start_epoch > cfg.epochs and saved:
+        # every epoch was done before the interruption (the workers outlived their Tune trial):
+        # report the last epoch's metrics again, so that Tune and MLflow end with them
+        ray.train.report({**saved, "start_epoch": start_epoch})
+        return
 
     nodes = count_nodes(device)
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -240,8 +249,21 @@ def _run_worker(config: dict[str, Any]) -> None:
             ckpt = None
             if rank == 0:
                 save_checkpoint(tmp, distiller, optimizer, scheduler, scaler, epoch, extra_optimizers)
+                write_metrics(tmp, metrics)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
+
+
+def write_metrics(directory: str, metrics: dict[str, Any]) -> None:
+    """The epoch's numeric metrics as ``metrics.json`` beside the weights in a checkpoint."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    Path(directory, METRICS_FILE).write_text(json.dumps(numbers))
+
+
+def read_metrics(directory: str) -> dict[str, Any]:
+    """The metrics saved with a checkpoint ({} for checkpoints written before they were saved)."""
+    path = Path(directory, METRICS_FILE)
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def student_weights_path(checkpoint_dir: str | Path) -> Path:
