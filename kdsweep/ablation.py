@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from kdsweep import paths
 from kdsweep.config import ConfigError, config_hash, merge, to_dict
+from kdsweep.preflight import dataset_classes, describe_row, preflight
 from kdsweep.presets import PRESETS, get_preset
 from kdsweep.space import Row, SearchSpace, build_experiment, load_space, tune_param_space, validate_space
 from kdsweep.tracking import TAG_HASH, TAG_ROLE, TAG_ROW, TAG_SEED, Tracker, default_tracking_uri, flatten, tune_callback
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--rows", help="comma-separated subset of row labels to run")
     parser.add_argument("--no-throughput", action="store_true", help="skip the params / inference images-per-second columns")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate everything a launch validates (space, every trial's teacher and student as the trials "
+                             "build them, data), print the trial count and each row's models, start nothing")
     parser.add_argument("--resume", action="store_true",
                         help="continue the newest interrupted run of this space and preset: finished trials are kept, "
                              "unfinished ones resume from their checkpoints, each keeps its one MLflow child run")
@@ -250,14 +254,15 @@ def run_ablation(default_space: str | Path, argv: Sequence[str] | None = None, p
     from kdsweep.data.coco import DataError
 
     try:
-        return _run(args)
+        return _dry_run(args) if args.dry_run else _run(args)
     except (ConfigError, DataError) as exc:
         print(f"kdsweep: error: {exc}", file=sys.stderr)
         return 2
 
 
 def prepare_space(args: argparse.Namespace):
-    """Preset, search space (``--rows`` applied) and the merged preset dict; every row validated."""
+    """Preset, search space (``--rows`` applied), the merged preset dict and every trial's models
+    as the preflight built them (:func:`kdsweep.preflight.preflight`): every row validated."""
     preset = get_preset(args.preset)
     space = load_space(args.space)
     if args.rows:
@@ -267,21 +272,62 @@ def prepare_space(args: argparse.Namespace):
             raise ConfigError(f"--rows: '{missing[0]}' is not a row of {space.source}; rows: {', '.join(space.labels)}")
         space = SearchSpace(**{**space.__dict__, "rows": tuple(r for r in space.rows if r.label in wanted)})
     preset_dict = merge(preset.experiment, cli_overrides(args))
-    validate_space(space, preset_dict)
-    return preset, space, preset_dict
+    trials = validate_space(space, preset_dict)
+    models = preflight(trials, dataset_classes(trials[0][1]), space.source)
+    return preset, space, preset_dict, models
 
 
 def _prepare(args: argparse.Namespace):
-    """Everything checked before anything starts: preset, space, data."""
+    """Everything checked before anything starts: preset, space, every trial's models, data."""
     from kdsweep.data.coco import load_validated, resolve_data
 
-    preset, space, preset_dict = prepare_space(args)
+    preset, space, preset_dict, models = prepare_space(args)
     first = build_experiment(preset_dict, space, space.labels[0], {}, None)
     data_paths = resolve_data(first.data)
     for ann, images in ((data_paths.train_ann, data_paths.train_images), (data_paths.val_ann, data_paths.val_images)):
         load_validated(ann, images)
     data = {k: str(v) for k, v in data_paths.__dict__.items()}
     return preset, space, preset_dict, data
+
+
+def check_data_only(preset_dict: dict[str, Any], space: SearchSpace) -> str:
+    """What ``--dry-run`` says of the data: a given dataset is validated as a run validates it
+    (problems raise a one-line DataError); the default synthetic data is described, not generated."""
+    from kdsweep.data.coco import load_validated, resolve_data
+
+    cfg = build_experiment(preset_dict, space, space.labels[0], {}, None).data
+    if cfg.root is None and cfg.train_ann is None and cfg.val_ann is None:
+        return (f"synthetic ({cfg.synth_style}): {cfg.synth_train} train / {cfg.synth_val} val images at {cfg.synth_size} px, "
+                "generated under KDSWEEP_HOME on the first run")
+    data_paths = resolve_data(cfg)
+    reports = [load_validated(ann, images) for ann, images in
+               ((data_paths.train_ann, data_paths.train_images), (data_paths.val_ann, data_paths.val_images))]
+    return f"{data_paths.train_ann} ({reports[0].num_images} images), {data_paths.val_ann} ({reports[1].num_images} images): valid"
+
+
+def print_models(space: SearchSpace, models: list) -> None:
+    """One line per row: its teacher and student as the trials build them (the first
+    configuration of rows with sampled values)."""
+    shown: set[str] = set()
+    for row in models:
+        if row.label not in shown:
+            shown.add(row.label)
+            print(f"  {describe_row(row)}")
+    if len(models) > len(shown):
+        print(f"  ({len(models)} configurations built in all: every grid and choice value of the space)")
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """``--dry-run``: the whole validation of a launch (space, every trial's models, data), then
+    the trial count and one line per row; starts nothing and records nothing."""
+    preset, space, preset_dict, models = prepare_space(args)
+    data = check_data_only(preset_dict, space)
+    seeds = args.seeds or preset.seeds
+    print(f"{space.source} [{preset.name}]: valid; {len(space.labels) * seeds} trial(s): "
+          f"{len(space.labels)} row(s) x {seeds} seed(s), {args.max_concurrent or preset.max_concurrent_trials} at once")
+    print(f"  data: {data}")
+    print_models(space, models)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

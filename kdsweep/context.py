@@ -16,6 +16,7 @@ output ``(proposals, losses)``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, TypeVar
@@ -27,6 +28,15 @@ from kdsweep.models.taps import align_to
 
 
 T = TypeVar("T")
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device_type, enabled=False)``, or a no-op for device types without
+    autocast (``meta``: the preflight builds and probes models there)."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 def to_float32(obj: T) -> T:
@@ -195,4 +205,4 @@ def body_channels(model: nn.Module) -> int:
     return int(list(out.values())[-1].shape[1])
 
 
-__all__ = ["KDContext", "StepTap", "TeacherOutputs", "body_channels", "to_float32"]
+__all__ = ["KDContext", "StepTap", "TeacherOutputs", "autocast_off", "body_channels", "to_float32"]

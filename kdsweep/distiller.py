@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
-from kdsweep.context import KDContext, StepTap, TeacherOutputs, to_float32
+from kdsweep.context import KDContext, StepTap, TeacherOutputs, autocast_off, to_float32
 from kdsweep.models.detectors import build_detector, level_names
 from kdsweep.models.taps import FeatureTap, align_to, extract_features
 
@@ -105,7 +105,7 @@ class Trainable(nn.Module):
         # KD terms compute in float32 whatever autocast the step runs under: their inputs are
         # promoted and autocast is off inside (half-precision statistics such as SSIM's local
         # variances or a softmax over a whole map lose too much).
-        with torch.autocast(images[0].device.type, enabled=False):
+        with autocast_off(images[0].device.type):
             student_feats = to_float32(student_feats)
             teacher_out = to_float32(teacher_out)
             for name, term in self.terms.items():

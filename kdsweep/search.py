@@ -267,7 +267,6 @@ def build_parser(prog: str | None = None, default_space: str | None = None) -> a
     else:
         parser.add_argument("space", help="search-space YAML (search_spaces/*.yaml)")
     parser.add_argument("--num-samples", type=int, help="trials per grid point (default: the file's search.num_samples)")
-    parser.add_argument("--dry-run", action="store_true", help="validate, print the trial count and the first configs, start nothing")
     parser.add_argument("--summary-json", help="also write {trials, trial_epochs, best, parent_run} to this JSON file")
     add_arguments(parser)
     return parser
@@ -288,28 +287,32 @@ def run_sweep(argv: Sequence[str] | None = None, prog: str | None = None, defaul
 
 
 def _validated(args: argparse.Namespace, with_data: bool):
-    from kdsweep.ablation import _prepare
+    from kdsweep.ablation import _prepare, prepare_space
 
     args.space = str(Path(args.space).expanduser().resolve()) if Path(args.space).expanduser().exists() else args.space
     if with_data:
         preset, space, preset_dict, data = _prepare(args)
+        models = []
     else:
-        from kdsweep.ablation import prepare_space
-
-        preset, space, preset_dict = prepare_space(args)
+        preset, space, preset_dict, models = prepare_space(args)
         data = {}
     seeds = list(range(args.seeds or 1))
     plan = make_plan(space, args.num_samples, args.max_concurrent, preset.max_concurrent_trials)
     param_space(space, plan, seeds)  # optuna's constraints, before anything starts
-    return preset, space, preset_dict, data, seeds, plan
+    return preset, space, preset_dict, data, seeds, plan, models
 
 
 def _dry_run(args: argparse.Namespace) -> int:
-    preset, space, preset_dict, _, seeds, plan = _validated(args, with_data=False)
+    from kdsweep.ablation import check_data_only, print_models
+
+    preset, space, preset_dict, _, seeds, plan, models = _validated(args, with_data=False)
+    data = check_data_only(preset_dict, space)
     count = trial_count(space, plan, len(seeds))
     print(f"{space.source}: valid. {count} trial(s): {len(space.labels)} row(s) x {len(seeds)} seed(s)"
           f" x {plan.num_samples} sample(s); algorithm {plan.algorithm}, scheduler {plan.scheduler}, "
           f"{plan.max_concurrent} at once, preset {preset.name}")
+    print(f"  data: {data}")
+    print_models(space, models)
     for i, trial in enumerate(preview(space, plan, seeds), 1):
         exp = build_experiment(preset_dict, space, trial["row"], trial["params"], trial["seed"])
         shown = {"row": trial["row"], "seed": trial["seed"], "sampled": trial["params"],
@@ -319,7 +322,7 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    preset, space, preset_dict, data, seeds, plan = _validated(args, with_data=True)
+    preset, space, preset_dict, data, seeds, plan, _ = _validated(args, with_data=True)
     import ray
 
     from kdsweep.ablation import _describe, acquire_teacher, teacher_identity

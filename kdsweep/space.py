@@ -28,16 +28,15 @@ Samplers: ``grid: [v, ...]``, ``choice: [v, ...]``, ``uniform: [lo, hi]``,
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import yaml
 
-from kdsweep.config import ConfigError, ExperimentConfig, ModelConfig, from_dict, merge
+from kdsweep.config import ConfigError, ExperimentConfig, from_dict, merge
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = ("name", "description", "metric", "mode", "baseline", "base", "rows", "space", "search")
@@ -272,13 +271,14 @@ def build_experiment(preset: Mapping[str, Any], space: SearchSpace, label: str, 
         raise ConfigError(f"{space.source}: row '{label}': {exc}") from None
 
 
-def validate_space(space: SearchSpace, preset: Mapping[str, Any]) -> list[ExperimentConfig]:
-    """Build every row's config with each grid value (and a representative value of other
-    samplers), checking loss names and parameters; return the row configs."""
+def validate_space(space: SearchSpace, preset: Mapping[str, Any]) -> list[tuple[str, ExperimentConfig]]:
+    """Build every row's typed config with each grid and choice value of the space (and a
+    representative value of the other samplers), checking the loss names; return
+    ``[(row label, config), ...]``. The models themselves are built by
+    :func:`kdsweep.preflight.preflight`."""
     from kdsweep.losses import LOSSES
 
     configs = []
-    teachers: dict[str, Any] = {}
     for label in space.labels:
         variants: list[dict[str, Any]] = [{}]
         for path, sampler in space.space.items():
@@ -291,71 +291,8 @@ def validate_space(space: SearchSpace, preset: Mapping[str, Any]) -> list[Experi
                     raise ConfigError(
                         f"{space.source}: row '{label}': kd[{i}].loss '{term.loss}' is unknown; known: {', '.join(sorted(LOSSES))}"
                     )
-            try:
-                _dry_build(exp, teachers)
-            except ConfigError as exc:
-                raise ConfigError(f"{space.source}: row '{label}': {exc}") from None
-            configs.append(exp)
+            configs.append((label, exp))
     return configs
-
-
-def _dry_build(exp: ExperimentConfig, teachers: dict[str, Any]) -> None:
-    """Build the row's student, teacher and KD terms (random weights, no data) so that a bad
-    model option or loss parameter, a checkpoint of another architecture or a teacher/student
-    mismatch fails before anything starts. Local checkpoints are checked (see
-    :func:`_dry_model`); ``torchvision:`` weights are left out (they would download)."""
-    import dataclasses
-
-    from kdsweep.distiller import build_distiller
-    from kdsweep.models.detectors import build_detector
-
-    classes = exp.student.num_classes or 2
-    student_cfg = _dry_model(exp.student, "student", teachers)
-    if not exp.kd:
-        with _role("student"):
-            build_detector(student_cfg, classes)
-        return
-    teacher_cfg = _dry_model(exp.teacher, "teacher", teachers)
-    key = json.dumps([dataclasses.asdict(teacher_cfg), classes], sort_keys=True, default=str)
-    if key not in teachers:
-        with _role("teacher"):
-            teachers[key] = build_detector(teacher_cfg, exp.teacher.num_classes or classes)
-    with _role("student"):  # its model errors start with "model."; the KD terms' with "kd"
-        build_distiller(dataclasses.replace(exp, student=student_cfg), classes, teachers[key])
-
-
-def _dry_model(cfg: ModelConfig, role: str, checked: dict[str, Any]) -> ModelConfig:
-    """``cfg`` as the dry build builds it. ``torchvision:`` weights are dropped (they would
-    download). A local checkpoint is kept when ``num_classes`` is set, so that building the model
-    loads it and a checkpoint of another architecture fails here; with ``num_classes: 0`` (the
-    dataset's count, unknown before the data is read) it is checked once for everything but the
-    class-dependent shapes (:func:`~kdsweep.models.detectors.check_checkpoint`), then dropped."""
-    import dataclasses
-
-    from kdsweep.models.detectors import TORCHVISION_PREFIX, check_checkpoint
-
-    if cfg.weights is None or cfg.weights.startswith(TORCHVISION_PREFIX):
-        return dataclasses.replace(cfg, weights=None)
-    if cfg.num_classes:
-        return cfg
-    key = "checkpoint:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
-    if key not in checked:
-        with _role(role):
-            check_checkpoint(cfg)
-        checked[key] = True
-    return dataclasses.replace(cfg, weights=None)
-
-
-@contextlib.contextmanager
-def _role(role: str) -> Iterator[None]:
-    """Rename ``model.<field>`` in a ConfigError raised inside to ``student.<field>`` or
-    ``teacher.<field>``, so that the error names the config field to fix."""
-    try:
-        yield
-    except ConfigError as exc:
-        if not str(exc).startswith("model."):
-            raise
-        raise ConfigError(f"{role}.{str(exc)[len('model.'):]}") from None
 
 
 def tune_param_space(space: SearchSpace, seeds: list[int]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -59,21 +59,22 @@ def build_loaders(
     return train_loader, val_loader, sampler, val_ds
 
 
-def build_model(config: dict[str, Any], exp: ExperimentConfig, num_classes: int) -> Distiller:
-    """The Distiller for this role: a bare teacher, or the student with the frozen teacher."""
-    if config["role"] == "teacher":
+def build_model(exp: ExperimentConfig, role: str, num_classes: int, teacher_state: Mapping[str, Any] | None = None) -> Distiller:
+    """The Distiller a run of ``role`` trains: the bare teacher (built from ``exp.teacher``, its
+    initial weights included), or the student with the frozen teacher (built without initial
+    weights, then loaded with ``teacher_state``, the trained teacher's state_dict).
+
+    ``num_classes`` is the dataset's class count (a model's own ``num_classes`` wins when set).
+    :mod:`kdsweep.preflight` calls this very function before anything starts.
+    """
+    if role == "teacher":
         return Distiller(build_detector(exp.teacher, num_classes))
     teacher = None
     if exp.kd:
-        teacher = build_detector(dataclasses.replace(exp.teacher, weights=None), num_classes)
-        state = config.get("teacher_state")
-        if state is not None and not isinstance(state, dict):
-            import ray
-
-            state = ray.get(state)
-        if state is None:
+        if teacher_state is None:
             raise ValueError("KD terms are configured but no teacher weights were given")
-        load_state(teacher, state, "teacher weights")
+        teacher = build_detector(dataclasses.replace(exp.teacher, weights=None), num_classes)
+        load_state(teacher, teacher_state, "teacher weights")
     return build_distiller(exp, num_classes, teacher)
 
 
@@ -193,9 +194,10 @@ def _run_worker(config: dict[str, Any]) -> None:
     log = console(f"{config.get('label', role)} r{rank}") if rank == 0 else None
 
     train_loader, val_loader, sampler, val_ds = build_loaders(config["data"], exp, cfg, rank, world)
-    model_cfg = exp.teacher if role == "teacher" else exp.student
-    num_classes = model_cfg.num_classes or val_ds.num_classes
-    distiller = build_model(config, exp, num_classes)
+    state = config.get("teacher_state")
+    if state is not None and not isinstance(state, Mapping):  # an ObjectRef of the teacher's weights
+        state = ray.get(state)
+    distiller = build_model(exp, role, val_ds.num_classes, state)
     distiller.to(device)
     distiller.wrap(ray.train.torch.prepare_model)
     main_params, extra_optimizers = split_params(distiller)

@@ -311,24 +311,31 @@ def test_the_corpus_covers_every_entry_point() -> None:
     assert {"sweep", "sweep-run", "ablation", "data-check", "argparse-sweep", "argparse-ablation"} <= entries
 
 
-def test_a_checkpoint_of_the_right_architecture_passes_whatever_the_class_count(tmp_path: Path) -> None:
-    """The control of the checkpoint cases: ``num_classes: 0`` (the dataset's, unknown before the
-    data is read) accepts a checkpoint of the same architecture saved with any class count; a
-    given ``num_classes`` must match the checkpoint's."""
+def test_a_checkpoint_is_checked_against_the_dataset_class_count(tmp_path: Path) -> None:
+    """The control of the checkpoint cases. The preflight builds the models as the trials do, with
+    the dataset's class count: ``num_classes: 0`` (the dataset's) accepts a checkpoint saved with
+    that count and rejects another; a given ``num_classes`` must match the checkpoint's. When the
+    count cannot be known yet (no readable annotations), every shape that does not depend on it
+    is checked."""
     from kdsweep.config import ConfigError, ModelConfig
     from kdsweep.models.detectors import build_detector
+    from kdsweep.preflight import preflight
     from kdsweep.presets import PRESETS
     from kdsweep.space import parse_space, validate_space
 
     student = {**PRESETS["smoke"].experiment["student"], "arch": "fasterrcnn"}
     path = tmp_path / "fasterrcnn_5.pt"
     torch.save(build_detector(ModelConfig(**student), 5).state_dict(), path)
-    for kd in ([], [{"loss": "l2"}]):
-        for classes in (0, 5):
-            space = parse_space({"rows": [{"label": "a", "student": {"arch": "fasterrcnn", "weights": str(path),
-                                                                    "num_classes": classes}, "kd": kd}]}, "ok.yaml")
-            validate_space(space, PRESETS["smoke"].experiment)
+
+    def check(classes_in_config: int, dataset_classes: int | None, kd: list) -> None:
         space = parse_space({"rows": [{"label": "a", "student": {"arch": "fasterrcnn", "weights": str(path),
-                                                                "num_classes": 3}, "kd": kd}]}, "ok.yaml")
-        with pytest.raises(ConfigError, match=r"student\.weights .*fasterrcnn_5\.pt: checkpoint does not match fasterrcnn"):
-            validate_space(space, PRESETS["smoke"].experiment)
+                                                                "num_classes": classes_in_config}, "kd": kd}]}, "ok.yaml")
+        preflight(validate_space(space, PRESETS["smoke"].experiment), dataset_classes, space.source)
+
+    for kd in ([], [{"loss": "l2"}]):
+        check(0, 5, kd)
+        check(5, 6, kd)  # the config's own count wins
+        check(0, None, kd)  # unknown yet: the class-independent shapes
+        for classes_in_config, dataset in ((0, 6), (3, 5)):
+            with pytest.raises(ConfigError, match=r"row 'a': student\.weights .*fasterrcnn_5\.pt: checkpoint does not match fasterrcnn"):
+                check(classes_in_config, dataset, kd)

@@ -27,7 +27,8 @@ def test_ssim_ablation_rows_read_like_the_paper():
         assert label in labels
     assert sum(label.startswith("ssim window") for label in labels) >= 2
     configs = validate_space(space, PRESET)
-    by_label = dict(zip(labels, configs))
+    assert [label for label, _ in configs] == labels
+    by_label = dict(configs)
     assert by_label["baseline"].kd == ()
     assert by_label["ssim structure-only"].kd[0].params == {"alpha": 0.0, "beta": 0.0, "gamma": 1.0}
     assert by_label["l1"].kd[0].loss == "l1"
@@ -103,9 +104,11 @@ def test_bad_space_files_fail_with_one_line(data, fragment):
     ],
 )
 def test_validation_catches_bad_rows_before_anything_starts(rows, fragment):
+    from kdsweep.preflight import preflight
+
     space = parse_space({"rows": rows}, "bad.yaml")
     with pytest.raises(ConfigError) as info:
-        validate_space(space, PRESET)
+        preflight(validate_space(space, PRESET), 6, space.source)  # the configs, then the models
     assert fragment in str(info.value) and "row 'x'" in str(info.value)
 
 

@@ -28,9 +28,11 @@ Conventions (shared by every function here):
   of ``pytorch_msssim``. When ``beta != gamma`` (e.g. structure only),
   ``s_x = sqrt(max(var_x, 0) + VAR_EPS)`` so that the gradient stays finite on flat regions.
 
-Implementation: :func:`ssim_map` is the plain-autograd reference. :func:`ssim_feature_loss` runs
-a fused kernel (:class:`_FusedSSIM`) that returns the mean and computes its gradient in the same
-pass (derived by hand, checked by ``gradcheck``). The separable Gaussian is applied as banded
+Implementation: :func:`ssim_map` is the plain-autograd reference. :func:`ssim_feature_loss`
+dispatches on the device: non-CPU tensors (CUDA, and ``meta`` in the preflight) take
+:func:`_device_ssim_mean`, two depthwise convolutions over the stacked moments with autograd;
+CPU tensors take a fused kernel (:class:`_FusedSSIM`) that returns the mean and computes its
+gradient in the same pass (derived by hand, checked by ``gradcheck``). The separable Gaussian is applied as banded
 matrix products (BLAS) to the stacked moments ``(x, y, x^2 + y^2, xy)``, chunk of planes by
 chunk of planes so that the elementwise math stays in cache; on the CPU the chunks are shared out
 to single-threaded workers (one per ``torch.get_num_threads()``) and their work memory is kept
@@ -39,6 +41,7 @@ between calls. See ``benchmarks/bench_ssim.py``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -145,10 +148,44 @@ def ssim_feature_loss(
     x, y = _as_float(student), _as_float(teacher)
     y = y if y.dtype == x.dtype else y.to(x.dtype)
     window = effective_window(x.shape[-2], x.shape[-1], window_size, sigma)
+    if x.device.type != "cpu":  # CUDA (the paper preset), meta (the preflight), any other device
+        return 1.0 - _device_ssim_mean(x, y, spec, window, normalize == "minmax")
     grad_on = torch.is_grad_enabled()
     need_x, need_y = grad_on and x.requires_grad, grad_on and y.requires_grad
     mean = _FusedSSIM.apply(x, y, spec, window, normalize == "minmax", need_x, need_y)
     return 1.0 - mean
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:  # a device type without autocast (meta)
+        return contextlib.nullcontext()
+
+
+def _device_ssim_mean(x: Tensor, y: Tensor, spec: _Spec, window: tuple[int, float], normalize: bool) -> Tensor:
+    """Mean SSIM map on any device: the five moments ``(x, y, x^2, y^2, xy)`` stacked along the
+    channels, filtered by the separable Gaussian as two depthwise (grouped) convolutions, one per
+    axis ("valid", as :func:`filter2d_valid`), then the map of :func:`ssim_map`; plain autograd.
+
+    This is the path of non-CPU tensors (the CPU has the fused kernel, :class:`_FusedSSIM`): one
+    cuDNN depthwise convolution per axis on GPUs, no host synchronisation, always in float32 or
+    float64 (autocast is off inside).
+
+    Shape:
+        - x, y: ``(N, C, H, W)``, same dtype and device; output: ``()``.
+    """
+    with _autocast_off(x.device.type):
+        if normalize:
+            x, y = minmax_normalize(x), minmax_normalize(y)
+        k, s = window
+        channels = x.shape[1] * 5
+        g = gaussian_window(k, s, dtype=x.dtype, device=x.device)
+        z = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (N, 5C, H, W)
+        z = torch.nn.functional.conv2d(z, g.view(1, 1, k, 1).expand(channels, 1, k, 1), groups=channels)
+        z = torch.nn.functional.conv2d(z, g.view(1, 1, 1, k).expand(channels, 1, 1, k), groups=channels)
+        mx, my, exx, eyy, exy = z.chunk(5, dim=1)
+        return _ssim_from_moments(mx, my, exx, eyy, exy, spec).mean()
 
 
 class SSIMLoss(nn.Module):
@@ -257,7 +294,7 @@ def gaussian_window(
     Shape:
         - output: ``(size,)``.
     """
-    coords = torch.arange(size, dtype=torch.float64) - size // 2
+    coords = torch.arange(size, dtype=torch.float64, device="cpu") - size // 2
     g = torch.exp(-(coords**2) / (2.0 * sigma**2))
     return (g / g.sum()).to(dtype=dtype, device=device)
 
@@ -437,11 +474,12 @@ def _gaussian_bands(
     Forward ``M[a, o] = g[a - o]`` for ``0 <= a - o < size``: shape ``(n, n - size + 1)``;
     backward is ``M^T``: shape ``(n - size + 1, n)``.
     """
-    g = gaussian_window(size, sigma, dtype=torch.float64)
+    g = gaussian_window(size, sigma, dtype=torch.float64, device="cpu")  # built on the host, then moved
     n_out = n - size + 1
-    m = torch.zeros(n, n_out, dtype=torch.float64)
-    rows = torch.arange(n_out)[None, :] + torch.arange(size)[:, None]  # (size, n_out)
-    m[rows, torch.arange(n_out)[None, :].expand(size, n_out)] = g[:, None].expand(size, n_out)
+    m = torch.zeros(n, n_out, dtype=torch.float64, device="cpu")
+    cols = torch.arange(n_out, device="cpu")[None, :]
+    rows = cols + torch.arange(size, device="cpu")[:, None]  # (size, n_out)
+    m[rows, cols.expand(size, n_out)] = g[:, None].expand(size, n_out)
     m = m.to(dtype=dtype, device=device)
     mt = m.t().contiguous()
     return _Band(m, _blocks_of(m, block)), _Band(mt, _blocks_of(mt, block))
@@ -1032,7 +1070,7 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     buffers: dict[torch.dtype, Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
     buf = buffers.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype)
+        buf = torch.empty(numel, dtype=dtype, device="cpu")
         buffers[dtype] = buf
     return buf[:numel]
 

@@ -102,7 +102,7 @@ class FeatureTerm(nn.Module):
             )
         try:  # bad values (e.g. an even window) fail now, not in the first training step
             with torch.no_grad():
-                probe = torch.zeros(1, 1, 1, 1)
+                probe = torch.zeros(1, 1, 1, 1, device="cpu")  # a check of the values, on any default device
                 self.fn(probe, probe, **self.params)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"kd.{self.name}.params: {exc}") from None

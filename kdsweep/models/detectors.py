@@ -389,7 +389,9 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 def _mimicdet(cfg: ModelConfig, classes: int) -> nn.Module:
     """MimicDet (Lu et al., ECCV 2020) from :mod:`kdsweep.models.mimicdet`; ``cfg.options`` go to
-    its builder. Weights: None or a local checkpoint of this architecture."""
+    its builder. Weights: None, the backbone's ImageNet weights (``torchvision:ResNet50_Weights...``;
+    the paper trains from them: FrozenBatchNorm2d, ``trainable_backbone_layers`` trainable stages),
+    or a local checkpoint of this architecture."""
     import inspect
 
     from kdsweep.models.mimicdet import MimicDet, build_mimicdet
@@ -403,11 +405,16 @@ def _mimicdet(cfg: ModelConfig, classes: int) -> nn.Module:
     if unknown:
         raise ConfigError(f"model.options.{unknown[0]} is unknown for mimicdet; known: {', '.join(sorted(known))}")
     source = parse_weights(cfg)
-    if source.detector is not None or source.backbone is not None:
-        raise ConfigError("model.weights for mimicdet: use none or a local checkpoint of a mimicdet model")
+    if source.detector is not None:
+        raise ConfigError(
+            f"model.weights '{cfg.weights}' for mimicdet: use ImageNet weights of its backbone "
+            f"(e.g. torchvision:{get_model_weights(cfg.backbone).__name__}.IMAGENET1K_V1), "
+            "a local checkpoint of a mimicdet model, or null"
+        )
     try:
         model = build_mimicdet(cfg.backbone, classes, fpn_channels=cfg.fpn_channels, min_size=cfg.min_size,
-                               max_size=cfg.max_size, anchor_scale=cfg.anchor_scale, **dict(cfg.options))
+                               max_size=cfg.max_size, anchor_scale=cfg.anchor_scale, backbone_weights=source.backbone,
+                               trainable_layers=cfg.trainable_backbone_layers, **dict(cfg.options))
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model.options: {exc}") from None
     if source.checkpoint is not None:

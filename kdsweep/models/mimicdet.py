@@ -149,6 +149,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import initLevelMapper
 
+from kdsweep.context import autocast_off
+
 S_LEVELS: tuple[int, ...] = (3, 4, 5, 6, 7)  # refinement module + S-head (and inference)
 T_LEVELS_STAGGERED: tuple[int, ...] = (2, 3, 4, 5, 6)  # T-head, staggered pyramid
 SIMILARITIES = ("cosine", "l2")
@@ -812,7 +814,7 @@ class MimicDet(nn.Module):
             t_logits = t_logits.detach() if t_logits is not None else None
             t_reg = t_reg.detach() if t_reg is not None else None
         # the mimic arithmetic runs in float32 under any autocast (its inputs are promoted)
-        with torch.autocast(inputs.zero.device.type, enabled=False):
+        with autocast_off(inputs.zero.device.type):
             total = inputs.zero.float()
             if "cls" in paths:
                 assert inputs.s_cls is not None and t_logits is not None

@@ -1,0 +1,164 @@
+"""The preflight (kdsweep.preflight) and ``--dry-run``: every row of every shipped search space
+builds, for every preset, exactly as its trials will build it (full-size ``paper`` models on the
+meta device, torchvision downloads replaced by weights of the right shape)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdsweep.config import ConfigError
+from kdsweep.presets import PRESETS
+from kdsweep.space import load_space, parse_space, validate_space
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+COCO_CLASSES = 80
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
+def test_every_preset_builds_every_row_of_every_shipped_space(path: Path, preset: str) -> None:
+    from kdsweep.preflight import preflight
+
+    space = load_space(path)
+    experiment = PRESETS[preset].experiment
+    trials = validate_space(space, experiment)
+    rows = preflight(trials, COCO_CLASSES, space.source)
+    assert [r.label for r in rows] == [label for label, _ in trials]
+    assert {r.label for r in rows} == set(space.labels)
+    for row, (_, exp) in zip(rows, trials):
+        assert row.trainable_params > 0
+        assert (row.teacher is not None) == bool(exp.kd)
+        assert row.student.startswith(f"{exp.student.arch} {exp.student.backbone}")
+        # the weights the trial starts from are the ones the preflight loaded (not dropped)
+        assert (exp.student.weights or "random init") in row.student
+        if row.teacher is not None:
+            assert exp.teacher.backbone in row.teacher
+
+
+def test_paper_models_are_full_size_and_cost_no_memory() -> None:
+    """R101 -> R50 RetinaNet at 800x1333 with COCO's 80 classes, as the paper trains them."""
+    from kdsweep.preflight import preflight
+
+    space = load_space(ROOT / "search_spaces" / "ablation_ssim.yaml")
+    [row] = preflight([t for t in validate_space(space, PRESETS["paper"].experiment) if t[0] == "ssim"], COCO_CLASSES)
+    assert row.teacher.startswith("retinanet resnet101 fpn256 800x1333 torchvision:ResNet101_Weights.IMAGENET1K_V1")
+    assert row.student.startswith("retinanet resnet50 fpn256 800x1333 torchvision:ResNet50_Weights.IMAGENET1K_V1")
+    # torchvision's RetinaNet R50-FPN has 34.0M parameters with 91 classes; ours, with 81 outputs
+    # and FrozenBatchNorm2d (buffers, not parameters), has a few hundred thousand fewer
+    student_m = float(row.student.split("(")[1].split("M")[0])
+    assert 33.0 < student_m < 34.1
+
+
+def test_offline_weights_fetch_nothing_and_have_the_right_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.models._api as weights_api
+    from torchvision.models import ResNet50_Weights, resnet50
+    from torchvision.models._api import WeightsEnum
+
+    from kdsweep.preflight import offline_weights
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(weights_api, "load_state_dict_from_url", no_network)  # where torchvision downloads
+    original = WeightsEnum.get_state_dict
+    with torch.device("meta"), offline_weights():
+        model = resnet50(weights=ResNet50_Weights.IMAGENET1K_V1)  # loads the shaped state strictly
+    assert model.fc.weight.shape == (1000, 2048) and model.fc.weight.device.type == "meta"
+    assert WeightsEnum.get_state_dict is original
+    with pytest.raises(AssertionError, match="download"):
+        ResNet50_Weights.IMAGENET1K_V1.get_state_dict()
+
+
+def test_the_preflight_uses_the_trials_own_builder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One teacher build per distinct teacher, one student build per configuration, through
+    kdsweep.train_loop.build_model (what every Ray Train worker calls)."""
+    import kdsweep.preflight
+    from kdsweep.train_loop import build_model
+
+    calls = []
+
+    def spy(exp, role, num_classes, teacher_state=None):
+        calls.append((role, teacher_state is not None))
+        return build_model(exp, role, num_classes, teacher_state)
+
+    monkeypatch.setattr(kdsweep.preflight, "build_model", spy)
+    space = load_space(ROOT / "search_spaces" / "ablation_ssim.yaml")
+    kdsweep.preflight.preflight(validate_space(space, PRESETS["smoke"].experiment), 6)
+    assert calls[0] == ("student", False)  # the baseline: no teacher
+    assert calls.count(("teacher", False)) == 1  # every KD row shares one teacher configuration
+    assert calls.count(("student", True)) == len(space.labels) - 1
+
+
+def test_a_model_that_rejects_its_weights_fails_before_anything_starts() -> None:
+    from kdsweep.preflight import preflight
+
+    space = parse_space({"rows": [{"label": "m", "student": {
+        "arch": "mimicdet", "weights": "torchvision:RetinaNet_ResNet50_FPN_Weights.COCO_V1"}}]}, "bad.yaml")
+    with pytest.raises(ConfigError) as info:
+        preflight(validate_space(space, PRESETS["paper"].experiment), COCO_CLASSES, space.source)
+    message = str(info.value)
+    assert message.startswith("bad.yaml: row 'm': student.weights 'torchvision:RetinaNet_ResNet50_FPN_Weights.COCO_V1'")
+    assert "torchvision:ResNet50_Weights.IMAGENET1K_V1" in message and "\n" not in message
+
+
+# ------------------------------------------------------------------------------------ --dry-run
+@pytest.fixture()
+def no_services(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    import kdsweep.sweep
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run started Ray")
+
+    monkeypatch.setattr(kdsweep.sweep, "init_ray", refuse)
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "home"
+
+
+@pytest.mark.parametrize("name", ["ablation_ssim", "ablation_scalekd", "ablation_mimic"])
+def test_dry_run_of_each_ablation_launcher(name: str, no_services: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kdsweep.ablation import run_ablation
+
+    space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
+    assert run_ablation(space.source, ["--preset", "paper", "--dry-run", "--seeds", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{space.source} [paper]: valid; {2 * len(space.labels)} trial(s): {len(space.labels)} row(s) x 2 seed(s), 1 at once"
+    assert out[1].startswith("  data: synthetic")
+    assert [line.split(":")[0].strip() for line in out[2:]] == space.labels  # one line per row
+    assert not (no_services / "mlflow").exists() and not (no_services / "ray_results").exists()
+
+
+def test_dry_run_validates_a_given_dataset(no_services: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kdsweep.ablation import run_ablation
+    from kdsweep.config import DataConfig
+    from kdsweep.data.synthetic import ensure_synthetic
+
+    root = ensure_synthetic(DataConfig(synth_train=4, synth_val=3, synth_size=64))
+    space = ROOT / "search_spaces" / "ablation_ssim.yaml"
+    assert run_ablation(space, ["--preset", "smoke", "--dry-run", "--data", str(root), "--rows", "baseline,ssim"]) == 0
+    out = capsys.readouterr().out
+    assert "(4 images)" in out and "(3 images)" in out and "valid" in out
+    (root / "val.json").write_text("{")
+    assert run_ablation(space, ["--preset", "smoke", "--dry-run", "--data", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "val.json" in err[0] and "not valid JSON" in err[0]
+
+
+def test_the_mimicdet_paper_launch_validates(tmp_path: Path) -> None:
+    """The launcher as a user runs it: before the fix the preflight dropped the ImageNet weights
+    that MimicDet rejected, and every student failed after the teacher had trained."""
+    import os
+
+    env = dict(os.environ, KDSWEEP_HOME=str(tmp_path / "home"))
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "ablation_mimicdet.py"), "--preset", "paper", "--dry-run"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "6 trial(s)" in out.stdout
+    assert "student mimicdet resnet50 fpn256 800x1333 torchvision:ResNet50_Weights.IMAGENET1K_V1" in out.stdout
+    assert "Traceback" not in out.stderr
