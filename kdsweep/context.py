@@ -42,9 +42,9 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 def to_float32(obj: T) -> T:
     """``obj`` with every half-precision (float16/bfloat16) tensor in it cast to float32.
 
-    Walks dicts, lists, tuples and the dataclasses of this module (:class:`TeacherOutputs`,
-    :class:`KDContext`); modules, other tensors and other values are returned as they are (the
-    same objects). A term's input under autocast comes out as it would in a float32 step, up to
+    Walks dicts, lists, tuples and dataclass instances (:class:`TeacherOutputs`,
+    :class:`KDContext`, a MimicDet's recorded mimic inputs); modules, other tensors and other values
+    are returned as they are (the same objects). A term's input under autocast comes out as it would in a float32 step, up to
     the rounding the half-precision forward already did; autograd flows through the cast.
     """
     if isinstance(obj, Tensor):
@@ -53,9 +53,9 @@ def to_float32(obj: T) -> T:
         return type(obj)((k, to_float32(v)) for k, v in obj.items())  # type: ignore[return-value]
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(to_float32(v) for v in obj)  # type: ignore[return-value]
-    if isinstance(obj, (TeacherOutputs, KDContext)):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         changes = {f.name: to_float32(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                   if not isinstance(getattr(obj, f.name), nn.Module)}
+                   if f.init and not isinstance(getattr(obj, f.name), nn.Module)}
         return dataclasses.replace(obj, **changes)  # type: ignore[return-value]
     return obj
 

@@ -45,7 +45,7 @@ from torchvision.models.detection import FasterRCNN
 
 from kdsweep.config import ConfigError
 from kdsweep.losses.term import reject_unknown
-from kdsweep.context import KDContext
+from kdsweep.context import KDContext, to_float32
 from kdsweep.models.detectors import level_names
 from kdsweep.models.mimicdet import MIMIC_PATHS, SIMILARITIES, MimicDet, MimicInputs
 
@@ -120,6 +120,7 @@ class ExternalTeacherMimic(nn.Module):
                                "(a MimicDet with options.t_head: external, in training mode, is needed)")
         if inputs.num_mimic == 0:
             return inputs.zero
+        inputs = to_float32(inputs)  # recorded by the student's forward, possibly under autocast
         t_logits, t_feature = self.targets(teacher, ctx, inputs)
         return student.mimic_from(inputs, t_logits, t_feature, similarity=self.similarity, paths=self.paths)
 

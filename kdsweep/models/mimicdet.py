@@ -330,7 +330,10 @@ class SHead(nn.Module):
             raise ValueError(f"S-head expects {len(self.kernels)} levels, got {len(feats)}")
         cls, reg, reg_feats = [], [], []
         for f, g, k in zip(feats, guides, self.kernels):
-            x = F.relu((self.dconv3 if k == 3 else self.dconv5)(f, self.offsets(g, k)))
+            offsets = self.offsets(g, k)
+            with autocast_off(f.device.type):  # float32, as torchvision's CUDA autocast runs it;
+                # its CPU kernel has no bfloat16/float16 at all
+                x = F.relu((self.dconv3 if k == 3 else self.dconv5)(f.float(), offsets.float()))
             rf = self.reg_tower(x)
             cls.append(self.cls_logits(self.cls_tower(x)))
             reg.append(self.bbox_reg(rf))

@@ -1,0 +1,212 @@
+"""Mixed precision on the CPU: the AMP branch of ``train_one_epoch`` (bfloat16 autocast, and
+float16 with a ``GradScaler``) and the contract that every registry KD term computes in float32
+under autocast (kdsweep.distiller.Trainable: autocast off inside the terms, inputs promoted).
+
+Tolerances. Under autocast the student and teacher forwards give the terms their features in
+bfloat16, whose unit roundoff is 2^-9 (0.2 %). A term is then a smooth function of inputs that
+each carry up to 0.2 % relative error, so its value moves by a few tenths of a percent; SSIM's
+min-max normalisation, the softmaxes of the logit mimics and CSA's attention amplify that a
+little. We allow 1 % on the value (5x the roundoff) and 5 % (relative L2) on the gradient, which
+sums many rounded products; what they guard against, an arithmetic done in bfloat16 itself,
+loses far more (bfloat16 accumulation of a mean over 10^3-10^5 elements is off by percents, and a
+variance E[x^2] - E[x]^2 in bfloat16 by its whole size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from kdsweep.config import ExperimentConfig, KDTermConfig, ModelConfig
+from kdsweep.distiller import build_distiller
+from kdsweep.engine import train_one_epoch
+from kdsweep.losses import LOSSES
+from kdsweep.models.detectors import build_detector
+
+K = 3
+SIZE = 96  # P6 2x2: oneDNN's bfloat16 weight gradient of a stride-2 conv on a 1x1 map (P7 of a
+# 64 px image) is NaN in about one call of five (torch 2.14 on the CPU; not our arithmetic)
+VALUE_RTOL = 1e-2
+GRAD_RTOL = 5e-2
+
+
+def _model(arch: str, backbone: str = "resnet18", fpn: int = 16, **options) -> ModelConfig:
+    extra = {"rpn_proposals": 50, "roi_samples": 32} if arch == "fasterrcnn" else {}
+    return ModelConfig(arch=arch, backbone=backbone, fpn_channels=fpn, min_size=SIZE, max_size=SIZE, anchor_scale=2.0,
+                       options=options, **extra)
+
+
+MIMICDET_EXTERNAL = {"t_head": "external", "t_hidden": 1024, "t_samples": 32, "mimic_samples": 8}
+CASES: dict[str, tuple[ModelConfig, ModelConfig, KDTermConfig]] = {
+    "l1": (_model("retinanet"), _model("retinanet", fpn=32), KDTermConfig("l1", adapter=True)),
+    "l2": (_model("retinanet"), _model("retinanet", fpn=32), KDTermConfig("l2", adapter=True)),
+    "ssim": (_model("retinanet"), _model("retinanet", fpn=32), KDTermConfig("ssim", adapter=True)),
+    "sdf": (_model("retinanet"), _model("retinanet", fpn=32), KDTermConfig("sdf")),
+    "csa": (_model("retinanet"), _model("retinanet", fpn=32), KDTermConfig("csa", params={"start": 0.0})),
+    "mimic": (_model("fasterrcnn"), _model("fasterrcnn", fpn=32), KDTermConfig("mimic", adapter=True, params={"num_rois": 16})),
+    "mimic_full": (_model("fasterrcnn"), _model("fasterrcnn", fpn=32), KDTermConfig("mimic_full", adapter=True)),
+    "mimic_logits": (_model("retinanet"), _model("retinanet", fpn=32), KDTermConfig("mimic_logits")),
+    "mimic_head": (_model("fasterrcnn"), _model("fasterrcnn", fpn=32), KDTermConfig("mimic_head")),
+    "mimicdet_teacher": (_model("mimicdet", **MIMICDET_EXTERNAL), _model("fasterrcnn"), KDTermConfig("mimicdet_teacher")),
+}
+
+
+def test_every_registry_key_has_a_case() -> None:
+    assert set(CASES) == set(LOSSES)
+
+
+def _distiller(key: str):
+    student, teacher_cfg, term = CASES[key]
+    torch.manual_seed(1)
+    teacher = build_detector(teacher_cfg, K)
+    if key == "mimic_logits":  # untrained heads share the focal-loss prior bias, so their logits differ
+        # by little: bfloat16 spacing at that bias (1/32) would decide the loss. A teacher that
+        # disagrees with the student, as a trained one does, makes the comparison meaningful
+        teacher.head.classification_head.cls_logits.bias.data.zero_()
+    torch.manual_seed(0)
+    return build_distiller(ExperimentConfig(student=student, teacher=teacher_cfg, kd=(term,)), K, teacher)
+
+
+def _batch() -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, SIZE, SIZE, generator=g), torch.rand(3, SIZE, SIZE, generator=g)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([K])},
+               {"boxes": torch.tensor([[10.0, 8.0, 50.0, 30.0], [30.0, 30.0, 62.0, 62.0]]), "labels": torch.tensor([1, 2])}]
+    return images, targets
+
+
+def _map(obj, fn):
+    """``obj`` with ``fn`` applied to every floating tensor (lists, tuples, dicts, the context
+    dataclasses; modules and other values kept)."""
+    if isinstance(obj, Tensor):
+        return fn(obj) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return type(obj)((k, _map(v, fn)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map(v, fn) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _map(getattr(obj, f.name), fn) for f in dataclasses.fields(obj)
+                                           if f.init and not isinstance(getattr(obj, f.name), nn.Module)})
+    return obj
+
+
+def _floats(obj) -> list[Tensor]:
+    found: list[Tensor] = []
+    _map(obj, lambda t: found.append(t) or t)
+    return found
+
+
+def _total(out) -> Tensor:
+    return sum(out.values()) if isinstance(out, dict) else out
+
+
+def _forward(distiller, capture: list, autocast: bool):
+    """One training forward; the term's inputs (and autocast state, input dtypes) recorded."""
+    [term] = distiller.trainable.terms.values()
+    student = distiller.student
+
+    def spy(module, args):
+        recorded = getattr(student, "last_mimic_inputs", None)  # MimicDet: the S-side of its mimic
+        capture.append((torch.is_autocast_enabled("cpu"), {t.dtype for t in _floats(args)}, args, recorded))
+
+    handle = term.register_forward_pre_hook(spy)
+    images, targets = _batch()
+    torch.manual_seed(5)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return distiller(images, targets, progress=0.5)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_each_term_computes_in_float32_under_autocast(key: str) -> None:
+    distiller = _distiller(key)
+    distiller.train()
+    [term] = distiller.trainable.terms.values()
+    fp32: list = []
+    _forward(distiller, fp32, autocast=False)
+    amp: list = []
+    losses = _forward(distiller, amp, autocast=True)
+    sum(losses.values()).backward()
+    assert [a[:2] for a in amp] == [(False, {torch.float32})], amp  # autocast off inside, float32 inputs
+    kd = {k: v for k, v in losses.items() if k.startswith("kd_")}
+    assert kd and all(v.dtype == torch.float32 and torch.isfinite(v) for v in kd.values()), kd
+    grads = [p.grad for p in distiller.trainable.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+    # the inputs of the float32 step, as they are and with the features rounded through bfloat16
+    # (what an autocast forward hands over), with the same random draws: the term's value and
+    # gradient stay close. Boxes keep float32 here: RoIAlign at rounded box corners samples other
+    # pixels, a change of the regions, not of the term's arithmetic
+    _, _, args32, recorded32 = fp32[0]
+
+    def run(rounding):
+        leaves: list[Tensor] = []
+
+        def leaf(t: Tensor) -> Tensor:
+            x = rounding(t.detach()).float().requires_grad_(t.requires_grad)
+            if x.requires_grad:
+                leaves.append(x)
+            return x
+
+        args = _map(args32, leaf)
+        if recorded32 is not None:
+            distiller.student.last_mimic_inputs = _map(recorded32, leaf)
+        torch.manual_seed(7)
+        out = _total(term(*args))
+        own = [p for p in term.parameters() if p.requires_grad]
+        grads = [g for g in torch.autograd.grad(out, leaves + own, allow_unused=True) if g is not None]
+        assert grads, "the term's value depends on no student-side input"
+        return out.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+    def half(t: Tensor) -> Tensor:  # features and logits in bfloat16; boxes (R, 4 or 5) as they are
+        return t if t.dim() == 2 and t.shape[-1] in (4, 5) else t.to(torch.bfloat16)
+
+    value32, grad32 = run(lambda t: t)
+    value16, grad16 = run(half)
+    assert torch.isfinite(value16) and torch.isfinite(grad16).all()
+    value_error = float(abs(value16 - value32) / abs(value32))
+    grad_error = float((grad16 - grad32).norm() / grad32.norm())
+    assert 0 < value_error <= VALUE_RTOL, value_error  # > 0: the inputs did change
+    assert grad_error <= GRAD_RTOL, grad_error
+
+
+def _fit(dtype: torch.dtype, scaler: torch.amp.GradScaler | None) -> tuple[dict[str, float], float]:
+    distiller = _distiller("ssim")
+    params = [p for p in distiller.trainable.parameters() if p.requires_grad]
+    before = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    out = train_one_epoch(distiller, optimizer, scheduler, [_batch()] * 3, device=torch.device("cpu"), epoch=1,
+                          params=params, amp=True, amp_dtype=dtype, scaler=scaler, grad_clip=10.0)
+    moved = float((torch.cat([p.detach().reshape(-1) for p in params]) - before).abs().max())
+    return out, moved
+
+
+def test_the_amp_branch_trains_in_bfloat16() -> None:
+    out, moved = _fit(torch.bfloat16, None)
+    assert all(torch.isfinite(torch.tensor(v)) for v in out.values()) and out["loss/kd_ssim"] > 0
+    assert moved > 0
+
+
+def test_the_grad_scaler_path_trains_in_float16() -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    out, moved = _fit(torch.float16, scaler)
+    assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
+    assert moved > 0 and scaler.get_scale() > 0  # the scaler unscaled, stepped and updated
+
+
+def test_amp_settings_pick_the_dtype_and_the_scaler() -> None:
+    from kdsweep.config import TrainConfig
+    from kdsweep.train_loop import amp_settings
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_settings(TrainConfig(amp=False), cuda) == (False, None, None)
+    enabled, dtype, scaler = amp_settings(TrainConfig(amp=True), cpu)
+    assert (enabled, dtype, scaler) == (True, torch.bfloat16, None)
+    enabled, dtype, scaler = amp_settings(TrainConfig(amp=True, amp_dtype="float16"), cpu)
+    assert dtype is torch.float16 and isinstance(scaler, torch.amp.GradScaler)
