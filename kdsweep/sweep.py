@@ -262,7 +262,14 @@ def storage_checkpoint(storage: str, path: str):
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster (``address``, ``RAY_ADDRESS``) or start a local Ray on 127.0.0.1."""
+    """Connect to Ray: ``address`` (``--ray-address``) or ``RAY_ADDRESS`` (set by ``ray job
+    submit``); else a Ray instance already running on this machine (``ray start --head``), as
+    ``ray.init()`` itself would; else a private local Ray on 127.0.0.1 that ends with the launcher.
+
+    Connecting to the running instance is what a user who started one expects, and the only safe
+    choice: a second instance beside it breaks Ray's own helpers, which look their cluster up on
+    the machine ("Found multiple active Ray instances") and would leak placement groups.
+    """
     import ray
 
     if ray.is_initialized():
@@ -271,10 +278,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         # Keep the job's runtime env (``ray job submit --working-dir``): pass none of our own.
         ray.init(address=address)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    try:
+        ray.init(address="auto")  # the instance `ray start` left on this machine, if any
+    except ConnectionError:
         # The dashboard serves Ray's State API, which Train's controller queries; bind it locally.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+        return
+    print(f"kdsweep: using the Ray instance already running on this machine ({ray.get_runtime_context().gcs_address}); "
+          "pass --ray-address to use another cluster", flush=True)
 
 
 def result_rows(results: Any, describe: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:

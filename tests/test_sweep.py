@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import ray.exceptions
 from ray.train import ControllerError, WorkerGroupError
 
@@ -40,3 +41,40 @@ def test_a_bug_in_the_training_code_is_not_restarted():
 def test_a_controller_error_is_not_restarted_here():
     kind, _ = classify_failure(ControllerError(RuntimeError("placement group could not be scheduled")))
     assert kind == "fatal"
+
+
+@pytest.mark.slow
+def test_a_local_launch_uses_the_ray_instance_already_running(tmp_path) -> None:
+    """A user's `ray start --head` (with its own temp dir, so Ray's "latest cluster" file does not
+    point at it) runs on the machine: the launcher connects to it instead of starting a second
+    instance, whose helpers would fail on "Found multiple active Ray instances"."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = Path(sys.executable).parent
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", KDSWEEP_HOME=str(tmp_path / "home"))
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths are limited
+    subprocess.run([str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=0",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+    try:
+        out = subprocess.run([sys.executable, str(root / "launch" / "ablation_ssim.py"), "--preset", "smoke", "--rows", "baseline",
+                              "--no-throughput", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
+                             env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "using the Ray instance already running on this machine (" in out.stdout
+    assert f":{port}); pass --ray-address" in out.stdout  # the user's instance (its GCS port)
+    assert "Started a local Ray instance" not in text
+    assert "Found multiple active Ray instances" not in text
