@@ -71,8 +71,10 @@ def gather_rows(rows: Tensor, dst: int = 0) -> Tensor | None:
     """Concatenate every worker's ``rows`` (``(n_r, D)``, any ``n_r >= 0``, same ``D`` and dtype,
     on the training device) on worker ``dst``, in rank order; other workers get None.
 
-    Two collectives: an all-gather of the row counts (int64, on the device), then a gather of the
-    rows padded to the largest count. Only ``dst`` receives (and later unpacks) the rows.
+    Two all-gathers on the device: the row counts (int64), then the rows padded to the largest
+    count. An all-gather rather than a gather because gloo gathers only host tensors (NCCL and
+    gloo both all-gather device tensors); only ``dst`` concatenates and returns them, and
+    nothing is pickled.
 
     Shape:
         - rows: ``(n_r, D)``; output on ``dst``: ``(sum_r n_r, D)``.
@@ -89,12 +91,10 @@ def gather_rows(rows: Tensor, dst: int = 0) -> Tensor | None:
     longest = max(sizes)
     padded = rows.new_zeros((longest, rows.shape[1]))
     padded[: rows.shape[0]] = rows
-    me = dist.get_rank()
-    buckets = [torch.empty_like(padded) for _ in range(world)] if me == dst else None
-    dist.gather(padded, gather_list=buckets, dst=dst)
-    if me != dst:
+    buckets = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(buckets, padded)
+    if dist.get_rank() != dst:
         return None
-    assert buckets is not None
     return torch.cat([bucket[:n] for bucket, n in zip(buckets, sizes)])
 
 

@@ -182,8 +182,8 @@ def evaluate(
     """COCO-evaluate ``model`` on the whole validation set.
 
     Each worker predicts its own shard (``loader``) and packs its detections into rows on the
-    device (:func:`~kdsweep.evaluation.detection_rows`); the rows are gathered on rank 0 only,
-    which runs COCOeval over ``image_ids`` (the full val set), then broadcasts the numbers as a
+    device (:func:`~kdsweep.evaluation.detection_rows`); the rows are gathered as tensors and
+    only rank 0 unpacks them and runs COCOeval over ``image_ids`` (the full val set), then broadcasts the numbers as a
     tensor so that every rank reports the same metrics. ``eval_images`` counts the distinct images
     evaluated across all workers (it equals ``len(image_ids)`` when nothing was missed).
     """
