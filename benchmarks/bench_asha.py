@@ -22,7 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kdsweep.search import run_sweep  # noqa: E402
+from kdsweep.orchestrate.search import run_sweep  # noqa: E402
 
 
 def space(weights: list[float], epochs: int, scheduler: str) -> dict:

@@ -10,7 +10,7 @@ Rows (random weights, ``--classes`` classes, batches of ``--batch`` random image
   at inference). Its reference is the ``student`` row: a RetinaNet of the same backbone, FPN width
   and size.
 
-All rows are measured interleaved by :func:`kdsweep.throughput.measure_configs` (``--rounds``
+All rows are measured interleaved by :func:`kdsweep.report.throughput.measure_configs` (``--rounds``
 rounds of ``--iters`` batches each, after ``--warmup`` batches; median per row) with
 ``--threads`` intra-op threads. Printed: images/s, ms/image, parameters (all, and those used at
 inference) and the ratios student/teacher speed-up, half-res student/teacher speed-up and
@@ -26,7 +26,7 @@ import argparse
 import torch
 
 from kdsweep.config import ModelConfig
-from kdsweep.throughput import measure_configs
+from kdsweep.report.throughput import measure_configs
 
 
 def build_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:

@@ -29,7 +29,7 @@ def run(workers: int, exp: ExperimentConfig, data: dict[str, str], storage: str)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from kdsweep.train_loop import train_fn_per_worker
+    from kdsweep.train.worker import train_fn_per_worker
 
     cfg = exp.teacher_train
     trainer = TorchTrainer(
@@ -68,7 +68,7 @@ def main() -> None:
     data = {k: str(v) for k, v in resolve_data(exp.data).__dict__.items()}
     import ray
 
-    from kdsweep.sweep import init_ray
+    from kdsweep.orchestrate.runner import init_ray
 
     init_ray(num_cpus=2)
     try:

@@ -1,6 +1,6 @@
 """ScaleKD SDF: memory and parameters of shared vs separate dilated branches, side by side.
 
-For each variant the script builds :class:`~kdsweep.losses.sdf.SDFLoss` on a backbone embedding
+For each variant the script builds :class:`~kdsweep.methods.scalekd.sdf.SDFLoss` on a backbone embedding
 (default 8 x 512 x 16 x 16, a ResNet-18/34 C5 of 512 px images), runs one forward + backward and
 reports:
 
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kdsweep.losses.sdf import SDFLoss  # noqa: E402
+from kdsweep.methods.scalekd.sdf import SDFLoss  # noqa: E402
 
 
 def measure(shared: bool, channels: int, size: int, batch: int, dilations: list[int], embed: int) -> dict[str, float]:

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from kdsweep.losses.ssim import ssim_feature_loss
+from kdsweep.methods.ssim import ssim_feature_loss
 
 SIZES = (64, 32, 16)
 TARGET = 1.5

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from kdsweep.config import KDTermConfig, ModelConfig
-from kdsweep.distiller import Distiller
+from kdsweep.train.distiller import Distiller
 from kdsweep.models.detectors import build_detector
 
 NUM_CLASSES = 6
@@ -32,21 +32,21 @@ SIZE = 192
 
 
 class _MSE(nn.Module):
-    """Stand-in L2 term (used only when kdsweep.losses is not importable)."""
+    """Stand-in L2 term (used only when kdsweep.methods is not importable)."""
 
     def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
         return torch.stack([((s - t) ** 2).mean() for s, t in zip(student, teacher)]).mean()
 
 
 def build_term(name: str, channels: int, num_levels: int) -> nn.Module | None:
-    """The ``name`` loss from kdsweep.losses, a local MSE for ``l2`` if that is missing, else None."""
+    """The ``name`` loss from kdsweep.methods, a local MSE for ``l2`` if that is missing, else None."""
     try:
-        from kdsweep.losses import build_loss
+        from kdsweep.methods import build_loss
     except ImportError:
         if name == "l2":
-            print("kdsweep.losses not importable: using a local MSE stand-in for l2")
+            print("kdsweep.methods not importable: using a local MSE stand-in for l2")
             return _MSE()
-        print(f"kdsweep.losses not importable: skipping {name}")
+        print(f"kdsweep.methods not importable: skipping {name}")
         return None
     try:
         cfg = KDTermConfig(name)

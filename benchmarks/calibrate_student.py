@@ -15,10 +15,10 @@ import torch
 
 from kdsweep.config import DataConfig, ModelConfig, TrainConfig
 from kdsweep.data.coco import CocoDetection, collate, resolve_data
-from kdsweep.distiller import Distiller
-from kdsweep.engine import evaluate, train_one_epoch, warmup_cosine
+from kdsweep.train.distiller import Distiller
+from kdsweep.train.engine import evaluate, train_one_epoch, warmup_cosine
 from kdsweep.models.detectors import build_detector
-from kdsweep.train_loop import make_optimizer
+from kdsweep.train.worker import make_optimizer
 
 
 def main() -> None:

@@ -173,9 +173,9 @@ def write_coco(folder: Path, n: int, height: int, width: int, classes: int, seed
 def section_amp(device: torch.device, quick: bool) -> dict[str, Any]:
     """A float16 + GradScaler step through train_one_epoch for every registry key."""
     from kdsweep.config import ExperimentConfig, KDTermConfig
-    from kdsweep.distiller import build_distiller
-    from kdsweep.engine import train_one_epoch
-    from kdsweep.losses import LOSSES
+    from kdsweep.train.distiller import build_distiller
+    from kdsweep.train.engine import train_one_epoch
+    from kdsweep.methods import LOSSES
     from kdsweep.models.detectors import build_detector
 
     size, k = (96, 3) if quick else (320, 8)
@@ -235,7 +235,7 @@ def section_ssim(device: torch.device, quick: bool) -> dict[str, Any]:
         from pytorch_msssim import ssim as reference
     except ImportError as exc:
         raise Skip(f"pytorch_msssim missing ({exc}); put its wheel in benchmarks/wheels") from None
-    from kdsweep.losses.ssim import ssim_feature_loss
+    from kdsweep.methods.ssim import ssim_feature_loss
 
     n, c = (2, 16) if quick else (2, 256)
     shapes = [(n, c, 100, 167), (n, c, 50, 84), (n, c, 25, 42), (n, c, 13, 21), (n, c, 7, 11)]
@@ -270,8 +270,8 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, queue: An
     sys.path.insert(0, str(ROOT))
     import torch.distributed as dist
 
-    from kdsweep import collectives
-    from kdsweep.engine import NonFiniteLossError, check_finite, train_one_epoch
+    from kdsweep.train import collectives
+    from kdsweep.train.engine import NonFiniteLossError, check_finite, train_one_epoch
 
     torch.cuda.set_device(rank if backend == "nccl" else 0)
     device = torch.device("cuda", torch.cuda.current_device())
@@ -341,8 +341,8 @@ def section_paper_step(device: torch.device, quick: bool, workdir: Path) -> dict
 
     from kdsweep.config import ExperimentConfig, KDTermConfig, TrainConfig
     from kdsweep.data.coco import CocoDetection, collate
-    from kdsweep.engine import train_one_epoch, warmup_cosine
-    from kdsweep.train_loop import amp_settings, build_model, make_optimizer
+    from kdsweep.train.engine import train_one_epoch, warmup_cosine
+    from kdsweep.train.worker import amp_settings, build_model, make_optimizer
 
     size, height, width = (128, 96, 128) if quick else (800, 480, 640)
     classes, batch, steps = 80, 2, (3 if quick else 20)
@@ -412,7 +412,7 @@ def section_evaluate(device: torch.device, quick: bool, workdir: Path) -> dict[s
     from torch.utils.data import DataLoader
 
     from kdsweep.data.coco import CocoDetection, collate
-    from kdsweep.engine import evaluate
+    from kdsweep.train.engine import evaluate
     from kdsweep.models.detectors import build_detector
 
     n, size = (24, 128) if quick else (300, 800)

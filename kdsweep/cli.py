@@ -16,13 +16,13 @@ from kdsweep.config import ConfigError
 
 
 def _ablation(args: argparse.Namespace) -> int:
-    from kdsweep.ablation import run_ablation
+    from kdsweep.orchestrate.ablation import run_ablation
 
     return run_ablation(args.space, args.rest, prog="kdsweep ablation")
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from kdsweep.search import run_sweep
+    from kdsweep.orchestrate.search import run_sweep
 
     return run_sweep([args.space, *args.rest], prog="kdsweep sweep")
 

@@ -71,7 +71,7 @@ class ModelConfig:
     None: torchvision's 512. At 128 px with a few objects per image, 300 / 128 train a step about
     2.3x faster on CPU than the defaults.
     ``options``: arch-specific settings, only for ``mimicdet`` (``staggered``, ``t_head``,
-    ``mimic_weight``, ``similarity``, ``mimic_paths``, ... see :func:`kdsweep.models.mimicdet.build_mimicdet`).
+    ``mimic_weight``, ``similarity``, ``mimic_paths``, ... see :func:`kdsweep.methods.mimicdet.model.build_mimicdet`).
     """
 
     arch: str = "retinanet"

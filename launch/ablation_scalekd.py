@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `ray job submit --working-dir .` ships the source, not an install
 
-from kdsweep.ablation import run_ablation  # noqa: E402
+from kdsweep.orchestrate.ablation import run_ablation  # noqa: E402
 
 SPACE = ROOT / "search_spaces" / "ablation_scalekd.yaml"
 

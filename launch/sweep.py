@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `ray job submit --working-dir .` ships the source, not an install
 
-from kdsweep.search import run_sweep  # noqa: E402
+from kdsweep.orchestrate.search import run_sweep  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_sweep(prog="sweep.py"))

@@ -1,6 +1,6 @@
 """Mixed precision on the CPU: the AMP branch of ``train_one_epoch`` (bfloat16 autocast, and
 float16 with a ``GradScaler``) and the contract that every registry KD term computes in float32
-under autocast (kdsweep.distiller.Trainable: autocast off inside the terms, inputs promoted).
+under autocast (kdsweep.train.distiller.Trainable: autocast off inside the terms, inputs promoted).
 
 Tolerances. Under autocast the student and teacher forwards give the terms their features in
 bfloat16, whose unit roundoff is 2^-9 (0.2 %). A term is then a smooth function of inputs that
@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from kdsweep.config import ExperimentConfig, KDTermConfig, ModelConfig
-from kdsweep.distiller import build_distiller
-from kdsweep.engine import train_one_epoch
-from kdsweep.losses import LOSSES
+from kdsweep.train.distiller import build_distiller
+from kdsweep.train.engine import train_one_epoch
+from kdsweep.methods import LOSSES
 from kdsweep.models.detectors import build_detector
 
 K = 3
@@ -202,7 +202,7 @@ def test_the_grad_scaler_path_trains_in_float16() -> None:
 
 def test_amp_settings_pick_the_dtype_and_the_scaler() -> None:
     from kdsweep.config import TrainConfig
-    from kdsweep.train_loop import amp_settings
+    from kdsweep.train.worker import amp_settings
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert amp_settings(TrainConfig(amp=False), cuda) == (False, None, None)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from kdsweep import cli
-from kdsweep.ablation import run_ablation
+from kdsweep.orchestrate.ablation import run_ablation
 
 W, H = 64, 48
 
@@ -232,12 +232,12 @@ def _fill(text: str, folder: Path) -> str:
 @pytest.fixture()
 def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     """Starting Ray would mean the bad input got through: fail loudly instead of training."""
-    import kdsweep.sweep
+    import kdsweep.orchestrate.runner
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("Ray was started for bad input")
 
-    monkeypatch.setattr(kdsweep.sweep, "init_ray", refuse)
+    monkeypatch.setattr(kdsweep.orchestrate.runner, "init_ray", refuse)
 
 
 @pytest.mark.parametrize("name", list(CASES), ids=list(CASES))
@@ -319,9 +319,9 @@ def test_a_checkpoint_is_checked_against_the_dataset_class_count(tmp_path: Path)
     is checked."""
     from kdsweep.config import ConfigError, ModelConfig
     from kdsweep.models.detectors import build_detector
-    from kdsweep.preflight import preflight
+    from kdsweep.orchestrate.preflight import preflight
     from kdsweep.presets import PRESETS
-    from kdsweep.space import parse_space, validate_space
+    from kdsweep.orchestrate.space import parse_space, validate_space
 
     student = {**PRESETS["smoke"].experiment["student"], "arch": "fasterrcnn"}
     path = tmp_path / "fasterrcnn_5.pt"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kdsweep import cli
-from kdsweep.ablation import run_ablation
+from kdsweep.orchestrate.ablation import run_ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 

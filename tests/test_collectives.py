@@ -1,10 +1,10 @@
-"""Collectives on the training device (kdsweep.collectives) and the checking mode that makes a
-CPU run fail where NCCL would (kdsweep.collective_check).
+"""Collectives on the training device (kdsweep.train.collectives) and the checking mode that makes a
+CPU run fail where NCCL would (kdsweep.train.collective_check).
 
 NCCL maps only the ``cuda`` device type; ``init_process_group("cuda:gloo")`` gives a CPU process
 group the same device map, which is how the first test reproduces the GPU failure of a host copy.
 On the CPU the training device is the host, so the other tests track host provenance instead
-(:mod:`kdsweep.collective_check`) and run the worker's distributed code on two real gloo ranks.
+(:mod:`kdsweep.train.collective_check`) and run the worker's distributed code on two real gloo ranks.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kdsweep import collectives
-from kdsweep.collective_check import CollectiveDeviceError, guard, is_host
+from kdsweep.train import collectives
+from kdsweep.train.collective_check import CollectiveDeviceError, guard, is_host
 
 
 def _free_port() -> int:
@@ -151,7 +151,7 @@ def _gt(n_images: int):
 
 
 def _worker_paths(rank: int, world: int) -> dict:
-    from kdsweep.engine import NonFiniteLossError, check_finite, evaluate, train_one_epoch
+    from kdsweep.train.engine import NonFiniteLossError, check_finite, evaluate, train_one_epoch
 
     device = torch.device("cpu")
     out: dict = {}

@@ -30,7 +30,7 @@ def _writer(uri: str, index: int, queue) -> None:
     """One 'trial': a run with PARAMS params and STEPS steps of three metrics, as the Tune
     callback writes them (one call per epoch)."""
     try:
-        from kdsweep.tracking import Tracker
+        from kdsweep.report.tracking import Tracker
 
         tracker = Tracker(uri, "concurrency")
         run = tracker.start_run(f"trial {index}", tags={"kdsweep.trial_id": str(index)})

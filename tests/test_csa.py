@@ -1,4 +1,4 @@
-"""Tests of kdsweep.losses.csa: ScaleKD's cross-scale assistant and its distillation losses."""
+"""Tests of kdsweep.methods.scalekd.csa: ScaleKD's cross-scale assistant and its distillation losses."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from kdsweep.config import ConfigError
-from kdsweep.losses.csa import (
+from kdsweep.methods.scalekd.csa import (
     CrossScaleAssistant,
     CSAHead,
     MultiScaleCrossAttention,

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
-from kdsweep.distiller import Distiller, build_distiller, term_names
+from kdsweep.train.distiller import Distiller, build_distiller, term_names
 from kdsweep.models.detectors import build_detector
 from kdsweep.models.taps import FeatureTap, align_to
 
@@ -23,7 +23,7 @@ DET_KEYS = {"classification", "bbox_regression"}
 
 
 class StandInL2(nn.Module):
-    """Stand-in for a kdsweep.losses term: per-level 1x1 adapter, then mean squared error."""
+    """Stand-in for a kdsweep.methods term: per-level 1x1 adapter, then mean squared error."""
 
     def __init__(self, student_channels: int, teacher_channels: int, num_levels: int) -> None:
         super().__init__()
@@ -172,16 +172,16 @@ def test_term_names() -> None:
 
 @pytest.fixture
 def stub_losses(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """Replace kdsweep.losses by a stub whose build_loss records its calls."""
+    """Replace kdsweep.methods by a stub whose build_loss records its calls."""
     calls: list[dict] = []
 
     def build_loss(cfg: KDTermConfig, *, student_channels: int, teacher_channels: int, num_levels: int, **models: object) -> nn.Module:
         calls.append(dict(loss=cfg.loss, s=student_channels, t=teacher_channels, n=num_levels))
         return StandInL2(student_channels, teacher_channels, num_levels)
 
-    module = types.ModuleType("kdsweep.losses")
+    module = types.ModuleType("kdsweep.methods")
     module.build_loss = build_loss
-    monkeypatch.setitem(sys.modules, "kdsweep.losses", module)
+    monkeypatch.setitem(sys.modules, "kdsweep.methods", module)
     return calls
 
 

@@ -95,7 +95,7 @@ def test_ray_job_submit_smoke_ablation_records_full_table(services, tmp_path):
     names = {a.path for a in client.list_artifacts(parent)}
     assert {"ablation.parquet", "ablation.md", "ablation.png"} <= names
     table = pq.read_table(client.download_artifacts(parent, "ablation.parquet", str(tmp_path))).to_pydict()
-    from kdsweep.space import load_space
+    from kdsweep.orchestrate.space import load_space
 
     labels = load_space(ROOT / "search_spaces" / "ablation_ssim.yaml").labels
     assert table["row"] == ["teacher", *labels]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kdsweep.engine import NonFiniteLossError, check_finite, train_one_epoch, warmup_cosine
+from kdsweep.train.engine import NonFiniteLossError, check_finite, train_one_epoch, warmup_cosine
 
 
 def test_non_finite_loss_raises_with_reason():
@@ -58,8 +58,8 @@ def test_train_one_epoch_stops_on_nan():
 
 
 def test_out_of_memory_becomes_a_one_line_trial_reason():
-    from kdsweep.engine import TrialOutOfMemoryError
-    from kdsweep.tracking import summarize_error
+    from kdsweep.train.engine import TrialOutOfMemoryError
+    from kdsweep.report.tracking import summarize_error
 
     class _Hungry(_Toy):
         def forward(self, images, targets, progress=0.0):
@@ -76,5 +76,5 @@ def test_out_of_memory_becomes_a_one_line_trial_reason():
                        "input size, or use a larger device")
     assert model.w.item() == 0.0
     # what the MLflow failure-reason tag keeps of the worker's traceback
-    text = f"Traceback (most recent call last):\n  File x\nkdsweep.engine.TrialOutOfMemoryError: {message}\n"
-    assert summarize_error(text) == f"kdsweep.engine.TrialOutOfMemoryError: {message}"
+    text = f"Traceback (most recent call last):\n  File x\nkdsweep.train.engine.TrialOutOfMemoryError: {message}\n"
+    assert summarize_error(text) == f"kdsweep.train.engine.TrialOutOfMemoryError: {message}"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from kdsweep.evaluation import STAT_NAMES, coco_stats, to_coco_detections
+from kdsweep.train.evaluation import STAT_NAMES, coco_stats, to_coco_detections
 
 
 def _gt():

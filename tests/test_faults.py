@@ -33,9 +33,9 @@ def test_killed_worker_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
 
     from kdsweep.config import from_dict, ExperimentConfig
     from kdsweep.data.coco import resolve_data
-    from kdsweep.space import parse_space, tune_param_space
-    from kdsweep.sweep import SweepContext, init_ray, result_rows, run_trials
-    from kdsweep.tracking import Tracker, tune_callback
+    from kdsweep.orchestrate.space import parse_space, tune_param_space
+    from kdsweep.orchestrate.runner import SweepContext, init_ray, result_rows, run_trials
+    from kdsweep.report.tracking import Tracker, tune_callback
 
     monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -88,9 +88,9 @@ def test_a_nan_trial_fails_once_with_its_reason_and_is_not_retried(tmp_path, mon
 
     from kdsweep.config import from_dict, ExperimentConfig
     from kdsweep.data.coco import resolve_data
-    from kdsweep.space import parse_space, tune_param_space
-    from kdsweep.sweep import SweepContext, init_ray, result_rows, run_trials
-    from kdsweep.tracking import TAG_REASON, Tracker, tune_callback
+    from kdsweep.orchestrate.space import parse_space, tune_param_space
+    from kdsweep.orchestrate.runner import SweepContext, init_ray, result_rows, run_trials
+    from kdsweep.report.tracking import TAG_REASON, Tracker, tune_callback
 
     monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

@@ -1,4 +1,4 @@
-"""Tests of kdsweep.losses: Lp losses, FeatureTerm (levels, adapters, validation) and the registry."""
+"""Tests of kdsweep.methods: Lp losses, FeatureTerm (levels, adapters, validation) and the registry."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from kdsweep.config import ConfigError, KDTermConfig, from_dict
-from kdsweep.losses import LOSSES, FeatureTerm, build_loss, loss_names
-from kdsweep.losses.feature import l1_feature_loss, l2_feature_loss
-from kdsweep.losses.ssim import ssim_feature_loss
+from kdsweep.methods import LOSSES, FeatureTerm, build_loss, loss_names
+from kdsweep.kd.feature import l1_feature_loss, l2_feature_loss
+from kdsweep.methods.ssim import ssim_feature_loss
 
 
 def _levels(channels: int, sizes=(16, 8, 4, 2, 1), n: int = 2, seed: int = 0) -> list[torch.Tensor]:

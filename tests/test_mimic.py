@@ -7,12 +7,12 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou, roi_align
 
-import kdsweep.losses
+import kdsweep.methods
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
-from kdsweep.context import KDContext, TeacherOutputs
-from kdsweep.distiller import build_distiller
-from kdsweep.losses import mimic
-from kdsweep.losses.mimic import (
+from kdsweep.kd.step import KDContext, TeacherOutputs
+from kdsweep.train.distiller import build_distiller
+from kdsweep.methods import mimic
+from kdsweep.methods.mimic import (
     DeconvAdapter,
     FullMapMimicTerm,
     HeadMimicTerm,
@@ -35,7 +35,7 @@ KEYS = {"mimic": build_mimic, "mimic_full": build_mimic_full, "mimic_logits": bu
 @pytest.fixture(autouse=True)
 def _registry(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, builder in KEYS.items():
-        monkeypatch.setitem(kdsweep.losses.LOSSES, key, builder)
+        monkeypatch.setitem(kdsweep.methods.LOSSES, key, builder)
 
 
 def model_cfg(arch: str = "retinanet", backbone: str = "resnet18", fpn: int = 16) -> ModelConfig:

@@ -1,4 +1,4 @@
-"""MimicDet (kdsweep.models.mimicdet): shapes through every head on odd image sizes, guided
+"""MimicDet (kdsweep.methods.mimicdet.model): shapes through every head on odd image sizes, guided
 deformable offsets from the refinement output, staggered levels, an inference path free of P2 and
 the T-head, mimic identities and gradients, losses, detections in image coordinates."""
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kdsweep.models.detectors import level_names, level_strides
-from kdsweep.models.mimicdet import MimicDet, build_mimicdet, mimic_similarity
+from kdsweep.methods.mimicdet.model import MimicDet, build_mimicdet, mimic_similarity
 from kdsweep.models.taps import FeatureTap
 
 K = 3  # object classes, labels 1..K

@@ -1,4 +1,4 @@
-"""The preflight (kdsweep.preflight) and ``--dry-run``: every row of every shipped search space
+"""The preflight (kdsweep.orchestrate.preflight) and ``--dry-run``: every row of every shipped search space
 builds, for every preset, exactly as its trials will build it (full-size ``paper`` models on the
 meta device, torchvision downloads replaced by weights of the right shape)."""
 
@@ -13,7 +13,7 @@ import torch
 
 from kdsweep.config import ConfigError
 from kdsweep.presets import PRESETS
-from kdsweep.space import load_space, parse_space, validate_space
+from kdsweep.orchestrate.space import load_space, parse_space, validate_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -23,7 +23,7 @@ COCO_CLASSES = 80
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
 def test_every_preset_builds_every_row_of_every_shipped_space(path: Path, preset: str) -> None:
-    from kdsweep.preflight import preflight
+    from kdsweep.orchestrate.preflight import preflight
 
     space = load_space(path)
     experiment = PRESETS[preset].experiment
@@ -43,7 +43,7 @@ def test_every_preset_builds_every_row_of_every_shipped_space(path: Path, preset
 
 def test_paper_models_are_full_size_and_cost_no_memory() -> None:
     """R101 -> R50 RetinaNet at 800x1333 with COCO's 80 classes, as the paper trains them."""
-    from kdsweep.preflight import preflight
+    from kdsweep.orchestrate.preflight import preflight
 
     space = load_space(ROOT / "search_spaces" / "ablation_ssim.yaml")
     [row] = preflight([t for t in validate_space(space, PRESETS["paper"].experiment) if t[0] == "ssim"], COCO_CLASSES)
@@ -60,7 +60,7 @@ def test_offline_weights_fetch_nothing_and_have_the_right_shape(monkeypatch: pyt
     from torchvision.models import ResNet50_Weights, resnet50
     from torchvision.models._api import WeightsEnum
 
-    from kdsweep.preflight import offline_weights
+    from kdsweep.orchestrate.preflight import offline_weights
 
     def no_network(*args, **kwargs):
         raise AssertionError("a download was attempted")
@@ -77,9 +77,9 @@ def test_offline_weights_fetch_nothing_and_have_the_right_shape(monkeypatch: pyt
 
 def test_the_preflight_uses_the_trials_own_builder(monkeypatch: pytest.MonkeyPatch) -> None:
     """One teacher build per distinct teacher, one student build per configuration, through
-    kdsweep.train_loop.build_model (what every Ray Train worker calls)."""
-    import kdsweep.preflight
-    from kdsweep.train_loop import build_model
+    kdsweep.train.worker.build_model (what every Ray Train worker calls)."""
+    import kdsweep.orchestrate.preflight
+    from kdsweep.train.worker import build_model
 
     calls = []
 
@@ -87,16 +87,16 @@ def test_the_preflight_uses_the_trials_own_builder(monkeypatch: pytest.MonkeyPat
         calls.append((role, teacher_state is not None))
         return build_model(exp, role, num_classes, teacher_state)
 
-    monkeypatch.setattr(kdsweep.preflight, "build_model", spy)
+    monkeypatch.setattr(kdsweep.orchestrate.preflight, "build_model", spy)
     space = load_space(ROOT / "search_spaces" / "ablation_ssim.yaml")
-    kdsweep.preflight.preflight(validate_space(space, PRESETS["smoke"].experiment), 6)
+    kdsweep.orchestrate.preflight.preflight(validate_space(space, PRESETS["smoke"].experiment), 6)
     assert calls[0] == ("student", False)  # the baseline: no teacher
     assert calls.count(("teacher", False)) == 1  # every KD row shares one teacher configuration
     assert calls.count(("student", True)) == len(space.labels) - 1
 
 
 def test_a_model_that_rejects_its_weights_fails_before_anything_starts() -> None:
-    from kdsweep.preflight import preflight
+    from kdsweep.orchestrate.preflight import preflight
 
     space = parse_space({"rows": [{"label": "m", "student": {
         "arch": "mimicdet", "weights": "torchvision:RetinaNet_ResNet50_FPN_Weights.COCO_V1"}}]}, "bad.yaml")
@@ -110,12 +110,12 @@ def test_a_model_that_rejects_its_weights_fails_before_anything_starts() -> None
 # ------------------------------------------------------------------------------------ --dry-run
 @pytest.fixture()
 def no_services(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    import kdsweep.sweep
+    import kdsweep.orchestrate.runner
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run started Ray")
 
-    monkeypatch.setattr(kdsweep.sweep, "init_ray", refuse)
+    monkeypatch.setattr(kdsweep.orchestrate.runner, "init_ray", refuse)
     monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path / "home"
@@ -123,7 +123,7 @@ def no_services(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", ["ablation_ssim", "ablation_scalekd", "ablation_mimic"])
 def test_dry_run_of_each_ablation_launcher(name: str, no_services: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from kdsweep.ablation import run_ablation
+    from kdsweep.orchestrate.ablation import run_ablation
 
     space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
     assert run_ablation(space.source, ["--preset", "paper", "--dry-run", "--seeds", "2"]) == 0
@@ -135,7 +135,7 @@ def test_dry_run_of_each_ablation_launcher(name: str, no_services: Path, capsys:
 
 
 def test_dry_run_validates_a_given_dataset(no_services: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from kdsweep.ablation import run_ablation
+    from kdsweep.orchestrate.ablation import run_ablation
     from kdsweep.config import DataConfig
     from kdsweep.data.synthetic import ensure_synthetic
 

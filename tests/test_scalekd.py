@@ -7,11 +7,11 @@ import torch
 from torch import Tensor
 
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig, TrainConfig
-from kdsweep.distiller import build_distiller
-from kdsweep.engine import train_one_epoch, warmup_cosine
-from kdsweep.losses.scalekd import SCALEKD_DEFAULTS, CSATerm, SDFTerm
+from kdsweep.train.distiller import build_distiller
+from kdsweep.train.engine import train_one_epoch, warmup_cosine
+from kdsweep.methods.scalekd.terms import SCALEKD_DEFAULTS, CSATerm, SDFTerm
 from kdsweep.models.detectors import build_detector
-from kdsweep.train_loop import make_optimizer, split_params
+from kdsweep.train.worker import make_optimizer, split_params
 
 K = 3
 

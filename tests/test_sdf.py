@@ -1,4 +1,4 @@
-"""Tests of kdsweep.losses.sdf: ScaleKD scale-decoupled feature (SDF) distillation."""
+"""Tests of kdsweep.methods.scalekd.sdf: ScaleKD scale-decoupled feature (SDF) distillation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kdsweep.config import ConfigError
-from kdsweep.losses.sdf import SDFBranches, SDFLoss
+from kdsweep.methods.scalekd.sdf import SDFBranches, SDFLoss
 
 SMALL = dict(embed=8, pool=2, hidden_ratio=2)
 

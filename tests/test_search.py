@@ -11,7 +11,7 @@ import yaml
 
 from kdsweep.cli import main
 from kdsweep.config import ConfigError
-from kdsweep.search import (
+from kdsweep.orchestrate.search import (
     best_index,
     best_so_far,
     make_plan,
@@ -24,7 +24,7 @@ from kdsweep.search import (
     sweep_table,
     to_markdown,
 )
-from kdsweep.space import experiment_dict, load_space, parse_space
+from kdsweep.orchestrate.space import experiment_dict, load_space, parse_space
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ from ray import tune
 
 from kdsweep.config import ConfigError
 from kdsweep.presets import PRESETS
-from kdsweep.space import (
+from kdsweep.orchestrate.space import (
     build_experiment,
     count_grid_trials,
     load_space,
@@ -104,7 +104,7 @@ def test_bad_space_files_fail_with_one_line(data, fragment):
     ],
 )
 def test_validation_catches_bad_rows_before_anything_starts(rows, fragment):
-    from kdsweep.preflight import preflight
+    from kdsweep.orchestrate.preflight import preflight
 
     space = parse_space({"rows": rows}, "bad.yaml")
     with pytest.raises(ConfigError) as info:

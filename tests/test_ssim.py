@@ -1,4 +1,4 @@
-"""Math tests of kdsweep.losses.ssim: oracles (pytorch_msssim, kornia), identities, gradients."""
+"""Math tests of kdsweep.methods.ssim: oracles (pytorch_msssim, kornia), identities, gradients."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-import kdsweep.losses.ssim as ssim_mod
-from kdsweep.losses.ssim import (
+import kdsweep.methods.ssim as ssim_mod
+from kdsweep.methods.ssim import (
     SSIMLoss,
     effective_window,
     filter2d_valid,
@@ -356,7 +356,7 @@ def test_no_pytorch_msssim_warning_on_small_maps() -> None:
 # ------------------------------------------------------------------- the path of non-CPU devices
 def test_non_cpu_tensors_take_the_device_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The dispatch: a meta tensor (as a CUDA one) never reaches the CPU kernel; a CPU one does."""
-    import kdsweep.losses.ssim as ssim_module
+    import kdsweep.methods.ssim as ssim_module
 
     calls: list[str] = []
     real = ssim_module._device_ssim_mean
@@ -375,7 +375,7 @@ def test_device_path_matches_pytorch_msssim(shape: tuple[int, ...]) -> None:
     gradients as in test_matches_pytorch_msssim."""
     from pytorch_msssim import ssim
 
-    from kdsweep.losses.ssim import _check, _device_ssim_mean
+    from kdsweep.methods.ssim import _check, _device_ssim_mean
 
     x, y = _pair(*shape)
     x.requires_grad_(True)
@@ -393,7 +393,7 @@ def test_device_path_matches_pytorch_msssim(shape: tuple[int, ...]) -> None:
 def test_device_path_equals_the_cpu_kernel(exps: tuple[float, float, float], shape: tuple[int, ...]) -> None:
     """Same value and gradient as the fused CPU kernel in float64, with min-max normalisation,
     every exponent combination of the ablation and the small maps whose window shrinks."""
-    from kdsweep.losses.ssim import _check, _device_ssim_mean
+    from kdsweep.methods.ssim import _check, _device_ssim_mean
 
     x, y = _pair(*shape, dtype=torch.float64)
     x.requires_grad_(True)

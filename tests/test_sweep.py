@@ -1,4 +1,4 @@
-"""Tune over Train (kdsweep.sweep): which failed runs are restarted, and the one-line reasons."""
+"""Tune over Train (kdsweep.orchestrate.runner): which failed runs are restarted, and the one-line reasons."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import ray.exceptions
 from ray.train import ControllerError, WorkerGroupError
 
-from kdsweep.sweep import classify_failure
+from kdsweep.orchestrate.runner import classify_failure
 
 
 class _Wrapped(Exception):
@@ -18,7 +18,7 @@ def _traceback(line: str) -> _Wrapped:
     return _Wrapped(f"Traceback (most recent call last):\n  File \"train_loop.py\", line 9, in _run_worker\n{line}\n")
 
 
-NAN = "kdsweep.engine.NonFiniteLossError: non-finite loss at epoch 1 step 0 (kd_l2=inf); lower the learning rate"
+NAN = "kdsweep.train.engine.NonFiniteLossError: non-finite loss at epoch 1 step 0 (kd_l2=inf); lower the learning rate"
 
 
 def test_a_lost_worker_is_restarted():
@@ -27,7 +27,7 @@ def test_a_lost_worker_is_restarted():
 
 
 def test_deterministic_failures_are_not_restarted_even_beside_a_lost_worker():
-    for line in (NAN, "kdsweep.engine.TrialOutOfMemoryError: out of memory at epoch 3 step 0 (2 images per worker)",
+    for line in (NAN, "kdsweep.train.engine.TrialOutOfMemoryError: out of memory at epoch 3 step 0 (2 images per worker)",
                  "kdsweep.config.ConfigError: kd.ssim.params.alpha must be a number"):
         kind, reason = classify_failure(WorkerGroupError("x", {0: _traceback(line), 1: ray.exceptions.ActorDiedError()}))
         assert (kind, reason) == ("fatal", line)

@@ -5,7 +5,7 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from kdsweep.table import plot, summarize, to_markdown, write_parquet
+from kdsweep.report.tables import plot, summarize, to_markdown, write_parquet
 
 
 def _rec(row, ap, status="FINISHED", **kw):
@@ -39,7 +39,7 @@ def test_mean_std_order_teacher_and_deltas(tmp_path):
 
 
 def test_extra_columns_and_a_named_baseline_row() -> None:
-    from kdsweep.table import summarize, to_markdown
+    from kdsweep.report.tables import summarize, to_markdown
 
     recs = [
         {"row": "s-head only", "status": "FINISHED", "AP": 2.0, "AP_S": 1.0},

@@ -1,4 +1,4 @@
-"""kdsweep.throughput: parameter counts and inference timing (no assertions on speed)."""
+"""kdsweep.report.throughput: parameter counts and inference timing (no assertions on speed)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from kdsweep.config import ModelConfig
 from kdsweep.models.detectors import build_detector
-from kdsweep.throughput import count_inference_params, count_params, measure_configs, measure_inference
+from kdsweep.report.throughput import count_inference_params, count_params, measure_configs, measure_inference
 
 SIZE = 64
 RETINA = ModelConfig(backbone="resnet18", fpn_channels=16, min_size=SIZE, max_size=SIZE)

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kdsweep.tracking import PARENT_TAG, TAG_HASH, TAG_REASON, TAG_ROLE, Tracker, flatten, summarize_error, tune_callback
+from kdsweep.report.tracking import PARENT_TAG, TAG_HASH, TAG_REASON, TAG_ROLE, Tracker, flatten, summarize_error, tune_callback
 
 
 @pytest.fixture()

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kdsweep.config import ExperimentConfig, ModelConfig, TrainConfig, from_dict, to_dict
-from kdsweep.distiller import Distiller
+from kdsweep.train.distiller import Distiller
 from kdsweep.models.detectors import build_detector
-from kdsweep.train_loop import MODEL_FILE, load_checkpoint, make_optimizer, save_checkpoint
+from kdsweep.train.worker import MODEL_FILE, load_checkpoint, make_optimizer, save_checkpoint
 
 TINY = {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 16, "min_size": 64, "max_size": 64, "anchor_scale": 2.0}
 
@@ -68,7 +68,7 @@ def test_two_worker_ray_train_run_evaluates_whole_val_set_and_resumes(tmp_path, 
     from ray.train.torch import TorchTrainer
 
     from kdsweep.data.coco import resolve_data
-    from kdsweep.train_loop import train_fn_per_worker
+    from kdsweep.train.worker import train_fn_per_worker
 
     monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

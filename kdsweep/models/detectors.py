@@ -6,7 +6,7 @@ FPN extractors, detectors from the public ``RetinaNet`` / ``FCOS`` / ``FasterRCN
 Conventions:
 
 * **Classes.** ``num_classes`` counts object classes without background and dataset labels are
-  contiguous ``1..K`` (as ``kdsweep.evaluation`` expects). Every arch is built with ``K + 1``
+  contiguous ``1..K`` (as ``kdsweep.train.evaluation`` expects). Every arch is built with ``K + 1``
   outputs: Faster R-CNN needs index 0 for background; RetinaNet and FCOS (sigmoid classifiers)
   simply never see label 0, exactly like torchvision's COCO RetinaNet (91 outputs, index 0 unused).
   So labels and predictions mean the same thing for all three archs.
@@ -388,13 +388,13 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 
 def _mimicdet(cfg: ModelConfig, classes: int) -> nn.Module:
-    """MimicDet (Lu et al., ECCV 2020) from :mod:`kdsweep.models.mimicdet`; ``cfg.options`` go to
+    """MimicDet (Lu et al., ECCV 2020) from :mod:`kdsweep.methods.mimicdet.model`; ``cfg.options`` go to
     its builder. Weights: None, the backbone's ImageNet weights (``torchvision:ResNet50_Weights...``;
     the paper trains from them: FrozenBatchNorm2d, ``trainable_backbone_layers`` trainable stages),
     or a local checkpoint of this architecture."""
     import inspect
 
-    from kdsweep.models.mimicdet import MimicDet, build_mimicdet
+    from kdsweep.methods.mimicdet.model import MimicDet, build_mimicdet
 
     if not cfg.backbone.startswith("resnet"):
         raise ConfigError(f"model.backbone '{cfg.backbone}': mimicdet is built on a ResNet; use resnet18/34/50/101")

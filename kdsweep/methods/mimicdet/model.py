@@ -20,7 +20,7 @@ returns a dict of scalar losses whose plain sum is the total loss
 
 With ``t_head="external"`` (the ablation row "mimic, separate teacher backbone") the dict has only
 ``refine_*`` and ``s_*``: the T-side of the mimic is a separately trained, frozen two-stage teacher
-run by a KD term (``kdsweep.losses.mimicdet_kd``, registry key ``mimicdet_teacher``), which reads
+run by a KD term (``kdsweep.methods.mimicdet.kd``, registry key ``mimicdet_teacher``), which reads
 the step's :class:`MimicInputs` from ``model.last_mimic_inputs`` (see "External teacher" below).
 
 Eval mode ``model(images)`` returns ``[{"boxes": (d, 4), "scores": (d,), "labels": (d,)}]`` in
@@ -149,7 +149,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import initLevelMapper
 
-from kdsweep.context import autocast_off
+from kdsweep.kd.step import autocast_off
 
 S_LEVELS: tuple[int, ...] = (3, 4, 5, 6, 7)  # refinement module + S-head (and inference)
 T_LEVELS_STAGGERED: tuple[int, ...] = (2, 3, 4, 5, 6)  # T-head, staggered pyramid

@@ -7,7 +7,7 @@
 whose ``forward(student_levels, teacher_levels)`` returns the (unweighted) term. A builder that
 also takes ``student=`` / ``teacher=`` gets the two detectors (to size heads or embeddings).
 A module with ``uses_context = True`` is a *context term*: its ``forward(ctx)`` gets the step's
-:class:`~kdsweep.context.KDContext` (proposals, head outputs, targets, backbone embeddings) and
+:class:`~kdsweep.kd.step.KDContext` (proposals, head outputs, targets, backbone embeddings) and
 returns a scalar or a dict of named scalar parts. Adding a loss means adding its file and one
 line here; nothing registers itself on import.
 """
@@ -21,12 +21,12 @@ from functools import partial
 from torch import nn
 
 from kdsweep.config import ConfigError, KDTermConfig
-from kdsweep.losses.feature import l1_feature_loss, l2_feature_loss
-from kdsweep.losses.mimic import build_mimic, build_mimic_full, build_mimic_head, build_mimic_logits
-from kdsweep.losses.mimicdet_kd import build_mimicdet_teacher
-from kdsweep.losses.scalekd import build_csa, build_sdf
-from kdsweep.losses.ssim import SSIMLoss, ssim_feature_loss
-from kdsweep.losses.term import FeatureTerm
+from kdsweep.kd.feature import l1_feature_loss, l2_feature_loss
+from kdsweep.methods.mimic import build_mimic, build_mimic_full, build_mimic_head, build_mimic_logits
+from kdsweep.methods.mimicdet.kd import build_mimicdet_teacher
+from kdsweep.methods.scalekd.terms import build_csa, build_sdf
+from kdsweep.methods.ssim import SSIMLoss, ssim_feature_loss
+from kdsweep.kd.term import FeatureTerm
 
 __all__ = [
     "LOSSES",

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kdsweep.config import to_dict
-from kdsweep.space import SearchSpace, build_experiment
-from kdsweep.tracking import summarize_error
+from kdsweep.orchestrate.space import SearchSpace, build_experiment
+from kdsweep.report.tracking import summarize_error
 
 DRIVER_CPU = 0.05
 
@@ -64,7 +64,7 @@ def classify_failure(error: BaseException) -> tuple[str, str]:
     the root cause in one line."""
     from ray.train import WorkerGroupError
 
-    from kdsweep.tracking import summarize_error
+    from kdsweep.report.tracking import summarize_error
 
     failures = list(error.worker_failures.values()) if isinstance(error, WorkerGroupError) else [error]
     texts = [str(f) for f in failures]
@@ -92,7 +92,7 @@ def train_driver_fn(config: dict[str, Any], ctx: SweepContext) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from kdsweep.train_loop import train_fn_per_worker
+    from kdsweep.train.worker import train_fn_per_worker
 
     trial_id = ray.tune.get_context().get_trial_id()
     exp = trial_experiment(ctx, config)

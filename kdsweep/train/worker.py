@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from kdsweep import collective_check
-from kdsweep.collectives import count_distinct
+from kdsweep.train import collective_check
+from kdsweep.train.collectives import count_distinct
 from kdsweep.config import ExperimentConfig, TrainConfig, from_dict
 from kdsweep.data.coco import CocoDetection, collate
-from kdsweep.distiller import Distiller, build_distiller
-from kdsweep.engine import console, evaluate, train_one_epoch, warmup_cosine
+from kdsweep.train.distiller import Distiller, build_distiller
+from kdsweep.train.engine import console, evaluate, train_one_epoch, warmup_cosine
 from kdsweep.models.detectors import build_detector, load_state
 
 MODEL_FILE = "model.pt"
@@ -65,7 +65,7 @@ def build_model(exp: ExperimentConfig, role: str, num_classes: int, teacher_stat
     weights, then loaded with ``teacher_state``, the trained teacher's state_dict).
 
     ``num_classes`` is the dataset's class count (a model's own ``num_classes`` wins when set).
-    :mod:`kdsweep.preflight` calls this very function before anything starts.
+    :mod:`kdsweep.orchestrate.preflight` calls this very function before anything starts.
     """
     if role == "teacher":
         return Distiller(build_detector(exp.teacher, num_classes))
@@ -145,7 +145,7 @@ def load_checkpoint(directory: str, distiller: Distiller, optimizer, scheduler, 
 
 def count_nodes(device: torch.device) -> int:
     """Number of distinct Ray nodes among the run's workers (1 without DDP); the node ids are
-    compared as int64 codes all-gathered on ``device`` (:func:`kdsweep.collectives.count_distinct`)."""
+    compared as int64 codes all-gathered on ``device`` (:func:`kdsweep.train.collectives.count_distinct`)."""
     import ray
 
     return count_distinct(ray.get_runtime_context().get_node_id(), device)
@@ -171,7 +171,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point (see module docstring for ``config``).
 
     With ``KDSWEEP_CHECK_COLLECTIVES=1`` in the worker's environment the whole run goes under
-    :func:`kdsweep.collective_check.guard`: a host tensor reaching a collective fails the run on
+    :func:`kdsweep.train.collective_check.guard`: a host tensor reaching a collective fails the run on
     the CPU as NCCL would on GPUs (the tests' multi-worker runs set it).
     """
     checking = os.environ.get(collective_check.ENV_FLAG) == "1"

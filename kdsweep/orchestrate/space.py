@@ -275,8 +275,8 @@ def validate_space(space: SearchSpace, preset: Mapping[str, Any]) -> list[tuple[
     """Build every row's typed config with each grid and choice value of the space (and a
     representative value of the other samplers), checking the loss names; return
     ``[(row label, config), ...]``. The models themselves are built by
-    :func:`kdsweep.preflight.preflight`."""
-    from kdsweep.losses import LOSSES
+    :func:`kdsweep.orchestrate.preflight.preflight`."""
+    from kdsweep.methods import LOSSES
 
     configs = []
     for label in space.labels:

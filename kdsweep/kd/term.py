@@ -38,7 +38,7 @@ def reject_unknown(name: str, params: Mapping[str, Any] | Sequence[str], known: 
 class FeatureTerm(nn.Module):
     r"""KD term :math:`\sum_l f(A_l(s_l), \operatorname{sg}(t_l); \theta)` over matched FPN levels.
 
-    ``f`` is a per-pair loss (e.g. :func:`~kdsweep.losses.ssim.ssim_feature_loss`) returning the
+    ``f`` is a per-pair loss (e.g. :func:`~kdsweep.methods.ssim.ssim_feature_loss`) returning the
     mean over the level's ``N*C*H*W`` values (``N*C*H'*W'`` SSIM-map values), so levels of
     different sizes weigh the same; the term is the *sum* over levels. ``A_l`` is an optional 1x1
     convolution (student -> teacher channels, one per level); ``sg`` stops the gradient (the

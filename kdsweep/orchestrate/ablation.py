@@ -17,10 +17,10 @@ from typing import Any, Sequence
 
 from kdsweep import paths
 from kdsweep.config import ConfigError, config_hash, merge, to_dict
-from kdsweep.preflight import dataset_classes, describe_row, preflight
+from kdsweep.orchestrate.preflight import dataset_classes, describe_row, preflight
 from kdsweep.presets import PRESETS, get_preset
-from kdsweep.space import Row, SearchSpace, build_experiment, load_space, tune_param_space, validate_space
-from kdsweep.tracking import TAG_HASH, TAG_ROLE, TAG_ROW, TAG_SEED, Tracker, default_tracking_uri, flatten, tune_callback
+from kdsweep.orchestrate.space import Row, SearchSpace, build_experiment, load_space, tune_param_space, validate_space
+from kdsweep.report.tracking import TAG_HASH, TAG_ROLE, TAG_ROW, TAG_SEED, Tracker, default_tracking_uri, flatten, tune_callback
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +126,7 @@ def _describe(ctx, role: str, extra_tags: dict[str, str]):
     """
     import dataclasses
 
-    from kdsweep.sweep import trial_experiment
+    from kdsweep.orchestrate.runner import trial_experiment
 
     ctx = dataclasses.replace(ctx, teacher_state=None)
 
@@ -146,12 +146,12 @@ def throughput_columns(preset_dict: dict[str, Any], space: SearchSpace, data: di
                        with_teacher: bool, quick: bool = False) -> dict[str, dict[str, float]]:
     """Per row label (and ``teacher``): ``params_M`` (inference parameters, millions),
     ``infer_img_s`` (CPU images/s of the launcher's machine, after all trials, the models measured
-    interleaved, see :func:`kdsweep.throughput.measure_configs`) and ``infer_speedup`` (vs the
+    interleaved, see :func:`kdsweep.report.throughput.measure_configs`) and ``infer_speedup`` (vs the
     teacher). Rows with the same student config share one measurement."""
     import dataclasses
     import json
 
-    from kdsweep.throughput import measure_configs
+    from kdsweep.report.throughput import measure_configs
 
     classes = len(json.loads(Path(data["val_ann"]).read_text()).get("categories", [])) or 1
     unique: dict[str, Any] = {}
@@ -177,7 +177,7 @@ def throughput_columns(preset_dict: dict[str, Any], space: SearchSpace, data: di
 
 
 def _load_weights(path: Path) -> dict:
-    """The detector state_dict in a ``model.pt`` written by :func:`~kdsweep.train_loop.save_checkpoint`."""
+    """The detector state_dict in a ``model.pt`` written by :func:`~kdsweep.train.worker.save_checkpoint`."""
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
@@ -191,8 +191,8 @@ def train_teacher(tracker: Tracker, parent: str, ctx, teacher_hash: str) -> tupl
     """
     from ray import tune
 
-    from kdsweep.sweep import result_rows, run_trials, storage_checkpoint
-    from kdsweep.train_loop import student_weights_path
+    from kdsweep.orchestrate.runner import result_rows, run_trials, storage_checkpoint
+    from kdsweep.train.worker import student_weights_path
 
     callback = tune_callback(tracker, parent, _describe(ctx, "teacher", {TAG_HASH: teacher_hash}), finish_on_complete=False)
     param_space = {"row": tune.grid_search(["teacher"]), "seed": tune.grid_search([0]), "params": {}}
@@ -218,7 +218,7 @@ def acquire_teacher(tracker: Tracker, parent: str, preset_dict: dict[str, Any], 
                     data: dict[str, str], storage: str, teacher_hash: str) -> tuple[dict[str, Any] | None, dict | None]:
     """The teacher's record and weights: reused from MLflow by config hash, else trained; tags the
     parent with its AP. ``(None, None)`` when no row of ``space`` distils (no teacher is needed)."""
-    from kdsweep.sweep import SweepContext
+    from kdsweep.orchestrate.runner import SweepContext
 
     if not any(build_experiment(preset_dict, space, label, {}, None).kd for label in space.labels):
         print("kdsweep: no row distils; no teacher needed", flush=True)
@@ -262,7 +262,7 @@ def run_ablation(default_space: str | Path, argv: Sequence[str] | None = None, p
 
 def prepare_space(args: argparse.Namespace):
     """Preset, search space (``--rows`` applied), the merged preset dict and every trial's models
-    as the preflight built them (:func:`kdsweep.preflight.preflight`): every row validated."""
+    as the preflight built them (:func:`kdsweep.orchestrate.preflight.preflight`): every row validated."""
     preset = get_preset(args.preset)
     space = load_space(args.space)
     if args.rows:
@@ -334,9 +334,9 @@ def _run(args: argparse.Namespace) -> int:
     preset, space, preset_dict, data = _prepare(args)
     import ray
 
-    from kdsweep.sweep import SweepContext, init_ray, interrupted, result_rows, run_trials
-    from kdsweep.table import plot, summarize, to_markdown, write_parquet
-    from kdsweep.tracking import write_temp
+    from kdsweep.orchestrate.runner import SweepContext, init_ray, interrupted, result_rows, run_trials
+    from kdsweep.report.tables import plot, summarize, to_markdown, write_parquet
+    from kdsweep.report.tracking import write_temp
 
     uri = args.tracking_uri or default_tracking_uri()
     tracker = Tracker(uri, args.experiment or f"kdsweep-{space.name}")
@@ -346,7 +346,7 @@ def _run(args: argparse.Namespace) -> int:
     teacher_hash, ident = teacher_identity(preset_dict, space, data)
     parent, tune_name, resumed = open_parent(
         tracker, args, f"{space.name} [{preset.name}]",
-        {TAG_ROLE: "ablation", "kdsweep.space": space.name, "kdsweep.preset": preset.name, TAG_HASH: teacher_hash},
+        {TAG_ROLE: "ablation", "kdsweep.orchestrate.space": space.name, "kdsweep.preset": preset.name, TAG_HASH: teacher_hash},
         f"{space.name}-{preset.name}",
     )
     if not resumed:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
-from kdsweep.context import KDContext, StepTap, TeacherOutputs, autocast_off, to_float32
+from kdsweep.kd.step import KDContext, StepTap, TeacherOutputs, autocast_off, to_float32
 from kdsweep.models.detectors import build_detector, level_names
 from kdsweep.models.taps import FeatureTap, align_to, extract_features
 
@@ -62,7 +62,7 @@ class Trainable(nn.Module):
 
     @property
     def uses_context(self) -> bool:
-        """True when some term reads the whole step (:class:`~kdsweep.context.KDContext`)."""
+        """True when some term reads the whole step (:class:`~kdsweep.kd.step.KDContext`)."""
         return any(getattr(term, "uses_context", False) for term in self.terms.values())
 
     @property
@@ -82,7 +82,7 @@ class Trainable(nn.Module):
         Args:
             images: N images (3, H_i, W_i) in [0, 1].
             targets: per image ``boxes`` (n, 4) xyxy and ``labels`` (n,) in 1..K (train mode).
-            teacher_out: the teacher's :class:`~kdsweep.context.TeacherOutputs` (or just its
+            teacher_out: the teacher's :class:`~kdsweep.kd.step.TeacherOutputs` (or just its
                 ``{"p3": (N, C_t, h, w), ...}`` maps), computed without grad.
             progress: fraction of training done, in [0, 1] (schedules of context terms).
         Returns:
@@ -172,7 +172,7 @@ class Distiller(nn.Module):
         teacher: a torchvision detector; frozen, in eval mode, run under ``no_grad``, and not a
             submodule (not in ``state_dict``/``parameters``; ``train()`` leaves it in eval).
             Its class count may differ from the student's: only FPN features are compared.
-        terms: ``name -> (weight, module)``, already built (e.g. by ``kdsweep.losses.build_loss``).
+        terms: ``name -> (weight, module)``, already built (e.g. by ``kdsweep.methods.build_loss``).
         levels: canonical levels the terms compare (one list for all, or per term name);
             default every level both models have.
         teacher_scale: teacher input resolution / student's (ScaleKD); teacher maps are resized
@@ -322,7 +322,7 @@ def set_teacher_resolution(teacher: nn.Module, student: ModelConfig, scale: floa
 
 
 def build_distiller(cfg: ExperimentConfig, num_classes: int, teacher: nn.Module | None) -> Distiller:
-    """Student from ``cfg.student``, KD terms from ``cfg.kd`` via ``kdsweep.losses.build_loss``.
+    """Student from ``cfg.student``, KD terms from ``cfg.kd`` via ``kdsweep.methods.build_loss``.
 
     The teacher (already built and loaded by the caller) gets its transform resolution set to the
     student's times ``cfg.teacher_scale`` (in place). Empty ``cfg.kd``: a plain student (the
@@ -336,7 +336,7 @@ def build_distiller(cfg: ExperimentConfig, num_classes: int, teacher: nn.Module 
         return Distiller(student)
     if teacher is None:
         raise ConfigError("kd terms need a teacher; give one or drop the kd terms")
-    from kdsweep.losses import build_loss  # deferred: written alongside this module
+    from kdsweep.methods import build_loss  # deferred: written alongside this module
 
     set_teacher_resolution(teacher, cfg.student, cfg.teacher_scale)
     names = term_names(cfg.kd)

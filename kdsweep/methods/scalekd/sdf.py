@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdsweep.config import ConfigError
-from kdsweep.losses.term import reject_unknown
+from kdsweep.kd.term import reject_unknown
 
 __all__ = ["SDFBranches", "SDFLoss"]
 
@@ -217,7 +217,7 @@ class SDFLoss(nn.Module):
 
     ``MSE`` is the mean over all elements (``N * K * embed`` for the first term, ``N*C*H*W`` for
     the second), so levels of different sizes weigh the same; levels are summed, as in
-    :class:`~kdsweep.losses.term.FeatureTerm`.
+    :class:`~kdsweep.kd.term.FeatureTerm`.
 
     What is trained, and by what:
 

@@ -8,13 +8,13 @@ Reference:
     in :data:`SCALEKD_DEFAULTS`.
 
 Both are *context terms* (``uses_context = True``): they receive the step's
-:class:`~kdsweep.context.KDContext` rather than matched FPN lists.
+:class:`~kdsweep.kd.step.KDContext` rather than matched FPN lists.
 
 * ``sdf`` (:class:`SDFTerm`): scale-decoupled feature distillation
-  (:class:`~kdsweep.losses.sdf.SDFLoss`) on the last backbone stage (``source: body``, the
+  (:class:`~kdsweep.methods.scalekd.sdf.SDFLoss`) on the last backbone stage (``source: body``, the
   paper's embedding Z; default) or on the configured FPN levels (``source: fpn``).
 * ``csa`` (:class:`CSATerm`): the cross-scale assistant
-  (:class:`~kdsweep.losses.csa.CrossScaleAssistant`), one multi-scale cross-attention layer per
+  (:class:`~kdsweep.methods.scalekd.csa.CrossScaleAssistant`), one multi-scale cross-attention layer per
   student level (queries and values from the student, keys from the teacher) with its own
   RetinaNet-style classification/regression branches. It returns three parts:
 
@@ -23,7 +23,7 @@ Both are *context terms* (``uses_context = True``): they receive the step's
     detached on the way in, so this trains only the assistant;
   - ``cls`` = ``beta * L_cls`` and ``bbox`` = ``gamma * L_bbox``: the student's dense head
     distilled from the assistant's (detached) outputs, see
-    :func:`~kdsweep.losses.csa.csa_distill_losses`. These train only the student.
+    :func:`~kdsweep.methods.scalekd.csa.csa_distill_losses`. These train only the student.
 
   Before ``start`` (a fraction of training; ScaleKD warms the student up for 30k of 90k
   iterations, ~0.33) all three parts are multiplied by 0: the assistant is still computed, so
@@ -39,10 +39,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from kdsweep.config import ConfigError
-from kdsweep.losses.term import reject_unknown
-from kdsweep.context import KDContext, body_channels
-from kdsweep.losses.csa import CrossScaleAssistant, csa_distill_losses
-from kdsweep.losses.sdf import SDFLoss
+from kdsweep.kd.term import reject_unknown
+from kdsweep.kd.step import KDContext, body_channels
+from kdsweep.methods.scalekd.csa import CrossScaleAssistant, csa_distill_losses
+from kdsweep.methods.scalekd.sdf import SDFLoss
 
 SCALEKD_DEFAULTS: dict[str, dict[str, float]] = {
     "one_stage": {"alpha": 0.01, "beta": 0.2, "gamma": 0.05},
@@ -56,7 +56,7 @@ def detector_kind(model: nn.Module | None) -> str:
 
 
 class SDFTerm(SDFLoss):
-    """``sdf``: :class:`~kdsweep.losses.sdf.SDFLoss` on the backbone embedding or FPN levels.
+    """``sdf``: :class:`~kdsweep.methods.scalekd.sdf.SDFLoss` on the backbone embedding or FPN levels.
 
     Shape:
         ``source="body"``: the last backbone stages ``(N, C_body_s, H/32, W/32)`` and

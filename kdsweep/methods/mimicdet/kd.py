@@ -1,21 +1,21 @@
 """MimicDet's dual-path mimic with a separately trained teacher: ``mimicdet_teacher`` (registry key).
 
 The ablation row "mimic, separate teacher backbone" of MimicDet (Lu et al., ECCV 2020; see
-``/work/shared/METHODS.md`` section 2 and :mod:`kdsweep.models.mimicdet`): instead of the T-head
+``/work/shared/METHODS.md`` section 2 and :mod:`kdsweep.methods.mimicdet.model`): instead of the T-head
 that shares the student's backbone, a separately trained, frozen two-stage detector (a torchvision
 Faster R-CNN, the Distiller's teacher) provides the T-side targets of the dual-path mimic.
 
 The student is a MimicDet built with ``options.t_head: external``: it builds no T-head and no P2,
 but each training forward samples the T-samples from its refinement output exactly as for its own
 T-head, draws the random mimic subset B_m, and stores the student side in
-``student.last_mimic_inputs`` (:class:`~kdsweep.models.mimicdet.MimicInputs`).
+``student.last_mimic_inputs`` (:class:`~kdsweep.methods.mimicdet.model.MimicInputs`).
 
 :class:`ExternalTeacherMimic` (a context term) then, under ``no_grad``:
 
 * maps B_m's RoIs (student input coordinates) into the teacher's input coordinates, per image by
   teacher width / student width in x and height ratio in y, from the two transforms' image sizes
   (``ctx.teacher_out.image_sizes`` vs the student's; ``teacher_scale`` when the teacher's sizes
-  are unknown), as ``mimic_head`` (:class:`kdsweep.losses.mimic.HeadMimicTerm`) does;
+  are unknown), as ``mimic_head`` (:class:`kdsweep.methods.mimic.HeadMimicTerm`) does;
 * runs the teacher's ``roi_heads.box_roi_pool`` (on its own FPN maps ``ctx.teacher_out.feats``,
   canonical ``p2``..``p6`` mapped back to the torchvision keys ``'0'``..``'3'`` its
   ``MultiScaleRoIAlign`` reads) -> ``box_head`` -> ``box_predictor``;
@@ -25,7 +25,7 @@ T-head, draws the random mimic subset B_m, and stores the student side in
   ``box_predictor`` class logits (K + 1, background at 0, the same convention as MimicDet's softmax
   S-head and its own T-head);
 
-and returns :meth:`MimicDet.mimic_from <kdsweep.models.mimicdet.MimicDet.mimic_from>` of the
+and returns :meth:`MimicDet.mimic_from <kdsweep.methods.mimicdet.model.MimicDet.mimic_from>` of the
 student side against those targets: the same per-path similarity (default the student's
 ``similarity``), the same sigmoid-S-head handling and the same paths (default the student's
 ``mimic_paths``) as the own T-head's mimic. The loss is unweighted: the ``kd`` entry's ``weight``
@@ -44,10 +44,10 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 
 from kdsweep.config import ConfigError
-from kdsweep.losses.term import reject_unknown
-from kdsweep.context import KDContext, to_float32
+from kdsweep.kd.term import reject_unknown
+from kdsweep.kd.step import KDContext, to_float32
 from kdsweep.models.detectors import level_names
-from kdsweep.models.mimicdet import MIMIC_PATHS, SIMILARITIES, MimicDet, MimicInputs
+from kdsweep.methods.mimicdet.model import MIMIC_PATHS, SIMILARITIES, MimicDet, MimicInputs
 
 __all__ = ["ExternalTeacherMimic", "build_mimicdet_teacher", "teacher_boxes"]
 

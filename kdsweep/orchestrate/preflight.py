@@ -1,7 +1,7 @@
 """Preflight: build every trial's teacher and student exactly as the trials will, before anything
 starts.
 
-A trial builds its models in :func:`kdsweep.train_loop.build_model`: the teacher's run builds the
+A trial builds its models in :func:`kdsweep.train.worker.build_model`: the teacher's run builds the
 teacher from its config (initial weights included), each student run builds the student, its KD
 terms and the frozen teacher, loaded with the trained teacher's state_dict. The preflight calls
 that same function for every row (and every grid or choice value of the space), with two changes
@@ -38,7 +38,7 @@ from torchvision.models._api import WeightsEnum
 from kdsweep.config import ConfigError, ExperimentConfig, ModelConfig, config_hash, to_dict
 from kdsweep.data.synthetic import CLASSES
 from kdsweep.models.detectors import TORCHVISION_PREFIX, check_checkpoint, describe
-from kdsweep.train_loop import build_model
+from kdsweep.train.worker import build_model
 
 __all__ = ["RowModels", "dataset_classes", "describe_row", "offline_weights", "preflight"]
 
@@ -150,7 +150,7 @@ def _classes_unknown_config(cfg: ModelConfig) -> ModelConfig:
 
 
 def preflight(trials: Sequence[tuple[str, ExperimentConfig]], num_classes: int | None, source: str = "") -> list[RowModels]:
-    """Build every ``(row label, config)`` trial's models as :func:`~kdsweep.train_loop.build_model`
+    """Build every ``(row label, config)`` trial's models as :func:`~kdsweep.train.worker.build_model`
     does, on the meta device with offline weights; return one :class:`RowModels` per trial.
 
     ``num_classes``: the dataset's class count (:func:`dataset_classes`); None when it cannot be

@@ -7,7 +7,7 @@ Reference:
     sampled regions; whole-map regression and logits matching are the paper's failing baselines.
 
 All four terms are *context terms* (``uses_context = True``): ``forward(ctx)`` gets the step's
-:class:`~kdsweep.context.KDContext`. Teacher tensors are always detached and the teacher's own
+:class:`~kdsweep.kd.step.KDContext`. Teacher tensors are always detached and the teacher's own
 modules run under ``no_grad``, so gradients reach only the student and the terms' adapters.
 
 * ``mimic`` (:class:`MimicTerm`): proposal-sampled feature mimicking,
@@ -69,8 +69,8 @@ from torchvision.ops import box_iou, roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from kdsweep.config import ConfigError
-from kdsweep.losses.term import reject_unknown
-from kdsweep.context import KDContext
+from kdsweep.kd.term import reject_unknown
+from kdsweep.kd.step import KDContext
 from kdsweep.models.detectors import level_names
 from kdsweep.models.taps import _crop_or_pad
 

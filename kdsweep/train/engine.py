@@ -1,7 +1,7 @@
 """One training epoch and one evaluation pass (the torchvision ``references/detection`` shape).
 
-Both are plain functions over a :class:`~kdsweep.distiller.Distiller`. Under a process group
-(Ray Train's DDP) they reduce and gather through :mod:`kdsweep.collectives`, always on tensors of
+Both are plain functions over a :class:`~kdsweep.train.distiller.Distiller`. Under a process group
+(Ray Train's DDP) they reduce and gather through :mod:`kdsweep.train.collectives`, always on tensors of
 the training device.
 """
 
@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from kdsweep.collectives import all_true, broadcast_values, gather_rows, mean_over_workers, world_size
-from kdsweep.evaluation import STAT_NAMES, coco_stats, detection_rows, records_from_rows
+from kdsweep.train.collectives import all_true, broadcast_values, gather_rows, mean_over_workers, world_size
+from kdsweep.train.evaluation import STAT_NAMES, coco_stats, detection_rows, records_from_rows
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,7 +77,7 @@ def train_one_epoch(
     Args (beyond the obvious):
         amp, amp_dtype: run the forward under ``torch.autocast(device.type, dtype=amp_dtype)``
             (float16 with ``scaler`` on CUDA, bfloat16 on the CPU); KD terms compute in float32
-            inside it (see :class:`~kdsweep.distiller.Trainable`).
+            inside it (see :class:`~kdsweep.train.distiller.Trainable`).
         scaler: a ``torch.amp.GradScaler`` (float16): the loss is scaled for backward and the
             gradients unscaled before clipping; a step whose gradients overflow is skipped.
         extra_optimizers: stepped after ``optimizer`` (e.g. ScaleKD's assistant has its own Adam).
@@ -182,7 +182,7 @@ def evaluate(
     """COCO-evaluate ``model`` on the whole validation set.
 
     Each worker predicts its own shard (``loader``) and packs its detections into rows on the
-    device (:func:`~kdsweep.evaluation.detection_rows`); the rows are gathered as tensors and
+    device (:func:`~kdsweep.train.evaluation.detection_rows`); the rows are gathered as tensors and
     only rank 0 unpacks them and runs COCOeval over ``image_ids`` (the full val set), then broadcasts the numbers as a
     tensor so that every rank reports the same metrics. ``eval_images`` counts the distinct images
     evaluated across all workers (it equals ``len(image_ids)`` when nothing was missed).

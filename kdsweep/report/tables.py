@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdsweep.evaluation import STAT_NAMES
+from kdsweep.train.evaluation import STAT_NAMES
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -34,7 +34,7 @@ def summarize(records: list[dict[str, Any]], order: Sequence[str], teacher: dict
     ``row, kind, seeds, failed, error`` (the one-line reason of the row's first failed trial) then ``<m>_mean, <m>_std`` for m in AP, AP50, AP75, AP_S, AP_M,
     AP_L, and ``dAP``/``dAP_S``: the difference of the means to the ``baseline`` row. ``extra``
     adds numeric columns per row label (e.g. ``params_M``, ``infer_img_s`` from
-    :mod:`kdsweep.throughput`); rows without a value get NaN.
+    :mod:`kdsweep.report.throughput`); rows without a value get NaN.
     """
     table: dict[str, list[Any]] = {"row": [], "kind": [], "seeds": [], "failed": [], "error": []}
     for name in STAT_NAMES:

@@ -1,6 +1,6 @@
 """``kdsweep sweep``: run any search-space file as a Ray Tune search, recorded in MLflow.
 
-Where an ablation (:mod:`kdsweep.ablation`) crosses fixed rows with seeds, a sweep *searches*:
+Where an ablation (:mod:`kdsweep.orchestrate.ablation`) crosses fixed rows with seeds, a sweep *searches*:
 the file's ``search`` block picks the algorithm (``random``: Tune's variant generator, or
 ``optuna``: Bayesian TPE through ``ray.tune.search.optuna.OptunaSearch``), the scheduler (``fifo``
 or ``asha``: ``ASHAScheduler`` stopping weak trials at epoch milestones) and ``num_samples``.
@@ -29,9 +29,9 @@ import yaml
 
 from kdsweep import paths
 from kdsweep.config import ConfigError, to_dict
-from kdsweep.evaluation import STAT_NAMES
-from kdsweep.space import SearchSpace, build_experiment, count_grid_trials, tune_param_space
-from kdsweep.tracking import TAG_HASH, TAG_ROLE, Tracker, default_tracking_uri, tune_callback
+from kdsweep.train.evaluation import STAT_NAMES
+from kdsweep.orchestrate.space import SearchSpace, build_experiment, count_grid_trials, tune_param_space
+from kdsweep.report.tracking import TAG_HASH, TAG_ROLE, Tracker, default_tracking_uri, tune_callback
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ def _safe(name: str) -> str:
 
 # ------------------------------------------------------------------------------------ launcher
 def build_parser(prog: str | None = None, default_space: str | None = None) -> argparse.ArgumentParser:
-    from kdsweep.ablation import add_arguments
+    from kdsweep.orchestrate.ablation import add_arguments
 
     parser = argparse.ArgumentParser(prog=prog, description="kdsweep sweep: a Ray Tune search over a search-space file")
     if default_space:
@@ -287,7 +287,7 @@ def run_sweep(argv: Sequence[str] | None = None, prog: str | None = None, defaul
 
 
 def _validated(args: argparse.Namespace, with_data: bool):
-    from kdsweep.ablation import _prepare, prepare_space
+    from kdsweep.orchestrate.ablation import _prepare, prepare_space
 
     args.space = str(Path(args.space).expanduser().resolve()) if Path(args.space).expanduser().exists() else args.space
     if with_data:
@@ -303,7 +303,7 @@ def _validated(args: argparse.Namespace, with_data: bool):
 
 
 def _dry_run(args: argparse.Namespace) -> int:
-    from kdsweep.ablation import check_data_only, print_models
+    from kdsweep.orchestrate.ablation import check_data_only, print_models
 
     preset, space, preset_dict, _, seeds, plan, models = _validated(args, with_data=False)
     data = check_data_only(preset_dict, space)
@@ -325,10 +325,10 @@ def _run(args: argparse.Namespace) -> int:
     preset, space, preset_dict, data, seeds, plan, _ = _validated(args, with_data=True)
     import ray
 
-    from kdsweep.ablation import _describe, acquire_teacher, teacher_identity
-    from kdsweep.sweep import SweepContext, init_ray, interrupted, result_rows, run_trials, trial_experiment
-    from kdsweep.table import write_parquet
-    from kdsweep.tracking import write_temp
+    from kdsweep.orchestrate.ablation import _describe, acquire_teacher, teacher_identity
+    from kdsweep.orchestrate.runner import SweepContext, init_ray, interrupted, result_rows, run_trials, trial_experiment
+    from kdsweep.report.tables import write_parquet
+    from kdsweep.report.tracking import write_temp
 
     uri = args.tracking_uri or default_tracking_uri()
     tracker = Tracker(uri, args.experiment or f"kdsweep-{space.name}")
@@ -336,11 +336,11 @@ def _run(args: argparse.Namespace) -> int:
                else (args.storage_path or str(paths.ray_storage())))
     metric, mode = space.metric, space.mode
     teacher_hash, _ = teacher_identity(preset_dict, space, data)
-    from kdsweep.ablation import open_parent, run_guarded
+    from kdsweep.orchestrate.ablation import open_parent, run_guarded
 
     parent, tune_name, resumed = open_parent(
         tracker, args, f"{space.name} [{preset.name}] {plan.algorithm}/{plan.scheduler}",
-        {TAG_ROLE: "sweep", "kdsweep.space": space.name, "kdsweep.preset": preset.name, TAG_HASH: teacher_hash},
+        {TAG_ROLE: "sweep", "kdsweep.orchestrate.space": space.name, "kdsweep.preset": preset.name, TAG_HASH: teacher_hash},
         f"{space.name}-{preset.name}",
     )
     if not resumed:
@@ -356,7 +356,7 @@ def _run(args: argparse.Namespace) -> int:
         _, teacher_state = acquire_teacher(tracker, parent, preset_dict, space, data, storage, teacher_hash)
         ctx = SweepContext(preset=preset_dict, space=space, data=data, storage_path=storage, role="student",
                            teacher_state=ray.put(teacher_state) if teacher_state is not None else None)
-        describe = _describe(ctx, "student", {"kdsweep.sweep": space.name})
+        describe = _describe(ctx, "student", {"kdsweep.orchestrate.runner": space.name})
 
         def named(config: dict[str, Any]):
             name, params, tags, exp = describe(config)

@@ -3,7 +3,7 @@
 * :func:`count_params`: every parameter of the detector (what a checkpoint holds).
 * :func:`count_inference_params`: only the parameters that take part in an eval-mode forward.
   For torchvision's RetinaNet / FCOS / Faster R-CNN this equals :func:`count_params`; for
-  :class:`~kdsweep.models.mimicdet.MimicDet` it leaves out the training-only parts (the T-head,
+  :class:`~kdsweep.methods.mimicdet.model.MimicDet` it leaves out the training-only parts (the T-head,
   the P2 path of the FPN, ``fpn.inner_blocks[0]`` / ``fpn.layer_blocks[0]``, and the S-head's
   ``mimic_proj``), which are built and trained but never run at inference.
 * :func:`measure_inference`: images/s and ms/image of one model.
