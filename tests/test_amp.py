@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from kdsweep.config import ExperimentConfig, KDTermConfig, ModelConfig
 from kdsweep.train.distiller import build_distiller
 from kdsweep.train.engine import train_one_epoch
-from kdsweep.methods import LOSSES
+from kdsweep.train.optim import Optimization
+from kdsweep.methods import TERMS
 from kdsweep.models.detectors import build_detector
 
 K = 3
@@ -55,7 +56,7 @@ CASES: dict[str, tuple[ModelConfig, ModelConfig, KDTermConfig]] = {
 
 
 def test_every_registry_key_has_a_case() -> None:
-    assert set(CASES) == set(LOSSES)
+    assert set(CASES) == set(TERMS)
 
 
 def _distiller(key: str):
@@ -181,8 +182,8 @@ def _fit(dtype: torch.dtype, scaler: torch.amp.GradScaler | None) -> tuple[dict[
     before = torch.cat([p.detach().reshape(-1) for p in params]).clone()
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-    out = train_one_epoch(distiller, optimizer, scheduler, [_batch()] * 3, device=torch.device("cpu"), epoch=1,
-                          params=params, amp=True, amp_dtype=dtype, scaler=scaler, grad_clip=10.0)
+    optimization = Optimization(optimizer, scheduler, params, grad_clip=10.0, scaler=scaler, amp_dtype=dtype)
+    out = train_one_epoch(distiller, optimization, [_batch()] * 3, device=torch.device("cpu"), epoch=1)
     moved = float((torch.cat([p.detach().reshape(-1) for p in params]) - before).abs().max())
     return out, moved
 
@@ -202,7 +203,7 @@ def test_the_grad_scaler_path_trains_in_float16() -> None:
 
 def test_amp_settings_pick_the_dtype_and_the_scaler() -> None:
     from kdsweep.config import TrainConfig
-    from kdsweep.train.worker import amp_settings
+    from kdsweep.train.optim import amp_settings
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert amp_settings(TrainConfig(amp=False), cuda) == (False, None, None)

@@ -152,6 +152,7 @@ def _gt(n_images: int):
 
 def _worker_paths(rank: int, world: int) -> dict:
     from kdsweep.train.engine import NonFiniteLossError, check_finite, evaluate, train_one_epoch
+    from kdsweep.train.optim import Optimization
 
     device = torch.device("cpu")
     out: dict = {}
@@ -173,8 +174,8 @@ def _worker_paths(rank: int, world: int) -> dict:
         model = _BoxPerImage()
         loader = [([torch.zeros(3, 8, 8)], [{"boxes": torch.full((1, 4), 2.0 + rank)}])] * 3
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-        metrics = train_one_epoch(model, opt, sched, loader, device=device, epoch=1, params=list(model.parameters()))
+        optimization = Optimization(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0), list(model.parameters()))
+        metrics = train_one_epoch(model, optimization, loader, device=device, epoch=1)
         out["loss/other"] = metrics["loss/other"]
         out["loss/mse"] = metrics["loss/mse"]
         # sharded evaluation: rank 0 gets images 1, 3, 5; rank 1 gets 2, 4

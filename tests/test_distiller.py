@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import sys
-import types
 from typing import Sequence
 
 import pytest
@@ -14,22 +12,27 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
-from kdsweep.train.distiller import Distiller, build_distiller, term_names
+from kdsweep.kd.step import KDStep
+from kdsweep.kd.term import KDTerm, Need
 from kdsweep.models.detectors import build_detector
 from kdsweep.models.taps import FeatureTap, align_to
+from kdsweep.train.distiller import Distiller, build_distiller, term_names
 
 K = 3
 DET_KEYS = {"classification", "bbox_regression"}
 
 
-class StandInL2(nn.Module):
-    """Stand-in for a kdsweep.methods term: per-level 1x1 adapter, then mean squared error."""
+class StandInL2(KDTerm):
+    """A KD term of the contract: per-level 1x1 adapter, then mean squared error."""
 
     def __init__(self, student_channels: int, teacher_channels: int, num_levels: int) -> None:
         super().__init__()
         self.adapters = nn.ModuleList(nn.Conv2d(student_channels, teacher_channels, 1) for _ in range(num_levels))
 
-    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+    def forward(self, step: KDStep) -> Tensor:
+        return self.compare(*step.aligned())
+
+    def compare(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         terms = [((a(s) - t) ** 2).mean() for a, s, t in zip(self.adapters, student, teacher)]
         return torch.stack(terms).mean()
 
@@ -100,7 +103,7 @@ def test_kd_entry_is_weight_times_unweighted_term() -> None:
         with FeatureTap(distiller.student) as tap:
             distiller.student(images, targets)
         s, t = align_to(tap.pop(), t_feats, ["p3", "p4"], teacher_scale=2.0)
-        unweighted = inner.terms["l2"](s, t)
+        unweighted = inner.terms["l2"].compare(s, t)
     assert s[0].shape[-2:] == t[0].shape[-2:] == (8, 8)
     torch.testing.assert_close(losses["kd_l2"].detach(), 0.5 * unweighted)
 
@@ -170,52 +173,68 @@ def test_term_names() -> None:
     assert term_names(kd) == ["l2_0", "ssim", "l2_1"]
 
 
-@pytest.fixture
-def stub_losses(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """Replace kdsweep.methods by a stub whose build_loss records its calls."""
-    calls: list[dict] = []
-
-    def build_loss(cfg: KDTermConfig, *, student_channels: int, teacher_channels: int, num_levels: int, **models: object) -> nn.Module:
-        calls.append(dict(loss=cfg.loss, s=student_channels, t=teacher_channels, n=num_levels))
-        return StandInL2(student_channels, teacher_channels, num_levels)
-
-    module = types.ModuleType("kdsweep.methods")
-    module.build_loss = build_loss
-    monkeypatch.setitem(sys.modules, "kdsweep.methods", module)
-    return calls
-
-
-def test_build_distiller(stub_losses: list[dict]) -> None:
+def test_build_distiller_builds_each_entry_with_its_levels_widths_and_weight() -> None:
     cfg = ExperimentConfig(
         student=student_cfg(),
-        kd=(KDTermConfig("l2", weight=2.0, levels=("p3",)), KDTermConfig("l2"), KDTermConfig("ssim", weight=0.0)),
+        kd=(KDTermConfig("l2", weight=2.0, levels=("p3",), adapter=True), KDTermConfig("l2", adapter=True),
+            KDTermConfig("ssim", weight=0.0, adapter=True)),
         teacher_scale=2.0,
     )
     teacher = make_teacher()
     teacher.transform.min_size, teacher.transform.max_size = (999,), 999
     distiller = build_distiller(cfg, K, teacher)
     assert teacher.transform.min_size == (128,) and teacher.transform.max_size == 128
-    assert stub_losses == [
-        dict(loss="l2", s=16, t=32, n=1),
-        dict(loss="l2", s=16, t=32, n=5),
-        dict(loss="ssim", s=16, t=32, n=5),
-    ]
     inner = distiller.trainable
-    assert inner.levels == {"l2_0": ("p3",), "l2_1": ("p3", "p4", "p5", "p6", "p7"), "ssim": ("p3", "p4", "p5", "p6", "p7")}
+    all_levels = ("p3", "p4", "p5", "p6", "p7")
+    assert inner.levels == {"l2_0": ("p3",), "l2_1": all_levels, "ssim": all_levels}
     assert inner.weights == {"l2_0": 2.0, "l2_1": 1.0, "ssim": 0.0}
+    for name, count in (("l2_0", 1), ("l2_1", 5), ("ssim", 5)):  # one 16 -> 32 adapter per level
+        assert [tuple(a.weight.shape) for a in inner.terms[name].adapters] == [(32, 16, 1, 1)] * count
     images, targets = batch()
     losses = distiller(images, targets)
     assert set(losses) == DET_KEYS | {"kd_l2_0", "kd_l2_1", "kd_ssim"}
+    assert losses["kd_ssim"].item() == 0.0 and losses["kd_l2_1"].item() > 0
 
 
-def test_build_distiller_errors_and_baseline(stub_losses: list[dict]) -> None:
+def test_build_distiller_errors_and_baseline() -> None:
     with pytest.raises(ConfigError, match="teacher"):
         build_distiller(ExperimentConfig(student=student_cfg(), kd=(KDTermConfig("l2"),)), K, None)
     bad = ExperimentConfig(student=student_cfg(), kd=(KDTermConfig("l2", levels=("p2",)),))
     with pytest.raises(ConfigError, match="kd.l2.levels"):
         build_distiller(bad, K, make_teacher())
     baseline = build_distiller(ExperimentConfig(student=student_cfg()), K, make_teacher())
-    assert baseline.teacher is None and not baseline.has_kd and stub_losses == []
+    assert baseline.teacher is None and not baseline.has_kd and len(baseline.trainable.terms) == 0
+
+
+class _Seer(KDTerm):
+    """Records which parts of the step it was given."""
+
+    def __init__(self, needs: frozenset) -> None:
+        super().__init__()
+        self.needs = needs
+        self.w = nn.Parameter(torch.zeros(()))
+        self.seen: dict[str, bool] = {}
+
+    def forward(self, step: KDStep) -> Tensor:
+        self.seen = {"targets": step.targets is not None, "head": step.head_outputs is not None,
+                     "anchors": step.anchors is not None, "body": step.student_body is not None,
+                     "teacher_body": step.teacher_out.body is not None, "teacher_levels": len(step.teacher_feats)}
+        return self.w * 0.0
+
+
+@pytest.mark.parametrize("needs, expected", [
+    (frozenset(), {"targets": False, "head": False, "anchors": False, "body": False, "teacher_body": False,
+                   "teacher_levels": 2}),
+    (frozenset({Need.TARGETS, Need.HEAD, Need.BODY, Need.TEACHER_LEVELS}),
+     {"targets": True, "head": True, "anchors": True, "body": True, "teacher_body": True, "teacher_levels": 5}),
+])
+def test_the_distiller_installs_exactly_the_hooks_the_terms_need(needs, expected) -> None:
+    torch.manual_seed(0)
+    term = _Seer(needs)
+    distiller = Distiller(build_detector(student_cfg(), K), make_teacher(), {"seer": (1.0, term)}, ("p3", "p4"),
+                          teacher_scale=2.0)
+    distiller(*batch())
+    assert term.seen == expected
 
 
 def test_cross_arch_student_shares_levels_with_teacher() -> None:
@@ -229,3 +248,70 @@ def test_cross_arch_student_shares_levels_with_teacher() -> None:
     assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "kd_l2"} == set(losses)
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in distiller.trainable.terms.parameters())
+
+
+# ---------------------------------------------------------------------- two data-parallel workers
+def _two_workers(rank: int, world: int, port: int, queue) -> None:
+    """Rank ``rank`` of a 2-process gloo group: one DDP step of a Distiller with a feature term
+    (l2 with adapters) and a context term (ScaleKD's assistant, its own parameters), each rank on
+    its own batch; rank 0 also computes the same step of each batch without DDP."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        def build() -> Distiller:
+            torch.manual_seed(1)
+            teacher = build_detector(ModelConfig(backbone="resnet18", fpn_channels=32, min_size=64, max_size=64,
+                                                 anchor_scale=2.0), K)
+            torch.manual_seed(0)
+            kd = (KDTermConfig("l2", adapter=True),
+                  KDTermConfig("csa", params={"num_heads": 2, "ratios": [1, 2], "start": 0.0}))
+            cfg = ExperimentConfig(student=ModelConfig(backbone="resnet18", fpn_channels=16, min_size=64, max_size=64,
+                                                       anchor_scale=2.0), kd=kd)
+            return build_distiller(cfg, K, teacher)
+
+        def batch_of(r: int):
+            g = torch.Generator().manual_seed(10 + r)
+            images = [torch.rand(3, 64, 64, generator=g)]
+            targets = [{"boxes": torch.tensor([[4.0 + 8 * r, 6.0, 30.0 + 8 * r, 40.0]]), "labels": torch.tensor([1 + r])}]
+            return images, targets
+
+        watched = ("terms.l2.adapters.0.weight", "terms.csa.assistant.attention.0.q_proj.weight")
+
+        def grads(module) -> dict[str, torch.Tensor]:
+            named = dict(module.named_parameters())
+            return {k: named[k].grad.detach().clone() for k in watched}
+
+        ddp = build()
+        ddp.wrap(lambda m: DistributedDataParallel(m))
+        losses = ddp(*batch_of(rank))
+        sum(losses.values()).backward()
+        out = {"ddp": grads(ddp.trainable.module)}
+        if rank == 0:
+            local = []
+            for r in range(world):
+                plain = build()
+                sum(plain(*batch_of(r)).values()).backward()
+                local.append(grads(plain.trainable))
+            out["local"] = local
+        queue.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_data_parallel_workers_average_the_adapters_and_the_assistants_gradients() -> None:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_two_workers, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for name, value in results[0]["ddp"].items():
+        mean = (results[0]["local"][0][name] + results[0]["local"][1][name]) / 2
+        assert not torch.allclose(results[0]["local"][0][name], results[0]["local"][1][name])  # the batches differ
+        torch.testing.assert_close(value, mean, rtol=1e-4, atol=1e-7)  # DDP's mean of the two workers'
+        torch.testing.assert_close(results[1]["ddp"][name], value)  # the same on both workers

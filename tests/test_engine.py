@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kdsweep.train.engine import NonFiniteLossError, check_finite, train_one_epoch, warmup_cosine
+from kdsweep.train.engine import NonFiniteLossError, check_finite, train_one_epoch
+from kdsweep.train.optim import Optimization, warmup_cosine
 
 
 def test_non_finite_loss_raises_with_reason():
@@ -23,6 +24,11 @@ def test_warmup_then_cosine_to_zero_and_step_schedule():
     assert (g(0), g(61), g(89)) == (1.0, 0.1, 0.01)
 
 
+def _sgd(model: torch.nn.Module) -> Optimization:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Optimization(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0), list(model.parameters()))
+
+
 class _Toy(torch.nn.Module):
     """A 'detector' whose loss is the squared distance of a parameter to the box mean."""
 
@@ -39,9 +45,7 @@ def test_train_one_epoch_reduces_the_loss_and_reports_means():
     model = _Toy()
     batch = ([torch.zeros(3, 4, 4)], [{"boxes": torch.full((1, 4), 2.0)}])
     loader = [batch] * 20
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-    out = train_one_epoch(model, opt, sched, loader, device=torch.device("cpu"), epoch=1, params=list(model.parameters()))
+    out = train_one_epoch(model, _sgd(model), loader, device=torch.device("cpu"), epoch=1)
     assert model.w.item() == pytest.approx(2.0, abs=0.1)
     assert out["loss"] == pytest.approx(out["loss/mse"]) and out["loss"] > 0
     assert out["train_images_per_s"] > 0
@@ -50,10 +54,8 @@ def test_train_one_epoch_reduces_the_loss_and_reports_means():
 def test_train_one_epoch_stops_on_nan():
     model = _Toy()
     loader = [([torch.zeros(3, 4, 4)], [{"boxes": torch.full((1, 4), float("nan"))}])]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     with pytest.raises(NonFiniteLossError):
-        train_one_epoch(model, opt, sched, loader, device=torch.device("cpu"), epoch=1, params=list(model.parameters()))
+        train_one_epoch(model, _sgd(model), loader, device=torch.device("cpu"), epoch=1)
     assert model.w.item() == 0.0  # no step was taken on garbage
 
 
@@ -67,10 +69,8 @@ def test_out_of_memory_becomes_a_one_line_trial_reason():
 
     model = _Hungry()
     loader = [([torch.zeros(3, 4, 4)] * 2, [{"boxes": torch.ones(1, 4)}] * 2)]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     with pytest.raises(TrialOutOfMemoryError) as info:
-        train_one_epoch(model, opt, sched, loader, device=torch.device("cpu"), epoch=3, params=list(model.parameters()))
+        train_one_epoch(model, _sgd(model), loader, device=torch.device("cpu"), epoch=3)
     message = str(info.value)
     assert message == ("out of memory at epoch 3 step 0 (2 images per worker); lower train.batch_size or the "
                        "input size, or use a larger device")

@@ -7,19 +7,17 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou, roi_align
 
-import kdsweep.methods
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
-from kdsweep.kd.step import KDContext, TeacherOutputs
+from kdsweep.kd.step import KDStep, TeacherOutputs
+from kdsweep.kd.term import TermSpec
 from kdsweep.train.distiller import build_distiller
 from kdsweep.methods import mimic
 from kdsweep.methods.mimic import (
     DeconvAdapter,
     FullMapMimicTerm,
-    HeadMimicTerm,
     MimicTerm,
     build_mimic,
     build_mimic_full,
-    build_mimic_head,
     build_mimic_logits,
     one_stage_regions,
     region_mimic_loss,
@@ -28,14 +26,6 @@ from kdsweep.methods.mimic import (
 from kdsweep.models.detectors import build_detector
 
 K = 3
-KEYS = {"mimic": build_mimic, "mimic_full": build_mimic_full, "mimic_logits": build_mimic_logits,
-        "mimic_head": build_mimic_head}
-
-
-@pytest.fixture(autouse=True)
-def _registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, builder in KEYS.items():
-        monkeypatch.setitem(kdsweep.methods.LOSSES, key, builder)
 
 
 def model_cfg(arch: str = "retinanet", backbone: str = "resnet18", fpn: int = 16) -> ModelConfig:
@@ -166,8 +156,8 @@ def test_one_stage_regions_are_gt_plus_background() -> None:
 
 
 # ---------------------------------------------------------------------- context terms by hand
-def hand_ctx(s: Tensor, t: Tensor, proposals: list[Tensor] | None = None, level: str = "p3") -> KDContext:
-    return KDContext(
+def hand_ctx(s: Tensor, t: Tensor, proposals: list[Tensor] | None = None, level: str = "p3") -> KDStep:
+    return KDStep(
         student=torch.nn.Module(), teacher=torch.nn.Module(), student_feats={level: s},
         teacher_out=TeacherOutputs(feats={level: t}), levels=(level,), teacher_scale=1.0,
         targets=[{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
@@ -216,6 +206,14 @@ def test_deconv_adapter_doubles_the_map() -> None:
 
 
 # ------------------------------------------------------------------------- config validation
+def spec(student_channels: int, teacher_channels: int, num_levels: int, student=None, teacher=None, **params) -> TermSpec:
+    """A builder's input; the region terms read the models only for their kind (two-stage or not)."""
+    return TermSpec(name="mimic", loss="mimic", student=student, teacher=teacher, student_channels=student_channels,
+                    teacher_channels=teacher_channels, levels=tuple(f"p{2 + i}" for i in range(num_levels)),
+                    params=params)
+
+
+
 @pytest.mark.parametrize(("builder", "params", "match"), [
     (build_mimic, {"rois": 3}, r"kd.mimic.params.rois is unknown; known: assign, deconv"),
     (build_mimic, {"num_rois": 0}, "num_rois 0 must be an integer >= 1"),
@@ -227,19 +225,18 @@ def test_deconv_adapter_doubles_the_map() -> None:
 ])
 def test_bad_params_are_one_line_config_errors(builder, params, match) -> None:
     with pytest.raises(ConfigError, match=match) as info:
-        builder(student_channels=16, teacher_channels=16, num_levels=3, **params)
+        builder(spec(16, 16, 3, **params))
     assert "\n" not in str(info.value)
 
 
 def test_channel_mismatch_needs_an_adapter_and_heads_need_the_right_models() -> None:
     with pytest.raises(ConfigError, match="set `adapter: true`"):
-        build_mimic(student_channels=16, teacher_channels=32, num_levels=3)
-    build_mimic(student_channels=16, teacher_channels=32, num_levels=3, deconv=True)  # deconv maps channels
+        build_mimic(spec(16, 32, 3))
+    build_mimic(spec(16, 32, 3, deconv=True))  # deconv maps channels
     with pytest.raises(ConfigError, match="kd.mimic_head needs a Faster R-CNN student"):
         distiller("retinanet", KDTermConfig("mimic_head"))
     with pytest.raises(ConfigError, match="must be the same arch"):
-        build_mimic_logits(student_channels=16, teacher_channels=32, num_levels=5,
-                           student=build_detector(model_cfg("fcos"), K), teacher=teacher())
+        build_mimic_logits(spec(16, 32, 5, student=build_detector(model_cfg("fcos"), K), teacher=teacher()))
     with pytest.raises(ConfigError, match="every student level"):
         distiller("retinanet", KDTermConfig("mimic_logits", levels=("p3",)))
 

@@ -332,13 +332,20 @@ def test_train_losses_finite_and_every_parameter_trains(options: dict, keys: set
         assert model.t_head is None and not model.backbone.with_p2
 
 
-def test_images_without_boxes_train() -> None:
-    model = tiny()
-    images, targets = batch()
-    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
-    losses = model(images, targets)
-    assert all(torch.isfinite(v) for v in losses.values())
+def test_images_without_boxes_train_the_background_only() -> None:
+    """Without a box in the batch nothing is positive: the regression losses are exactly 0 and
+    train no box regressor, while the classifiers still learn the background."""
+    model = tiny(t_head=False)
+    images, _ = batch()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    losses = model(images, [dict(empty), dict(empty)])
+    assert losses["refine_reg"].item() == 0.0 and losses["s_reg"].item() == 0.0
+    assert losses["refine_cls"].item() > 0 and losses["s_cls"].item() > 0
     sum(losses.values()).backward()
+    assert model.s_head.bbox_reg.weight.grad.abs().sum() == 0
+    assert model.s_head.cls_logits.weight.grad.abs().sum() > 0
+    one = model(images, [batch()[1][0], dict(empty)])  # one image with boxes: the batch still trains
+    assert one["s_reg"].item() > 0
 
 
 def test_train_mode_needs_targets_and_options_are_checked() -> None:

@@ -9,21 +9,15 @@ import torch
 from torch import Tensor
 from torchvision.ops import boxes as box_ops
 
-import kdsweep.methods
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
 from kdsweep.train.distiller import build_distiller
-from kdsweep.methods.mimicdet.kd import ExternalTeacherMimic, build_mimicdet_teacher
+from kdsweep.methods.mimicdet.kd import ExternalTeacherMimic
 from kdsweep.models.detectors import build_detector
 from kdsweep.methods.mimicdet.model import MimicDet, MimicInputs, mimic_similarity
 
 K = 3
 REPR = 1024  # torchvision TwoMLPHead representation size of our Faster R-CNN teacher
 LOSS_KEYS = {"refine_cls", "refine_reg", "s_cls", "s_reg"}
-
-
-@pytest.fixture(autouse=True)
-def _registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(kdsweep.methods.LOSSES, "mimicdet_teacher", build_mimicdet_teacher)
 
 
 def student_cfg(**options) -> ModelConfig:

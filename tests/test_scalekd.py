@@ -8,10 +8,11 @@ from torch import Tensor
 
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig, TrainConfig
 from kdsweep.train.distiller import build_distiller
-from kdsweep.train.engine import train_one_epoch, warmup_cosine
+from kdsweep.kd.term import Need
 from kdsweep.methods.scalekd.terms import SCALEKD_DEFAULTS, CSATerm, SDFTerm
 from kdsweep.models.detectors import build_detector
-from kdsweep.train.worker import make_optimizer, split_params
+from kdsweep.train.engine import train_one_epoch
+from kdsweep.train.optim import build_optimization
 
 K = 3
 
@@ -53,19 +54,21 @@ def test_losses_have_every_part_and_defaults() -> None:
     csa = distiller._inner.terms["csa"]
     assert isinstance(csa, CSATerm)
     assert (csa.beta, csa.gamma) == (SCALEKD_DEFAULTS["one_stage"]["beta"], SCALEKD_DEFAULTS["one_stage"]["gamma"])
-    assert csa.optimizer_spec == {"name": "adam", "lr": 3e-4, "weight_decay": 1e-4}
+    own = csa.own_optimizer()
+    assert isinstance(own, torch.optim.Adam)
+    assert (own.param_groups[0]["lr"], own.param_groups[0]["weight_decay"]) == (3e-4, 1e-4)
 
 
 def test_sdf_reads_the_last_backbone_stage_of_both_models_at_their_resolutions() -> None:
     distiller = scalekd(scale=2.0)
     seen = {}
     term = distiller._inner.terms["sdf"]
-    assert isinstance(term, SDFTerm) and term.needs_body
+    assert isinstance(term, SDFTerm) and term.needs == {Need.BODY}
     original = SDFTerm.forward
 
-    def spy(self, ctx):
-        seen["s"], seen["t"] = ctx.student_body.shape, ctx.teacher_out.body.shape
-        return original(self, ctx)
+    def spy(self, step):
+        seen["s"], seen["t"] = step.student_body.shape, step.teacher_out.body.shape
+        return original(self, step)
 
     SDFTerm.forward = spy
     try:
@@ -106,31 +109,33 @@ def test_assistant_joins_at_start_fraction() -> None:
 
 def test_assistant_has_its_own_optimizer() -> None:
     distiller = scalekd()
-    main, extra = split_params(distiller)
+    optimization = build_optimization(distiller.trainable, distiller.student, TrainConfig(optimizer="adamw", lr=1e-3),
+                                      torch.device("cpu"), steps_per_epoch=4)
+    main = [p for g in optimization.optimizer.param_groups for p in g["params"]]
     csa_ids = {id(p) for p in distiller._inner.terms["csa"].parameters()}
-    assert len(extra) == 1 and isinstance(extra[0], torch.optim.Adam)
-    assert {id(p) for g in extra[0].param_groups for p in g["params"]} == csa_ids
-    assert extra[0].param_groups[0]["lr"] == 3e-4 and extra[0].param_groups[0]["weight_decay"] == 1e-4
+    [(own, steps_at)] = optimization.term_optimizers
+    assert isinstance(own, torch.optim.Adam) and steps_at(0.0)
+    assert {id(p) for g in own.param_groups for p in g["params"]} == csa_ids
+    assert own.param_groups[0]["lr"] == 3e-4 and own.param_groups[0]["weight_decay"] == 1e-4
     assert not csa_ids & {id(p) for p in main}
     assert len(main) + len(csa_ids) == sum(1 for p in distiller.trainable.parameters() if p.requires_grad)
 
 
 def test_frozen_backbone_does_not_move_until_the_fraction_then_moves() -> None:
     distiller = scalekd()
-    main, extra = split_params(distiller)
-    optimizer = make_optimizer(main, TrainConfig(optimizer="adamw", lr=1e-3))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(4, 0, "constant"))
+    optimization = build_optimization(distiller.trainable, distiller.student,
+                                      TrainConfig(optimizer="adamw", lr=1e-3, epochs=2, warmup_iters=0,
+                                                  lr_schedule="constant", freeze_backbone=0.5),
+                                      torch.device("cpu"), steps_per_epoch=2)
     body = list(distiller.student.backbone.body.parameters())
     head = list(distiller.student.head.parameters())
     before_body = [p.detach().clone() for p in body]
     before_head = [p.detach().clone() for p in head]
     loader = [batch(), batch()]
-    train_one_epoch(distiller, optimizer, scheduler, loader, device=torch.device("cpu"), epoch=1, params=main,
-                    extra_optimizers=extra, step_offset=0, total_steps=4, frozen=body, freeze_until=0.5)
+    train_one_epoch(distiller, optimization, loader, device=torch.device("cpu"), epoch=1, step_offset=0, total_steps=4)
     assert all(torch.equal(a, b) for a, b in zip(before_body, body))
     assert any(not torch.equal(a, b) for a, b in zip(before_head, head))
-    train_one_epoch(distiller, optimizer, scheduler, loader, device=torch.device("cpu"), epoch=2, params=main,
-                    extra_optimizers=extra, step_offset=2, total_steps=4, frozen=body, freeze_until=0.5)
+    train_one_epoch(distiller, optimization, loader, device=torch.device("cpu"), epoch=2, step_offset=2, total_steps=4)
     assert any(not torch.equal(a, b) for a, b in zip(before_body, body))
 
 

@@ -169,7 +169,8 @@ def test_bad_params_raise(kwargs: dict[str, object], field: str) -> None:
 def test_channel_mismatch_without_adapter_raises() -> None:
     with pytest.raises(ConfigError) as info:
         SDFLoss(student_channels=6, teacher_channels=8, num_levels=1)
-    assert str(info.value) == "kd.sdf: student features have 6 channels, the teacher's 8; set adapter: true"
+    assert str(info.value) == ("kd.sdf: student features have 6 channels, the teacher's 8; set `adapter: true` to learn "
+                               "a 1x1 conv per level")  # the message every adapter check gives (kd/adapters.py)
 
 
 # ----------------------------------------------------------------------------- (g) shapes
@@ -187,7 +188,14 @@ def test_branches_output_shape(shared: bool, hw: tuple[int, int]) -> None:
         assert z.shape == (2, 6, *hw)
 
 
-def test_batch_size_one_on_1x1_loss() -> None:
+def test_batch_size_one_on_1x1_maps_is_zero_for_the_same_map_and_teaches_otherwise() -> None:
+    """One image, a 1x1 student map and a 2x2 teacher map (resized to 1x1): a teacher that is the
+    student's map gives 0 (SDF and direct terms alike); another one a positive loss whose gradient
+    reaches the student."""
     loss = SDFLoss(student_channels=4, teacher_channels=4, num_levels=1, **SMALL)
-    value = loss([_randn(1, 4, 1, 1, seed=1)], [_randn(1, 4, 2, 2, seed=2)])
-    assert torch.isfinite(value)
+    s = _randn(1, 4, 1, 1, seed=1).requires_grad_(True)
+    same = s.detach().expand(1, 4, 2, 2)  # bilinear down to 1x1: the student's values
+    assert loss([s], [same]).item() == pytest.approx(0.0, abs=1e-7)
+    value = loss([s], [_randn(1, 4, 2, 2, seed=2)])
+    value.backward()
+    assert value.item() > 0 and s.grad is not None and s.grad.abs().sum() > 0

@@ -1,4 +1,4 @@
-"""Pixel-wise (Lp) feature distillation losses: the baselines of structural KD.
+"""Feature terms: one per-pair loss summed over matched FPN levels, and the Lp baselines.
 
 Reference:
     de Rijk & Schneider, "Structural Knowledge Distillation for Object Detection", NeurIPS 2022.
@@ -8,10 +8,19 @@ Reference:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["l1_feature_loss", "l2_feature_loss"]
+from kdsweep.config import ConfigError
+from kdsweep.kd.adapters import level_adapters
+from kdsweep.kd.step import KDStep
+from kdsweep.kd.term import KDTerm, TermSpec, keyword_params, reject_unknown
+
+__all__ = ["FeatureTerm", "feature_term", "l1_feature_loss", "l2_feature_loss"]
 
 
 def l2_feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
@@ -66,3 +75,105 @@ def _check_pair(student: Tensor, teacher: Tensor, name: str) -> None:
         raise ValueError(
             f"{name}: student and teacher features differ in shape: {tuple(student.shape)} vs {tuple(teacher.shape)}"
         )
+
+
+class FeatureTerm(KDTerm):
+    r"""KD term :math:`\sum_l f(A_l(s_l), \operatorname{sg}(t_l); \theta)` over matched FPN levels.
+
+    ``f`` is a per-pair loss (e.g. :func:`~kdsweep.methods.ssim.ssim_feature_loss`) returning the
+    mean over the level's ``N*C*H*W`` values (``N*C*H'*W'`` SSIM-map values), so levels of
+    different sizes weigh the same; the term is the *sum* over levels. ``A_l`` is an optional 1x1
+    convolution (student -> teacher channels, one per level); ``sg`` stops the gradient (the
+    teacher is detached here whatever the caller passes).
+
+    Args:
+        fn: per-pair loss ``fn(student, teacher, **params) -> scalar``.
+        student_channels, teacher_channels: feature channels of the two FPNs.
+        num_levels: number of matched levels ``forward`` receives.
+        adapter: learn one 1x1 conv per level; required when the channels differ.
+        name: loss name for error messages (default ``fn.__name__``).
+        **params: keyword-only parameters of ``fn`` (validated here, checked by a dry run on a
+            1x1 map so that a bad value fails at build time).
+
+    Raises:
+        ConfigError: unknown or invalid ``params``; channel mismatch without ``adapter``.
+
+    ``forward(step)`` compares ``step.aligned()`` (the teacher maps resized to the student's);
+    :meth:`compare` takes the two level lists directly.
+
+    Shape:
+        - student, teacher (of :meth:`compare`): sequences of ``num_levels`` tensors; level ``l``
+          is ``(N, C_s, H_l, W_l)`` and ``(N, C_t, H_l, W_l)``.
+        - output: ``()``.
+
+    Reference:
+        de Rijk & Schneider, "Structural Knowledge Distillation for Object Detection", NeurIPS 2022.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        *,
+        student_channels: int,
+        teacher_channels: int,
+        num_levels: int,
+        adapter: bool = False,
+        name: str | None = None,
+        **params: Any,
+    ) -> None:
+        super().__init__()
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "loss")
+        self.params = dict(params)
+        self.num_levels = num_levels
+        reject_unknown(self.name, self.params, keyword_params(self.fn))
+        self.adapters = level_adapters(self.name, student_channels, teacher_channels, num_levels, adapter)
+        self._probe()
+
+    def _probe(self) -> None:
+        try:  # bad values (e.g. an even window) fail now, not in the first training step
+            with torch.no_grad():
+                probe = torch.zeros(1, 1, 1, 1, device="cpu")  # a check of the values, on any default device
+                self.fn(probe, probe, **self.params)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"kd.{self.name}.params: {exc}") from None
+
+    def forward(self, step: KDStep) -> Tensor:
+        return self.compare(*step.aligned())
+
+    def compare(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        """The term of matched level lists (see the class docstring for shapes)."""
+        if len(student) != self.num_levels or len(teacher) != self.num_levels:
+            raise ValueError(
+                f"kd.{self.name}: expected {self.num_levels} levels, got {len(student)} student and "
+                f"{len(teacher)} teacher feature maps"
+            )
+        total = None
+        for level, (s, t) in enumerate(zip(student, teacher)):
+            if self.adapters is not None:
+                s = self.adapters[level](s)
+            t = t.detach()
+            if s.shape != t.shape:
+                raise ValueError(
+                    f"kd.{self.name}: level {level}: student {tuple(s.shape)} vs teacher {tuple(t.shape)} "
+                    "(after the adapter); align resolution and channels first"
+                )
+            loss = self.fn(s, t, **self.params)
+            total = loss if total is None else total + loss
+        assert total is not None
+        return total
+
+    def extra_repr(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{self.name}, num_levels={self.num_levels}" + (f", {params}" if params else "")
+
+
+def feature_term(fn: Callable[..., Tensor]) -> Callable[[TermSpec], FeatureTerm]:
+    """The registry builder of the feature term of per-pair loss ``fn`` (``l1``, ``l2``, ``ssim``)."""
+
+    def build(spec: TermSpec) -> FeatureTerm:
+        return FeatureTerm(fn, student_channels=spec.student_channels, teacher_channels=spec.teacher_channels,
+                           num_levels=spec.num_levels, adapter=spec.adapter, name=spec.loss, **dict(spec.params))
+
+    build.__name__ = build.__qualname__ = f"feature_term_{getattr(fn, '__name__', 'loss')}"
+    return build

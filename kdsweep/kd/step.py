@@ -3,61 +3,37 @@
 Feature terms (l1, l2, ssim) only need matched FPN maps. Methods that distil from proposals,
 heads or ground truth (Li 2017's proposal mimic, ScaleKD's SDF and cross-scale assistant) need
 more of the step: the student's transformed targets, its RPN proposals, its dense-head outputs
-and anchors, the last backbone stage, and how far training has got. :class:`StepTap` records all
-of that from forward hooks on the student's submodules during its normal loss forward, and the
-:class:`KDContext` hands it to every term whose module sets ``uses_context = True``.
+and anchors, the last backbone stage, and how far training has got. Each term declares what it
+needs (:class:`~kdsweep.kd.term.Need`); :class:`StepTap` installs exactly the forward hooks on the
+student's submodules that record those during its normal loss forward, :func:`teacher_outputs`
+does the same on the frozen teacher, and a :class:`KDStep` hands the lot to every term.
 
 Torchvision's detectors all run ``transform -> backbone (body -> fpn) -> heads``; the hooks sit on
 ``model.transform`` (its output is ``(ImageList, targets)`` in the network's input coordinates),
 ``model.backbone.body`` (an OrderedDict of backbone stages, the last is ScaleKD's embedding Z),
 ``model.head`` and ``model.anchor_generator`` (RetinaNet, FCOS) and ``model.rpn`` (Faster R-CNN;
 output ``(proposals, losses)``).
+
+Regions a term cuts from both models (Li 2017's two-stage mimic, MimicDet's external teacher)
+are mapped into the teacher's input coordinates in one place, :meth:`KDStep.teacher_rois`, and
+handed to a model's RoI pooler keyed as it expects by :func:`roi_levels`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
+from collections import OrderedDict
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kdsweep.models.taps import align_to
+from kdsweep.kd.term import Need
+from kdsweep.models.detectors import level_names
+from kdsweep.models.taps import align_to, extract_features
 
-
-T = TypeVar("T")
-
-
-def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast(device_type, enabled=False)``, or a no-op for device types without
-    autocast (``meta``: the preflight builds and probes models there)."""
-    try:
-        return torch.autocast(device_type, enabled=False)
-    except RuntimeError:
-        return contextlib.nullcontext()
-
-
-def to_float32(obj: T) -> T:
-    """``obj`` with every half-precision (float16/bfloat16) tensor in it cast to float32.
-
-    Walks dicts, lists, tuples and dataclass instances (:class:`TeacherOutputs`,
-    :class:`KDContext`, a MimicDet's recorded mimic inputs); modules, other tensors and other values
-    are returned as they are (the same objects). A term's input under autocast comes out as it would in a float32 step, up to
-    the rounding the half-precision forward already did; autograd flows through the cast.
-    """
-    if isinstance(obj, Tensor):
-        return obj.float() if obj.dtype in (torch.float16, torch.bfloat16) else obj  # type: ignore[return-value]
-    if isinstance(obj, dict):  # dict, OrderedDict
-        return type(obj)((k, to_float32(v)) for k, v in obj.items())  # type: ignore[return-value]
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(to_float32(v) for v in obj)  # type: ignore[return-value]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: to_float32(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                   if f.init and not isinstance(getattr(obj, f.name), nn.Module)}
-        return dataclasses.replace(obj, **changes)  # type: ignore[return-value]
-    return obj
+__all__ = ["KDStep", "StepTap", "TeacherOutputs", "body_channels", "roi_levels", "teacher_boxes", "teacher_outputs"]
 
 
 @dataclass
@@ -76,28 +52,29 @@ class TeacherOutputs:
 
 
 @dataclass
-class KDContext:
+class KDStep:
     """Everything one KD term sees in one training step.
 
     Attributes:
         student, teacher: the unwrapped student detector (training graph) and the frozen teacher.
         student_feats: canonical level -> (N, C_s, H_l, W_l) student FPN maps (attached to autograd).
-        teacher: see above; ``teacher_out`` holds its maps (:class:`TeacherOutputs`).
+        teacher_out: the teacher's maps and sizes (:class:`TeacherOutputs`).
         levels: the levels this term was configured for (student order).
         teacher_scale: teacher resolution / student resolution.
         progress: fraction of training done before this step, in [0, 1] (for schedules).
         targets: per image ``boxes`` (n, 4) xyxy and ``labels`` (n,), in the student's input
-            coordinates (after its transform's resize), or None.
+            coordinates (after its transform's resize), or None (:attr:`Need.TARGETS`).
         image_sizes: per image (H, W) after the student's transform.
-        student_body: last backbone stage of the student (N, C_body_s, H/32, W/32).
+        student_body: last backbone stage of the student (N, C_body_s, H/32, W/32) (:attr:`Need.BODY`).
         head_outputs: the student's dense-head outputs (RetinaNet/FCOS), e.g.
-            ``{"cls_logits": (N, sum_l H_l W_l A, K), "bbox_regression": (N, ..., 4)}``.
+            ``{"cls_logits": (N, sum_l H_l W_l A, K), "bbox_regression": (N, ..., 4)}`` (:attr:`Need.HEAD`).
         anchors: per image (sum_l H_l W_l A, 4) anchors of the dense head.
-        proposals: per image (P, 4) RPN proposals of a two-stage student (detached by torchvision).
+        proposals: per image (P, 4) RPN proposals of a two-stage student (detached by torchvision)
+            (:attr:`Need.PROPOSALS`).
     """
 
     student: nn.Module
-    teacher: nn.Module
+    teacher: nn.Module | None
     student_feats: dict[str, Tensor]
     teacher_out: TeacherOutputs
     levels: tuple[str, ...]
@@ -119,24 +96,75 @@ class KDContext:
         maps resized to the student's (see :func:`kdsweep.models.taps.align_to`)."""
         return align_to(self.student_feats, self.teacher_feats, tuple(levels or self.levels), self.teacher_scale)
 
+    def teacher_rois(self, boxes: Sequence[Tensor], student_sizes: Sequence[tuple[int, int]] | None = None,
+                     ) -> tuple[list[Tensor], list[tuple[int, int]]]:
+        """Per-image boxes in the student's input coordinates mapped into the teacher's, and the
+        teacher's image sizes (:func:`teacher_boxes` with this step's sizes and scale;
+        ``student_sizes`` defaults to :attr:`image_sizes`)."""
+        sizes = list(self.image_sizes or []) if student_sizes is None else list(student_sizes)
+        return teacher_boxes(boxes, sizes, list(self.teacher_out.image_sizes or []), self.teacher_scale)
+
+
+def teacher_boxes(
+    boxes: Sequence[Tensor], student_sizes: Sequence[tuple[int, int]], teacher_sizes: Sequence[tuple[int, int]],
+    teacher_scale: float | None = None,
+) -> tuple[list[Tensor], list[tuple[int, int]]]:
+    """Per-image boxes in the student's input coordinates -> the teacher's, and the teacher's
+    image sizes: x by ``tw / sw``, y by ``th / sh`` per image (``teacher_scale`` up to the two
+    transforms' rounding); when the teacher's sizes are not known (or do not match the batch),
+    everything by ``teacher_scale`` (1 when None).
+
+    Shape:
+        - boxes: per image ``(R_i, 4)`` xyxy; output: the same shapes.
+    """
+    if len(teacher_sizes) == len(boxes) and len(student_sizes) == len(boxes):
+        out = []
+        for b, (sh, sw), (th, tw) in zip(boxes, student_sizes, teacher_sizes):
+            out.append(b * b.new_tensor([tw / sw, th / sh, tw / sw, th / sh]))
+        return out, [(int(h), int(w)) for h, w in teacher_sizes]
+    scale = 1.0 if teacher_scale is None else float(teacher_scale)
+    return [b * scale for b in boxes], [(round(h * scale), round(w * scale)) for h, w in student_sizes]
+
+
+def roi_levels(model: nn.Module, feats: Mapping[str, Tensor], who: str, term: str) -> OrderedDict[str, Tensor]:
+    """Canonical ``p<k>`` maps -> the torchvision keys ``model``'s RoI pooler
+    (``roi_heads.box_roi_pool``) reads, in its order.
+
+    Raises:
+        RuntimeError: a level the pooler reads was not captured (names ``who`` and ``term``).
+    """
+    names = level_names(model)
+    out: OrderedDict[str, Tensor] = OrderedDict()
+    for key in model.roi_heads.box_roi_pool.featmap_names:
+        level = names.get(key)
+        if level not in feats:
+            raise RuntimeError(f"kd.{term}: the {who}'s level {level} (its RoI pooler's '{key}') was not captured; "
+                               f"kd.{term} uses every level (drop kd.{term}.levels)")
+        out[key] = feats[level]
+    return out
+
 
 class StepTap:
-    """Forward hooks recording a student step's internals (see the module docstring).
+    """Forward hooks recording what the terms need of a student step (see the module docstring).
 
     Use as a context manager around the student's loss forward; then :meth:`fill` copies what
-    was seen into a :class:`KDContext`. The hooks return nothing (outputs are unchanged).
+    was seen into a :class:`KDStep`. Only the hooks of ``needs`` are installed; they return
+    nothing (outputs are unchanged).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, needs: Collection[Need]) -> None:
         self.seen: dict[str, Any] = {}
         self._handles = []
-        hooks = {
-            "transform": self._on_transform,
-            "backbone.body": self._on_body,
-            "head": self._on_head,
-            "anchor_generator": self._on_anchors,
-            "rpn": self._on_rpn,
-        }
+        hooks: dict[str, Any] = {}
+        if Need.TARGETS in needs or Need.PROPOSALS in needs:
+            hooks["transform"] = self._on_transform
+        if Need.BODY in needs:
+            hooks["backbone.body"] = self._on_body
+        if Need.HEAD in needs:
+            hooks["head"] = self._on_head
+            hooks["anchor_generator"] = self._on_anchors
+        if Need.PROPOSALS in needs:
+            hooks["rpn"] = self._on_rpn
         for path, hook in hooks.items():
             module = _get(model, path)
             if module is not None:
@@ -171,11 +199,32 @@ class StepTap:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def fill(self, ctx: KDContext) -> KDContext:
-        """Copy the recorded internals into ``ctx`` (fields left None when not seen)."""
+    def fill(self, step: KDStep) -> KDStep:
+        """Copy the recorded internals into ``step`` (fields left None when not seen)."""
         for key, value in self.seen.items():
-            setattr(ctx, key, value)
-        return ctx
+            setattr(step, key, value)
+        return step
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, images: list[Tensor], levels: Sequence[str] | None,
+                    needs: Collection[Need]) -> TeacherOutputs:
+    """The frozen teacher's FPN maps of ``levels`` (every level with :attr:`Need.TEACHER_LEVELS`
+    or ``levels=None``), its last backbone stage (:attr:`Need.BODY`) and its image sizes, from
+    one eval-mode forward of ``images`` (its transform resizes them to its own resolution)."""
+    seen: dict[str, Any] = {}
+    handles = []
+    if Need.BODY in needs:
+        handles.append(teacher.backbone.body.register_forward_hook(
+            lambda m, i, out: seen.__setitem__("body", list(out.values())[-1])))
+    handles.append(teacher.transform.register_forward_hook(
+        lambda m, i, out: seen.__setitem__("sizes", [tuple(s) for s in out[0].image_sizes])))
+    try:
+        feats = extract_features(teacher, images, levels=None if Need.TEACHER_LEVELS in needs else levels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return TeacherOutputs(feats=feats, body=seen.get("body"), image_sizes=seen.get("sizes", []))
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -189,8 +238,6 @@ def _get(model: nn.Module, path: str) -> nn.Module | None:
 
 def body_channels(model: nn.Module) -> int:
     """Channels of the last backbone stage of a torchvision detector (a dry run on 64x64)."""
-    import torch
-
     body = _get(model, "backbone.body")
     if body is None:
         raise ValueError(f"{type(model).__name__} has no backbone.body")
@@ -203,6 +250,3 @@ def body_channels(model: nn.Module) -> int:
     finally:
         body.train(was_training)
     return int(list(out.values())[-1].shape[1])
-
-
-__all__ = ["KDContext", "StepTap", "TeacherOutputs", "autocast_off", "body_channels", "to_float32"]

@@ -1,27 +1,112 @@
-"""A feature-distillation term: one per-pair loss summed over matched FPN levels.
+"""The KD-term contract: what every distillation term is, takes and may ask for.
 
-Reference:
-    de Rijk & Schneider, "Structural Knowledge Distillation for Object Detection", NeurIPS 2022:
-    the loss is applied to every FPN level, each level averaged over its ``C*H*W`` values (and the
-    batch), the levels summed; an optional 1x1 adapter maps student channels to the teacher's.
+A KD term is an ``nn.Module`` subclass of :class:`KDTerm`:
+
+* **one forward signature**: ``forward(step: KDStep) -> Tensor | dict[str, Tensor]``, the
+  unweighted term (a dict gives named parts, each logged and weighted alike). ``step`` is what the
+  term may look at of one training step (:class:`~kdsweep.kd.step.KDStep`): matched FPN maps
+  (``step.aligned()``) and, when the term declares them, more;
+* **a declaration of what it needs** (:attr:`KDTerm.needs`, a set of :class:`Need`): the
+  Distiller installs exactly the hooks that capture those, on the student and on the teacher,
+  and nothing else;
+* **optional hooks** for terms whose own modules train differently from the student:
+  :meth:`KDTerm.own_optimizer` (e.g. ScaleKD's assistant has its own Adam) and
+  :meth:`KDTerm.steps_at` (whether that optimizer steps at this point of training).
+
+Terms are built by a **builder** with one signature, ``builder(spec: TermSpec) -> KDTerm``:
+:class:`TermSpec` carries the config entry (name, params, adapter, levels) and the two built
+detectors. The registry (:data:`kdsweep.methods.TERMS`) is a plain dict from the config's loss
+name to its builder; nothing registers itself on import.
+
+Every term computes in float32: the Distiller turns autocast off around the terms and promotes
+their inputs (:func:`kdsweep.kd.precision.to_float32`).
 """
 
 from __future__ import annotations
 
+import abc
+import enum
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from kdsweep.config import ConfigError
 
-__all__ = ["FeatureTerm", "keyword_params", "reject_unknown"]
+if TYPE_CHECKING:  # the step module builds on this one; the annotation only
+    from kdsweep.kd.step import KDStep
+
+__all__ = ["KDTerm", "Need", "TermSpec", "keyword_params", "reject_unknown"]
+
+
+class Need(enum.Enum):
+    """What a term reads of a training step beyond its matched FPN maps (``step.aligned()``)."""
+
+    BODY = "body"
+    """The last backbone stage of student and teacher (``step.student_body``, ``step.teacher_out.body``)."""
+    TARGETS = "targets"
+    """The student's transformed targets and image sizes (``step.targets``, ``step.image_sizes``)."""
+    HEAD = "head"
+    """The student's dense-head outputs and anchors (``step.head_outputs``, ``step.anchors``)."""
+    PROPOSALS = "proposals"
+    """A two-stage student's RPN proposals (``step.proposals``), with its image sizes."""
+    TEACHER_LEVELS = "teacher_levels"
+    """Every FPN level of the teacher (``step.teacher_feats``), not only the term's (to run its heads)."""
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """What a builder gets: one ``kd`` config entry and the two built detectors.
+
+    Attributes:
+        name: the entry's name in the step (``ssim``, or ``ssim_1`` when repeated).
+        loss: the registry key (``ssim``).
+        params: the entry's ``params`` (the builder rejects unknown keys, :func:`reject_unknown`).
+        adapter: the entry's ``adapter`` flag (learn a 1x1 conv per level).
+        levels: the canonical levels (``p3``..) the term compares, in student order.
+        student, teacher: the built detectors (the teacher frozen).
+        student_channels, teacher_channels: their FPN widths.
+    """
+
+    name: str
+    loss: str
+    student: nn.Module
+    teacher: nn.Module
+    student_channels: int
+    teacher_channels: int
+    levels: tuple[str, ...]
+    adapter: bool = False
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+
+class KDTerm(nn.Module, metaclass=abc.ABCMeta):
+    """Base class of every KD term (see the module docstring for the contract)."""
+
+    needs: ClassVar[frozenset[Need]] = frozenset()
+
+    @abc.abstractmethod
+    def forward(self, step: "KDStep") -> Tensor | dict[str, Tensor]:
+        """The unweighted term (a scalar, or named scalar parts) of one training step."""
+
+    def own_optimizer(self) -> torch.optim.Optimizer | None:
+        """An optimizer of this term's own parameters, which the main optimizer then leaves out;
+        None (the default): everything trains under the main optimizer."""
+        return None
+
+    def steps_at(self, progress: float) -> bool:
+        """Whether :meth:`own_optimizer` steps at ``progress`` (the fraction of training done)."""
+        return True
 
 
 def keyword_params(fn: Callable[..., Tensor]) -> list[str]:
-    """Names of ``fn``'s keyword-only parameters: what a term's ``params`` may set."""
+    """Names of ``fn``'s keyword-only parameters: what a feature term's ``params`` may set."""
     return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
@@ -33,101 +118,3 @@ def reject_unknown(name: str, params: Mapping[str, Any] | Sequence[str], known: 
     for key in params:
         if key not in known:
             raise ConfigError(f"kd.{name}.params.{key} is unknown; known: {', '.join(known) if known else '(none)'}")
-
-
-class FeatureTerm(nn.Module):
-    r"""KD term :math:`\sum_l f(A_l(s_l), \operatorname{sg}(t_l); \theta)` over matched FPN levels.
-
-    ``f`` is a per-pair loss (e.g. :func:`~kdsweep.methods.ssim.ssim_feature_loss`) returning the
-    mean over the level's ``N*C*H*W`` values (``N*C*H'*W'`` SSIM-map values), so levels of
-    different sizes weigh the same; the term is the *sum* over levels. ``A_l`` is an optional 1x1
-    convolution (student -> teacher channels, one per level); ``sg`` stops the gradient (the
-    teacher is detached here whatever the caller passes).
-
-    Args:
-        fn: per-pair loss ``fn(student, teacher, **params) -> scalar``.
-        student_channels, teacher_channels: feature channels of the two FPNs.
-        num_levels: number of matched levels ``forward`` receives.
-        adapter: learn one 1x1 conv per level; required when the channels differ.
-        name: loss name for error messages (default ``fn.__name__``).
-        **params: keyword-only parameters of ``fn`` (validated here, checked by a dry run on a
-            1x1 map so that a bad value fails at build time).
-
-    Raises:
-        ConfigError: unknown or invalid ``params``; channel mismatch without ``adapter``.
-
-    Shape:
-        - student, teacher: sequences of ``num_levels`` tensors; level ``l`` is
-          ``(N, C_s, H_l, W_l)`` and ``(N, C_t, H_l, W_l)`` (the caller aligns resolution).
-        - output: ``()``.
-
-    Reference:
-        de Rijk & Schneider, "Structural Knowledge Distillation for Object Detection", NeurIPS 2022.
-    """
-
-    def __init__(
-        self,
-        fn: Callable[..., Tensor],
-        *,
-        student_channels: int,
-        teacher_channels: int,
-        num_levels: int,
-        adapter: bool = False,
-        name: str | None = None,
-        **params: Any,
-    ) -> None:
-        super().__init__()
-        self.fn = fn
-        self.name = name or getattr(fn, "__name__", "loss")
-        self.params = dict(params)
-        self.num_levels = num_levels
-        self._check(student_channels, teacher_channels, num_levels, adapter)
-        self.adapters = (
-            nn.ModuleList(nn.Conv2d(student_channels, teacher_channels, kernel_size=1) for _ in range(num_levels))
-            if adapter
-            else None
-        )
-
-    def _check(self, student_channels: int, teacher_channels: int, num_levels: int, adapter: bool) -> None:
-        reject_unknown(self.name, self.params, keyword_params(self.fn))
-        if num_levels < 1 or student_channels < 1 or teacher_channels < 1:
-            raise ConfigError(
-                f"kd.{self.name}: num_levels, student_channels and teacher_channels must be >= 1, got "
-                f"{num_levels}, {student_channels}, {teacher_channels}"
-            )
-        if student_channels != teacher_channels and not adapter:
-            raise ConfigError(
-                f"kd.{self.name}: student features have {student_channels} channels, the teacher's "
-                f"{teacher_channels}; set `adapter: true` to learn a 1x1 conv per level"
-            )
-        try:  # bad values (e.g. an even window) fail now, not in the first training step
-            with torch.no_grad():
-                probe = torch.zeros(1, 1, 1, 1, device="cpu")  # a check of the values, on any default device
-                self.fn(probe, probe, **self.params)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"kd.{self.name}.params: {exc}") from None
-
-    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-        if len(student) != self.num_levels or len(teacher) != self.num_levels:
-            raise ValueError(
-                f"kd.{self.name}: expected {self.num_levels} levels, got {len(student)} student and "
-                f"{len(teacher)} teacher feature maps"
-            )
-        total = None
-        for level, (s, t) in enumerate(zip(student, teacher)):
-            if self.adapters is not None:
-                s = self.adapters[level](s)
-            t = t.detach()
-            if s.shape != t.shape:
-                raise ValueError(
-                    f"kd.{self.name}: level {level}: student {tuple(s.shape)} vs teacher {tuple(t.shape)} "
-                    "(after the adapter); align resolution and channels first"
-                )
-            loss = self.fn(s, t, **self.params)
-            total = loss if total is None else total + loss
-        assert total is not None
-        return total
-
-    def extra_repr(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{self.name}, num_levels={self.num_levels}" + (f", {params}" if params else "")

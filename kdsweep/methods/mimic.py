@@ -6,8 +6,8 @@ Reference:
     ``/work/shared/METHODS.md`` section 1. The student mimics the teacher's *feature map* inside
     sampled regions; whole-map regression and logits matching are the paper's failing baselines.
 
-All four terms are *context terms* (``uses_context = True``): ``forward(ctx)`` gets the step's
-:class:`~kdsweep.kd.step.KDContext`. Teacher tensors are always detached and the teacher's own
+All four are KD terms (:mod:`kdsweep.kd.term`) that read more of the step than matched maps (their
+``needs``): ``forward(step)`` gets the step's :class:`~kdsweep.kd.step.KDStep`. Teacher tensors are always detached and the teacher's own
 modules run under ``no_grad``, so gradients reach only the student and the terms' adapters.
 
 * ``mimic`` (:class:`MimicTerm`): proposal-sampled feature mimicking,
@@ -16,7 +16,7 @@ modules run under ``no_grad``, so gradients reach only the student and the terms
   adapter (a 1x1 conv, or :class:`DeconvAdapter` for cross-scale mimic), applied to the whole
   student map before cropping (a 1x1 conv commutes with cropping). Regions:
 
-  - two-stage students (``ctx.proposals`` is set): :func:`sample_rois` on the student's RPN
+  - two-stage students (``step.proposals`` is set): :func:`sample_rois` on the student's RPN
     proposals, ``num_rois`` per image (128) with ``positive_fraction`` (0.5, i.e. 1:1) positives
     at IoU >= ``iou_threshold`` (0.5) with a ground-truth box, GT boxes added to the positive
     candidates, negatives filling in when positives are short (as torchvision's ``roi_heads``);
@@ -25,7 +25,7 @@ modules run under ``no_grad``, so gradients reach only the student and the terms
     *Choice*: a one-stage student proposes nothing, so the GT boxes stand in for the positive
     proposals and random boxes for the negative ones.
 
-  Boxes are in the student's input coordinates (``ctx.targets``); a box is cut from level ``pk``
+  Boxes are in the student's input coordinates (``step.targets``); a box is cut from level ``pk``
   in feature cells ``box / 2**k``. Level of each region (``assign``): ``"fpn"`` (default) the FPN
   paper's rule as torchvision's ``LevelMapper`` (``k = floor(4 + log2(sqrt(area) / 224))``,
   clamped to the term's levels and snapped to the nearest configured one), so each region is
@@ -58,7 +58,6 @@ modules run under ``no_grad``, so gradients reach only the student and the terms
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -69,8 +68,9 @@ from torchvision.ops import box_iou, roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from kdsweep.config import ConfigError
-from kdsweep.kd.term import reject_unknown
-from kdsweep.kd.step import KDContext
+from kdsweep.kd.adapters import check_widths, level_adapters
+from kdsweep.kd.step import KDStep, roi_levels
+from kdsweep.kd.term import KDTerm, Need, TermSpec, reject_unknown
 from kdsweep.models.detectors import level_names
 from kdsweep.models.taps import _crop_or_pad
 
@@ -282,7 +282,7 @@ def one_stage_regions(
 
     Args:
         gt_boxes: per image (G_i, 4) xyxy boxes in input coordinates.
-        image_size: (h, w) of every image, or one (h, w) per image (e.g. ``ctx.image_sizes``).
+        image_size: (h, w) of every image, or one (h, w) per image (e.g. ``step.image_sizes``).
         generator: a torch.Generator for reproducible draws; None: global RNG.
     Returns:
         Per image (n_i, 4) boxes on the GT boxes' device and dtype: the kept GT boxes first.
@@ -330,10 +330,10 @@ def _level_k(level: str) -> int:
     return int(level[1:])
 
 
-def _ctx_gt(ctx: KDContext, name: str) -> list[Tensor]:
-    if ctx.targets is None:
+def _step_gt(step: KDStep, name: str) -> list[Tensor]:
+    if step.targets is None:
         raise RuntimeError(f"kd.{name}: the student's transformed targets were not captured")
-    return [t["boxes"].detach() for t in ctx.targets]
+    return [t["boxes"].detach() for t in step.targets]
 
 
 def _zero_on(tensors: Sequence[Tensor]) -> Tensor:
@@ -369,11 +369,9 @@ class DeconvAdapter(nn.Sequential):
         self.scale = scale
 
 
-class _MapTerm(nn.Module):
+class _MapTerm(KDTerm):
     """Shared part of ``mimic`` and ``mimic_full``: adapted student maps and matched teacher maps."""
 
-    uses_context = True
-    needs_body = False
     name = "mimic"
 
     def __init__(
@@ -388,46 +386,38 @@ class _MapTerm(nn.Module):
     ) -> None:
         super().__init__()
         n = self.name
-        if num_levels < 1 or student_channels < 1 or teacher_channels < 1:
-            raise ConfigError(f"kd.{n}: num_levels, student_channels and teacher_channels must be >= 1, got "
-                              f"{num_levels}, {student_channels}, {teacher_channels}")
         if not isinstance(deconv, bool):
             raise ConfigError(f"kd.{n}.params.deconv {deconv!r} must be true or false")
         if not isinstance(deconv_scale, int) or deconv_scale < 2 or deconv_scale & (deconv_scale - 1):
             raise ConfigError(f"kd.{n}.params.deconv_scale {deconv_scale!r} must be a power of 2 >= 2")
-        if student_channels != teacher_channels and not (adapter or deconv):
-            raise ConfigError(f"kd.{n}: student features have {student_channels} channels, the teacher's "
-                              f"{teacher_channels}; set `adapter: true` to learn a 1x1 conv per level")
+        check_widths(n, student_channels, teacher_channels, num_levels, adapter or deconv)
         self.num_levels = num_levels
         self.deconv = deconv
         self.deconv_scale = deconv_scale
         if deconv:
             self.adapters: nn.ModuleList | None = nn.ModuleList(
                 DeconvAdapter(student_channels, teacher_channels, deconv_scale) for _ in range(num_levels))
-        elif adapter:
-            self.adapters = nn.ModuleList(
-                nn.Conv2d(student_channels, teacher_channels, kernel_size=1) for _ in range(num_levels))
         else:
-            self.adapters = None
+            self.adapters = level_adapters(n, student_channels, teacher_channels, num_levels, adapter)
 
-    def maps(self, ctx: KDContext) -> list[tuple[str, Tensor, Tensor, float]]:
+    def maps(self, step: KDStep) -> list[tuple[str, Tensor, Tensor, float]]:
         """Per level ``(name, r(student), teacher (detached), cell)``, ``cell`` = the maps' stride
         in student input pixels (``2**k``, or ``2**k / deconv_scale`` with the deconvolution)."""
-        levels = tuple(ctx.levels)
+        levels = tuple(step.levels)
         if len(levels) != self.num_levels:
             raise ValueError(f"kd.{self.name}: expected {self.num_levels} levels, got {len(levels)}")
         out = []
         if self.deconv:
-            scale = 1.0 if ctx.teacher_scale is None else float(ctx.teacher_scale)
+            scale = 1.0 if step.teacher_scale is None else float(step.teacher_scale)
             if abs(scale - self.deconv_scale) > 1e-6:
                 raise ValueError(f"kd.{self.name}: deconv upsamples the student x{self.deconv_scale} but "
                                  f"teacher_scale is {scale:g}; set teacher_scale: {self.deconv_scale}")
             for i, level in enumerate(levels):
-                s = self.adapters[i](ctx.student_feats[level])  # type: ignore[index]
-                t = _crop_or_pad(ctx.teacher_feats[level], tuple(s.shape[-2:])).to(s.dtype).detach()
+                s = self.adapters[i](step.student_feats[level])  # type: ignore[index]
+                t = _crop_or_pad(step.teacher_feats[level], tuple(s.shape[-2:])).to(s.dtype).detach()
                 out.append((level, s, t, 2 ** _level_k(level) / self.deconv_scale))
         else:
-            students, teachers = ctx.aligned(levels)
+            students, teachers = step.aligned(levels)
             for i, (level, s, t) in enumerate(zip(levels, students, teachers)):
                 if self.adapters is not None:
                     s = self.adapters[i](s)
@@ -456,15 +446,15 @@ class _Sampling:
     positive_fraction: float
     iou_threshold: float
 
-    def regions(self, ctx: KDContext) -> list[Tensor]:
+    def regions(self, step: KDStep) -> list[Tensor]:
         """Per image (n_i, 4) mimic regions in the student's input coordinates."""
-        gt = _ctx_gt(ctx, self.name)
-        if ctx.proposals is not None:
-            return sample_rois(ctx.proposals, gt, num=self.num_rois, positive_fraction=self.positive_fraction,
+        gt = _step_gt(step, self.name)
+        if step.proposals is not None:
+            return sample_rois(step.proposals, gt, num=self.num_rois, positive_fraction=self.positive_fraction,
                                iou_threshold=self.iou_threshold)
-        if ctx.image_sizes is None:
+        if step.image_sizes is None:
             raise RuntimeError(f"kd.{self.name}: the student's image sizes were not captured")
-        return one_stage_regions(gt, ctx.image_sizes, num=self.num_rois, positive_fraction=self.positive_fraction)
+        return one_stage_regions(gt, step.image_sizes, num=self.num_rois, positive_fraction=self.positive_fraction)
 
 
 # ------------------------------------------------------------------------------------------ terms
@@ -480,8 +470,8 @@ class MimicTerm(_MapTerm, _Sampling):
         deconv, deconv_scale: cross-scale mimic through a :class:`DeconvAdapter` per level.
 
     Shape:
-        ``forward(ctx)``: ``ctx.student_feats`` / teacher maps of the term's levels, ``ctx.targets``,
-        ``ctx.proposals`` (two-stage) or ``ctx.image_sizes`` (one-stage); output ``()``.
+        ``forward(step)``: ``step.student_feats`` / teacher maps of the term's levels, ``step.targets``,
+        ``step.proposals`` (two-stage) or ``step.image_sizes`` (one-stage); output ``()``.
     """
 
     name = "mimic"
@@ -500,6 +490,7 @@ class MimicTerm(_MapTerm, _Sampling):
         assign: str = "fpn",
         deconv: bool = False,
         deconv_scale: int = 2,
+        two_stage: bool = False,
     ) -> None:
         _check_sampling(self.name, num_rois, positive_fraction, iou_threshold)
         if pooled is not None and (isinstance(pooled, bool) or not isinstance(pooled, int) or pooled < 1):
@@ -511,10 +502,11 @@ class MimicTerm(_MapTerm, _Sampling):
         self.num_rois = num_rois
         self.positive_fraction, self.iou_threshold = float(positive_fraction), float(iou_threshold)
         self.pooled, self.assign = pooled, assign
+        self.needs = frozenset({Need.TARGETS, Need.PROPOSALS} if two_stage else {Need.TARGETS})
 
-    def forward(self, ctx: KDContext) -> Tensor:
-        maps = self.maps(ctx)
-        rois = boxes_to_rois(self.regions(ctx))
+    def forward(self, step: KDStep) -> Tensor:
+        maps = self.maps(step)
+        rois = boxes_to_rois(self.regions(step))
         rois = rois.to(device=maps[0][1].device, dtype=torch.float32)
         zero = _zero_on([s for _, s, _, _ in maps])
         if rois.shape[0] == 0:
@@ -549,9 +541,9 @@ class FullMapMimicTerm(_MapTerm):
 
     name = "mimic_full"
 
-    def forward(self, ctx: KDContext) -> Tensor:
+    def forward(self, step: KDStep) -> Tensor:
         total = None
-        for _, s, t, _ in self.maps(ctx):
+        for _, s, t, _ in self.maps(step):
             loss = 0.5 * F.mse_loss(s.float(), t.float())
             total = loss if total is None else total + loss
         assert total is not None
@@ -573,15 +565,15 @@ def _half_mse(a: Tensor, b: Tensor) -> Tensor:
     return 0.5 * F.mse_loss(a.float(), b.float().detach())
 
 
-class LogitsMimicTerm(nn.Module):
+class LogitsMimicTerm(KDTerm):
     """``mimic_logits``: L2 on the dense detector outputs (the paper's failing logits baseline).
 
     The teacher's dense head runs (``no_grad``) on the teacher's FPN maps resized to the student's
-    map sizes (``ctx.aligned()`` over every student level), so its outputs line up anchor by anchor
+    map sizes (``step.aligned()`` over every student level), so its outputs line up anchor by anchor
     with the student's. Each output is compared by ``0.5 * MSE`` (mean over all its values):
 
     * one-stage (RetinaNet, FCOS): every key of the head's output dict, against
-      ``ctx.head_outputs``; parts ``cls`` (``cls_logits``), ``bbox`` (``bbox_regression``) and, for
+      ``step.head_outputs``; parts ``cls`` (``cls_logits``), ``bbox`` (``bbox_regression``) and, for
       FCOS, ``ctrness`` (``bbox_ctrness``);
     * two-stage (Faster R-CNN): the RPN head's objectness logits (``cls``) and box deltas
       (``bbox``), the student's RPN head re-run on its own maps (with the gradient).
@@ -591,37 +583,36 @@ class LogitsMimicTerm(nn.Module):
     own model's maps).
     """
 
-    uses_context = True
-    needs_body = False
     name = "mimic_logits"
 
     def __init__(self, *, two_stage: bool) -> None:
         super().__init__()
         self.two_stage = two_stage
+        self.needs = frozenset({Need.TEACHER_LEVELS} if two_stage else {Need.HEAD, Need.TEACHER_LEVELS})
 
-    def forward(self, ctx: KDContext) -> dict[str, Tensor]:
-        teacher = ctx.teacher
+    def forward(self, step: KDStep) -> dict[str, Tensor]:
+        teacher = step.teacher
         if teacher is None:
             raise RuntimeError("kd.mimic_logits: the context carries no teacher model")
-        order = tuple(level_names(ctx.student).values())
-        missing = [lv for lv in order if lv not in ctx.student_feats or lv not in ctx.teacher_feats]
+        order = tuple(level_names(step.student).values())
+        missing = [lv for lv in order if lv not in step.student_feats or lv not in step.teacher_feats]
         if missing:
             raise RuntimeError(f"kd.mimic_logits: levels {missing} were not captured; it uses every student level")
-        students, teachers = ctx.aligned(order)
+        students, teachers = step.aligned(order)
         with torch.no_grad():
             if self.two_stage:
                 t_obj, t_box = teacher.rpn.head([t.detach() for t in teachers])
             else:
                 t_out = teacher.head([t.detach() for t in teachers])
         if self.two_stage:
-            s_obj, s_box = ctx.student.rpn.head(students)
+            s_obj, s_box = step.student.rpn.head(students)
             flat = lambda xs: torch.cat([x.flatten(1) for x in xs], 1)  # noqa: E731
             return {"cls": _half_mse(flat(s_obj), flat(t_obj)), "bbox": _half_mse(flat(s_box), flat(t_box))}
-        if ctx.head_outputs is None:
+        if step.head_outputs is None:
             raise RuntimeError("kd.mimic_logits: the student's head outputs were not captured")
         parts = {"cls_logits": "cls", "bbox_regression": "bbox", "bbox_ctrness": "ctrness"}
         out = {}
-        for key, s in ctx.head_outputs.items():
+        for key, s in step.head_outputs.items():
             if key in t_out:
                 out[parts.get(key, key)] = _half_mse(s, t_out[key])
         return out
@@ -630,13 +621,13 @@ class LogitsMimicTerm(nn.Module):
         return f"two_stage={self.two_stage}"
 
 
-class HeadMimicTerm(nn.Module, _Sampling):
+class HeadMimicTerm(KDTerm, _Sampling):
     """``mimic_head``: the two-stage mimic, L2 between the R-CNN heads on the student's proposals.
 
     Regions: :func:`sample_rois` of the student's RPN proposals (``num_rois``,
     ``positive_fraction``, ``iou_threshold`` as ``mimic``). The student's ``box_roi_pool`` ->
     ``box_head`` -> ``box_predictor`` run on its FPN maps; the teacher's, under ``no_grad``, on its
-    own maps (``ctx.teacher_out.feats``, at its resolution) with the same regions mapped into its
+    own maps (``step.teacher_out.feats``, at its resolution) with the same regions mapped into its
     input coordinates (x by teacher width / student width, y by height, per image, from the two
     transforms' image sizes: ``teacher_scale`` up to the transforms' rounding; ``teacher_scale``
     itself when the teacher's sizes are unknown) and its image sizes. Box-regression outputs are
@@ -645,9 +636,8 @@ class HeadMimicTerm(nn.Module, _Sampling):
     of the box regressions (R, 4(K+1)).
     """
 
-    uses_context = True
-    needs_body = False
     name = "mimic_head"
+    needs = frozenset({Need.TARGETS, Need.PROPOSALS, Need.TEACHER_LEVELS})
 
     def __init__(self, *, num_rois: int = 128, positive_fraction: float = 0.5, iou_threshold: float = 0.5) -> None:
         _check_sampling(self.name, num_rois, positive_fraction, iou_threshold)
@@ -656,50 +646,25 @@ class HeadMimicTerm(nn.Module, _Sampling):
         self.positive_fraction, self.iou_threshold = float(positive_fraction), float(iou_threshold)
 
     @staticmethod
-    def _keyed(model: nn.Module, feats: Mapping[str, Tensor], who: str) -> OrderedDict[str, Tensor]:
-        wanted = list(model.roi_heads.box_roi_pool.featmap_names)
-        names = level_names(model)
-        out = OrderedDict()
-        for key in wanted:
-            if names.get(key) not in feats:
-                raise RuntimeError(f"kd.mimic_head: the {who}'s level {names.get(key)} was not captured; "
-                                   "mimic_head uses every level (drop kd.mimic_head.levels)")
-            out[key] = feats[names[key]]
-        return out
-
-    @staticmethod
     def _run_head(model: nn.Module, feats: Mapping[str, Tensor], boxes: list[Tensor],
                   sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         heads = model.roi_heads
         pooled = heads.box_roi_pool(feats, boxes, sizes)
         return heads.box_predictor(heads.box_head(pooled))
 
-    def _teacher_boxes(self, ctx: KDContext, boxes: list[Tensor]) -> tuple[list[Tensor], list[tuple[int, int]]]:
-        s_sizes = list(ctx.image_sizes or [])
-        t_sizes = list(ctx.teacher_out.image_sizes or [])
-        scale = 1.0 if ctx.teacher_scale is None else float(ctx.teacher_scale)
-        if len(t_sizes) == len(boxes) and len(s_sizes) == len(boxes):
-            out = []
-            for b, (sh, sw), (th, tw) in zip(boxes, s_sizes, t_sizes):
-                factor = b.new_tensor([tw / sw, th / sh, tw / sw, th / sh])
-                out.append(b * factor)
-            return out, [tuple(s) for s in t_sizes]
-        sizes = [(round(h * scale), round(w * scale)) for h, w in s_sizes]
-        return [b * scale for b in boxes], sizes
-
-    def forward(self, ctx: KDContext) -> dict[str, Tensor]:
-        teacher = ctx.teacher
+    def forward(self, step: KDStep) -> dict[str, Tensor]:
+        teacher = step.teacher
         if teacher is None:
             raise RuntimeError("kd.mimic_head: the context carries no teacher model")
-        if ctx.proposals is None or ctx.image_sizes is None:
+        if step.proposals is None or step.image_sizes is None:
             raise RuntimeError("kd.mimic_head: the student's RPN proposals were not captured "
                                "(two-stage student needed)")
-        boxes = self.regions(ctx)
-        s_feats = self._keyed(ctx.student, ctx.student_feats, "student")
-        s_cls, s_box = self._run_head(ctx.student, s_feats, boxes, list(ctx.image_sizes))
-        t_boxes, t_sizes = self._teacher_boxes(ctx, boxes)
+        boxes = self.regions(step)
+        s_feats = roi_levels(step.student, step.student_feats, "student", self.name)
+        s_cls, s_box = self._run_head(step.student, s_feats, boxes, list(step.image_sizes))
+        t_boxes, t_sizes = step.teacher_rois(boxes)
         with torch.no_grad():
-            t_feats = self._keyed(teacher, {k: v.detach() for k, v in ctx.teacher_feats.items()}, "teacher")
+            t_feats = roi_levels(teacher, {k: v.detach() for k, v in step.teacher_feats.items()}, "teacher", self.name)
             t_cls, t_box = self._run_head(teacher, t_feats, t_boxes, t_sizes)
         if s_cls.shape[0] == 0:
             zero = sum(x.sum() for x in s_feats.values()) * 0.0
@@ -717,36 +682,19 @@ FULL_PARAMS = ("deconv", "deconv_scale")
 HEAD_PARAMS = ("num_rois", "positive_fraction", "iou_threshold")
 
 
-def build_mimic(
-    *,
-    student_channels: int,
-    teacher_channels: int,
-    num_levels: int,
-    adapter: bool = False,
-    student: nn.Module | None = None,
-    teacher: nn.Module | None = None,
-    **params: Any,
-) -> MimicTerm:
+def build_mimic(spec: TermSpec) -> MimicTerm:
     """Registry builder of ``mimic`` (params: :data:`MIMIC_PARAMS`, see :class:`MimicTerm`)."""
-    reject_unknown("mimic", params, sorted(MIMIC_PARAMS))
-    return MimicTerm(student_channels=student_channels, teacher_channels=teacher_channels,
-                     num_levels=num_levels, adapter=adapter, **params)
+    reject_unknown("mimic", spec.params, sorted(MIMIC_PARAMS))
+    return MimicTerm(student_channels=spec.student_channels, teacher_channels=spec.teacher_channels,
+                     num_levels=spec.num_levels, adapter=spec.adapter, two_stage=_is_two_stage(spec.student),
+                     **dict(spec.params))
 
 
-def build_mimic_full(
-    *,
-    student_channels: int,
-    teacher_channels: int,
-    num_levels: int,
-    adapter: bool = False,
-    student: nn.Module | None = None,
-    teacher: nn.Module | None = None,
-    **params: Any,
-) -> FullMapMimicTerm:
+def build_mimic_full(spec: TermSpec) -> FullMapMimicTerm:
     """Registry builder of ``mimic_full`` (params: ``deconv``, ``deconv_scale``)."""
-    reject_unknown("mimic_full", params, sorted(FULL_PARAMS))
-    return FullMapMimicTerm(student_channels=student_channels, teacher_channels=teacher_channels,
-                            num_levels=num_levels, adapter=adapter, **params)
+    reject_unknown("mimic_full", spec.params, sorted(FULL_PARAMS))
+    return FullMapMimicTerm(student_channels=spec.student_channels, teacher_channels=spec.teacher_channels,
+                            num_levels=spec.num_levels, adapter=spec.adapter, **dict(spec.params))
 
 
 def _num_classes(model: nn.Module) -> int | None:
@@ -761,25 +709,15 @@ def _anchors_per_location(model: nn.Module) -> int:
     return int(gen.num_anchors_per_location()[0])
 
 
-def build_mimic_logits(
-    *,
-    student_channels: int,
-    teacher_channels: int,
-    num_levels: int,
-    adapter: bool = False,
-    student: nn.Module | None = None,
-    teacher: nn.Module | None = None,
-    **params: Any,
-) -> LogitsMimicTerm:
+def build_mimic_logits(spec: TermSpec) -> LogitsMimicTerm:
     """Registry builder of ``mimic_logits`` (no params; ``adapter`` is not used).
 
     Raises:
-        ConfigError: no models, different detector kinds, anchors per location or class counts,
-            or fewer levels than the student has.
+        ConfigError: different detector kinds, anchors per location or class counts, or fewer
+            levels than the student has.
     """
-    reject_unknown("mimic_logits", params, ())
-    if student is None or teacher is None:
-        raise ConfigError("kd.mimic_logits needs the student and teacher models")
+    reject_unknown("mimic_logits", spec.params, ())
+    student, teacher, num_levels = spec.student, spec.teacher, spec.num_levels
     if type(student) is not type(teacher):
         raise ConfigError(f"kd.mimic_logits compares dense head outputs: student ({type(student).__name__}) and "
                           f"teacher ({type(teacher).__name__}) must be the same arch")
@@ -799,16 +737,7 @@ def build_mimic_logits(
     return LogitsMimicTerm(two_stage=_is_two_stage(student))
 
 
-def build_mimic_head(
-    *,
-    student_channels: int,
-    teacher_channels: int,
-    num_levels: int,
-    adapter: bool = False,
-    student: nn.Module | None = None,
-    teacher: nn.Module | None = None,
-    **params: Any,
-) -> HeadMimicTerm:
+def build_mimic_head(spec: TermSpec) -> HeadMimicTerm:
     """Registry builder of ``mimic_head`` (params: ``num_rois``, ``positive_fraction``,
     ``iou_threshold``; ``adapter`` is not used).
 
@@ -816,7 +745,8 @@ def build_mimic_head(
         ConfigError: student or teacher not a Faster R-CNN, different class counts, or fewer
             levels than the student has.
     """
-    reject_unknown("mimic_head", params, sorted(HEAD_PARAMS))
+    reject_unknown("mimic_head", spec.params, sorted(HEAD_PARAMS))
+    student, teacher, num_levels = spec.student, spec.teacher, spec.num_levels
     for who, model in (("student", student), ("teacher", teacher)):
         if not _is_two_stage(model):
             name = type(model).__name__ if model is not None else "none"
@@ -829,4 +759,4 @@ def build_mimic_head(
     levels = len(level_names(student))  # type: ignore[arg-type]
     if num_levels != levels:
         raise ConfigError(f"kd.mimic_head uses every student level ({levels}); drop kd.mimic_head.levels")
-    return HeadMimicTerm(**params)
+    return HeadMimicTerm(**dict(spec.params))

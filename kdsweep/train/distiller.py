@@ -17,11 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
-from kdsweep.kd.step import KDContext, StepTap, TeacherOutputs, autocast_off, to_float32
+from kdsweep.kd.precision import autocast_off, to_float32
+from kdsweep.kd.step import KDStep, StepTap, TeacherOutputs, teacher_outputs
+from kdsweep.kd.term import KDTerm, Need
+from kdsweep.methods import build_term
 from kdsweep.models.detectors import build_detector, level_names
-from kdsweep.models.taps import FeatureTap, align_to, extract_features
+from kdsweep.models.taps import FeatureTap
 
-Terms = Mapping[str, tuple[float, nn.Module]]
+Terms = Mapping[str, tuple[float, KDTerm]]
 Levels = Sequence[str] | Mapping[str, Sequence[str]] | None
 
 
@@ -34,10 +37,9 @@ class Trainable(nn.Module):
 
     Args:
         student: a torchvision detector.
-        terms: ``name -> (weight, module)``; ``module(student: list[(N, C_s, H_l, W_l)],
-            teacher: list[(N, C_t, H_l, W_l)]) -> scalar``.
+        terms: ``name -> (weight, term)``, each a :class:`~kdsweep.kd.term.KDTerm`.
         levels: ``name -> canonical levels`` the term compares, in order.
-        teacher_scale: teacher resolution / student resolution (for :func:`align_to`).
+        teacher_scale: teacher resolution / student resolution (for ``KDStep.aligned``).
     """
 
     def __init__(
@@ -53,6 +55,9 @@ class Trainable(nn.Module):
         self.weights = {name: float(weight) for name, (weight, _) in terms.items()}
         self.levels = {name: tuple(levels[name]) for name in terms}
         self.teacher_scale = teacher_scale
+        for name, term in self.terms.items():
+            if not isinstance(term, KDTerm):
+                raise TypeError(f"kd term {name!r} is a {type(term).__name__}, not a kdsweep.kd.term.KDTerm")
 
     @property
     def needed_levels(self) -> tuple[str, ...]:
@@ -61,14 +66,9 @@ class Trainable(nn.Module):
         return tuple(name for name in level_names(self.student).values() if name in wanted)
 
     @property
-    def uses_context(self) -> bool:
-        """True when some term reads the whole step (:class:`~kdsweep.kd.step.KDContext`)."""
-        return any(getattr(term, "uses_context", False) for term in self.terms.values())
-
-    @property
-    def needs_body(self) -> bool:
-        """True when some term reads the last backbone stage (teacher side too)."""
-        return any(getattr(term, "needs_body", False) for term in self.terms.values())
+    def needs(self) -> frozenset[Need]:
+        """Union of what the terms read of a step (:attr:`KDTerm.needs`): the hooks to install."""
+        return frozenset(need for term in self.terms.values() for need in term.needs)
 
     def forward(
         self,
@@ -84,7 +84,7 @@ class Trainable(nn.Module):
             targets: per image ``boxes`` (n, 4) xyxy and ``labels`` (n,) in 1..K (train mode).
             teacher_out: the teacher's :class:`~kdsweep.kd.step.TeacherOutputs` (or just its
                 ``{"p3": (N, C_t, h, w), ...}`` maps), computed without grad.
-            progress: fraction of training done, in [0, 1] (schedules of context terms).
+            progress: fraction of training done, in [0, 1] (the terms' schedules).
         Returns:
             Train mode: torchvision's loss dict plus ``kd_<name>`` = weight * term for each term
             (a term returning a dict of parts gives ``kd_<name>_<part>``, each times the weight).
@@ -94,13 +94,9 @@ class Trainable(nn.Module):
             return self.student(images, targets)
         if not isinstance(teacher_out, TeacherOutputs):
             teacher_out = TeacherOutputs(feats=dict(teacher_out))
-        step = StepTap(self.student) if self.uses_context else None
-        try:
-            with FeatureTap(self.student, levels=self.needed_levels) as tap:
-                losses = self.student(images, targets)
-        finally:
-            if step is not None:
-                step.remove()
+        needs = self.needs
+        with FeatureTap(self.student, levels=self.needed_levels) as tap, StepTap(self.student, needs) as step_tap:
+            losses = self.student(images, targets)
         student_feats = tap.pop()
         # KD terms compute in float32 whatever autocast the step runs under: their inputs are
         # promoted and autocast is off inside (half-precision statistics such as SSIM's local
@@ -109,17 +105,13 @@ class Trainable(nn.Module):
             student_feats = to_float32(student_feats)
             teacher_out = to_float32(teacher_out)
             for name, term in self.terms.items():
+                step = KDStep(
+                    student=self.student, teacher=self.__dict__.get("teacher_ref"), student_feats=student_feats,
+                    teacher_out=teacher_out, levels=self.levels[name], teacher_scale=self.teacher_scale,
+                    progress=float(progress),
+                )
+                out = term(to_float32(step_tap.fill(step)))
                 weight = self.weights[name]
-                if getattr(term, "uses_context", False):
-                    ctx = KDContext(
-                        student=self.student, teacher=self.__dict__.get("teacher_ref"), student_feats=student_feats,
-                        teacher_out=teacher_out, levels=self.levels[name], teacher_scale=self.teacher_scale,
-                        progress=float(progress),
-                    )
-                    out = term(to_float32(step.fill(ctx)))
-                else:
-                    s, t = align_to(student_feats, teacher_out.feats, self.levels[name], self.teacher_scale)
-                    out = term(s, t)
                 if isinstance(out, Mapping):
                     for part, value in out.items():
                         losses[f"kd_{name}_{part}"] = weight * value
@@ -172,7 +164,7 @@ class Distiller(nn.Module):
         teacher: a torchvision detector; frozen, in eval mode, run under ``no_grad``, and not a
             submodule (not in ``state_dict``/``parameters``; ``train()`` leaves it in eval).
             Its class count may differ from the student's: only FPN features are compared.
-        terms: ``name -> (weight, module)``, already built (e.g. by ``kdsweep.methods.build_loss``).
+        terms: ``name -> (weight, term)``, already built (e.g. by :func:`kdsweep.methods.build_term`).
         levels: canonical levels the terms compare (one list for all, or per term name);
             default every level both models have.
         teacher_scale: teacher input resolution / student's (ScaleKD); teacher maps are resized
@@ -253,29 +245,16 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def teacher_outputs(self, images: list[Tensor]) -> TeacherOutputs:
-        """The teacher's FPN maps (levels the terms use), last backbone stage and image sizes."""
+        """What the terms need of the teacher (:func:`kdsweep.kd.step.teacher_outputs`)."""
         teacher = self.teacher
         if teacher is None:
-            raise RuntimeError("Distiller.teacher_features: this Distiller has no teacher")
+            raise RuntimeError("Distiller.teacher_outputs: this Distiller has no teacher")
         param = next(teacher.parameters(), None)
         if param is not None and param.device != images[0].device:
             teacher.to(images[0].device)
         teacher.eval()
         inner = self._inner
-        seen: dict[str, Any] = {}
-        handles = []
-        if inner.needs_body:
-            handles.append(teacher.backbone.body.register_forward_hook(
-                lambda m, i, out: seen.__setitem__("body", list(out.values())[-1])))
-        handles.append(teacher.transform.register_forward_hook(
-            lambda m, i, out: seen.__setitem__("sizes", [tuple(s) for s in out[0].image_sizes])))
-        try:
-            levels = inner.needed_levels if not inner.uses_context else None
-            feats = extract_features(teacher, images, levels=levels)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return TeacherOutputs(feats=feats, body=seen.get("body"), image_sizes=seen.get("sizes", []))
+        return teacher_outputs(teacher, images, inner.needed_levels, inner.needs)
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, progress: float = 0.0
@@ -292,10 +271,7 @@ class Distiller(nn.Module):
         """
         if not (self.training and self.has_kd):
             return self.trainable(images, targets)
-        teacher_out = self.teacher_outputs(images)
-        if self._inner.uses_context:
-            return self.trainable(images, targets, teacher_out, progress)
-        return self.trainable(images, targets, teacher_out)
+        return self.trainable(images, targets, self.teacher_outputs(images), progress)
 
 
 # -------------------------------------------------------------------------------- from config
@@ -322,7 +298,7 @@ def set_teacher_resolution(teacher: nn.Module, student: ModelConfig, scale: floa
 
 
 def build_distiller(cfg: ExperimentConfig, num_classes: int, teacher: nn.Module | None) -> Distiller:
-    """Student from ``cfg.student``, KD terms from ``cfg.kd`` via ``kdsweep.methods.build_loss``.
+    """Student from ``cfg.student``, KD terms from ``cfg.kd`` via :func:`kdsweep.methods.build_term`.
 
     The teacher (already built and loaded by the caller) gets its transform resolution set to the
     student's times ``cfg.teacher_scale`` (in place). Empty ``cfg.kd``: a plain student (the
@@ -336,25 +312,12 @@ def build_distiller(cfg: ExperimentConfig, num_classes: int, teacher: nn.Module 
         return Distiller(student)
     if teacher is None:
         raise ConfigError("kd terms need a teacher; give one or drop the kd terms")
-    from kdsweep.methods import build_loss  # deferred: written alongside this module
-
     set_teacher_resolution(teacher, cfg.student, cfg.teacher_scale)
     names = term_names(cfg.kd)
     shared = _shared_levels(student, teacher)
     levels = _resolve_levels(dict.fromkeys(names), {n: t.levels for n, t in zip(names, cfg.kd)}, shared)
     terms = {
-        name: (
-            term.weight,
-            build_loss(
-                term,
-                student_channels=student.backbone.out_channels,
-                teacher_channels=teacher.backbone.out_channels,
-                num_levels=len(levels[name]),
-                index=i,
-                student=student,
-                teacher=teacher,
-            ),
-        )
+        name: (term.weight, build_term(term, name=name, levels=levels[name], student=student, teacher=teacher, index=i))
         for i, (name, term) in enumerate(zip(names, cfg.kd))
     }
     return Distiller(student, teacher, terms, levels, teacher_scale=cfg.teacher_scale)

@@ -7,7 +7,6 @@ the training device.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Any, Callable, Iterable
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from kdsweep.train.collectives import all_true, broadcast_values, gather_rows, mean_over_workers, world_size
 from kdsweep.train.evaluation import STAT_NAMES, coco_stats, detection_rows, records_from_rows
+from kdsweep.train.optim import Optimization
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,39 +52,27 @@ def check_finite(total: Tensor, losses: dict[str, Tensor], *, epoch: int, step: 
 
 def train_one_epoch(
     distiller: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimization: Optimization,
     loader: Iterable,
     *,
     device: torch.device,
     epoch: int,
-    params: list[Tensor],
-    scaler: torch.amp.GradScaler | None = None,
-    amp: bool = False,
-    amp_dtype: torch.dtype | None = None,
-    grad_clip: float | None = None,
     max_iters: int | None = None,
     log: Callable[[str], None] | None = None,
     log_every: int = 20,
-    extra_optimizers: list[torch.optim.Optimizer] = (),
     step_offset: int = 0,
     total_steps: int | None = None,
-    frozen: list[Tensor] = (),
-    freeze_until: float = 0.0,
 ) -> dict[str, float]:
     """Train for one epoch; return the mean of every loss term over the workers, and throughput.
 
     Args (beyond the obvious):
-        amp, amp_dtype: run the forward under ``torch.autocast(device.type, dtype=amp_dtype)``
-            (float16 with ``scaler`` on CUDA, bfloat16 on the CPU); KD terms compute in float32
-            inside it (see :class:`~kdsweep.train.distiller.Trainable`).
-        scaler: a ``torch.amp.GradScaler`` (float16): the loss is scaled for backward and the
-            gradients unscaled before clipping; a step whose gradients overflow is skipped.
-        extra_optimizers: stepped after ``optimizer`` (e.g. ScaleKD's assistant has its own Adam).
+        optimization: what updates the parameters (:class:`~kdsweep.train.optim.Optimization`:
+            optimizers, schedule, GradScaler, clipping, autocast dtype). The forward runs under
+            ``torch.autocast(device.type, dtype=optimization.amp_dtype)`` when that is set; KD
+            terms compute in float32 inside it (see :class:`~kdsweep.train.distiller.Trainable`).
         step_offset, total_steps: global step of this epoch's first batch and of the whole run;
-            ``progress = (step_offset + step) / total_steps`` goes to the distiller (schedules).
-        frozen, freeze_until: while ``progress < freeze_until`` the gradients of ``frozen`` are
-            dropped (set to None, so no optimizer moves them) after backward.
+            ``progress = (step_offset + step) / total_steps`` goes to the distiller (the terms'
+            schedules) and to the optimization (the terms' optimizers, the frozen backbone).
 
     Host syncs: one per step (the finiteness flag, all-reduced on the device), one per log line,
     and one at the end (the loss means, all-reduced on the device). Loss sums accumulate on the
@@ -103,38 +91,19 @@ def train_one_epoch(
             break
         images, targets = move_batch(images, targets, device)
         progress = (step_offset + step) / total_steps if total_steps else 0.0
-        optimizers = [optimizer, *extra_optimizers]
         try:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            with torch.autocast(device.type, dtype=optimization.amp_dtype, enabled=optimization.amp):
                 losses = distiller(images, targets, progress=progress)
             total = sum(losses.values())
             check_finite(total, losses, epoch=epoch, step=step)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(total).backward()
-                for opt in optimizers:
-                    scaler.unscale_(opt)
-            else:
-                total.backward()
+            optimization.zero_grad()
+            optimization.backward(total)
         except torch.OutOfMemoryError:
             raise TrialOutOfMemoryError(
                 f"out of memory at epoch {epoch} step {step} ({len(images)} images per worker); "
                 "lower train.batch_size or the input size, or use a larger device"
             ) from None
-        if progress < freeze_until:
-            for p in frozen:
-                p.grad = None
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        for opt in optimizers:
-            if scaler is not None:
-                scaler.step(opt)
-            else:
-                opt.step()
-        if scaler is not None:
-            scaler.update()
-        scheduler.step()
+        optimization.step(progress)
         steps += 1
         images_seen += len(images)
         for key, value in (("loss", total), *((f"loss/{k}", v) for k, v in losses.items())):
@@ -197,22 +166,6 @@ def evaluate(
         values = torch.tensor([*(stats[n] for n in STAT_NAMES), float(len(seen))], dtype=torch.float64, device=device)
     numbers = broadcast_values(values, src=0).tolist()
     return {**dict(zip(STAT_NAMES, numbers[:-1])), "eval_images": numbers[-1]}
-
-
-def warmup_cosine(total_iters: int, warmup_iters: int, schedule: str) -> Callable[[int], float]:
-    """LR multiplier per iteration: linear warm-up, then cosine / step (x0.1 at 2/3 and 8/9) / constant."""
-
-    def factor(it: int) -> float:
-        if warmup_iters > 0 and it < warmup_iters:
-            return 0.001 + (1 - 0.001) * it / warmup_iters
-        if schedule == "constant":
-            return 1.0
-        progress = min(max(it - warmup_iters, 0) / max(total_iters - warmup_iters, 1), 1.0)
-        if schedule == "step":
-            return 0.01 if progress >= 8 / 9 else 0.1 if progress >= 2 / 3 else 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def console(prefix: str) -> Callable[[str], None]:

@@ -14,9 +14,9 @@ T-head, draws the random mimic subset B_m, and stores the student side in
 
 * maps B_m's RoIs (student input coordinates) into the teacher's input coordinates, per image by
   teacher width / student width in x and height ratio in y, from the two transforms' image sizes
-  (``ctx.teacher_out.image_sizes`` vs the student's; ``teacher_scale`` when the teacher's sizes
+  (``step.teacher_out.image_sizes`` vs the student's; ``teacher_scale`` when the teacher's sizes
   are unknown), as ``mimic_head`` (:class:`kdsweep.methods.mimic.HeadMimicTerm`) does;
-* runs the teacher's ``roi_heads.box_roi_pool`` (on its own FPN maps ``ctx.teacher_out.feats``,
+* runs the teacher's ``roi_heads.box_roi_pool`` (on its own FPN maps ``step.teacher_out.feats``,
   canonical ``p2``..``p6`` mapped back to the torchvision keys ``'0'``..``'3'`` its
   ``MultiScaleRoIAlign`` reads) -> ``box_head`` -> ``box_predictor``;
 * regression-path target: the ``box_head`` output (``TwoMLPHead``, 1024-d by default; *choice*:
@@ -35,64 +35,33 @@ its ``mimic_proj`` and the shared backbone; never the teacher.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 
 from kdsweep.config import ConfigError
-from kdsweep.kd.term import reject_unknown
-from kdsweep.kd.step import KDContext, to_float32
-from kdsweep.models.detectors import level_names
+from kdsweep.kd.precision import to_float32
+from kdsweep.kd.step import KDStep, roi_levels
+from kdsweep.kd.term import KDTerm, Need, TermSpec, reject_unknown
 from kdsweep.methods.mimicdet.model import MIMIC_PATHS, SIMILARITIES, MimicDet, MimicInputs
 
-__all__ = ["ExternalTeacherMimic", "build_mimicdet_teacher", "teacher_boxes"]
+__all__ = ["ExternalTeacherMimic", "build_mimicdet_teacher"]
 
 NAME = "mimicdet_teacher"
 
 
-def teacher_boxes(
-    boxes: Sequence[Tensor], student_sizes: Sequence[tuple[int, int]], teacher_sizes: Sequence[tuple[int, int]],
-    teacher_scale: float | None = None,
-) -> tuple[list[Tensor], list[tuple[int, int]]]:
-    """Per-image boxes in the student's input coordinates -> the teacher's, and the teacher's
-    image sizes: x by ``tw / sw``, y by ``th / sh`` per image; when the teacher's sizes are not
-    known (or do not match the batch), everything by ``teacher_scale`` (1 when None)."""
-    if len(teacher_sizes) == len(boxes) and len(student_sizes) == len(boxes):
-        out = []
-        for b, (sh, sw), (th, tw) in zip(boxes, student_sizes, teacher_sizes):
-            out.append(b * b.new_tensor([tw / sw, th / sh, tw / sw, th / sh]))
-        return out, [(int(h), int(w)) for h, w in teacher_sizes]
-    scale = 1.0 if teacher_scale is None else float(teacher_scale)
-    return [b * scale for b in boxes], [(round(h * scale), round(w * scale)) for h, w in student_sizes]
-
-
-def _teacher_levels(teacher: nn.Module, feats: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
-    """Canonical ``p<k>`` maps -> the torchvision keys the teacher's ``box_roi_pool`` reads."""
-    names = level_names(teacher)
-    out: OrderedDict[str, Tensor] = OrderedDict()
-    for key in teacher.roi_heads.box_roi_pool.featmap_names:
-        level = names.get(key)
-        if level not in feats:
-            raise RuntimeError(f"kd.{NAME}: the teacher's level {level} (its RoI pooler's '{key}') was not captured")
-        out[key] = feats[level].detach()
-    return out
-
-
-class ExternalTeacherMimic(nn.Module):
+class ExternalTeacherMimic(KDTerm):
     """``mimicdet_teacher``: dual-path mimic of a MimicDet's S-head against a frozen Faster R-CNN's
     RoI head on the MimicDet's own mimic samples (see the module docstring).
 
-    ``forward(ctx)`` -> scalar (unweighted). Args: ``similarity`` (``cosine``/``l2``) and ``paths``
+    ``forward(step)`` -> scalar (unweighted). Args: ``similarity`` (``cosine``/``l2``) and ``paths``
     (subset of the student's ``mimic_paths``), both resolved by :func:`build_mimicdet_teacher`.
     """
 
-    uses_context = True
-    needs_body = False
     name = NAME
+    needs = frozenset({Need.TARGETS, Need.TEACHER_LEVELS})
 
     def __init__(self, *, similarity: str, paths: Sequence[str]) -> None:
         super().__init__()
@@ -100,18 +69,18 @@ class ExternalTeacherMimic(nn.Module):
         self.paths = tuple(paths)
 
     @torch.no_grad()
-    def targets(self, teacher: nn.Module, ctx: KDContext, inputs: MimicInputs) -> tuple[Tensor, Tensor]:
+    def targets(self, teacher: nn.Module, step: KDStep, inputs: MimicInputs) -> tuple[Tensor, Tensor]:
         """The teacher's (class logits (B, K + 1), box-head feature (B, D)) on the mimic RoIs."""
-        boxes, sizes = teacher_boxes(inputs.mimic_rois, inputs.image_sizes or list(ctx.image_sizes or []),
-                                     list(ctx.teacher_out.image_sizes or []), ctx.teacher_scale)
+        boxes, sizes = step.teacher_rois(inputs.mimic_rois, inputs.image_sizes or None)
         heads = teacher.roi_heads
-        pooled = heads.box_roi_pool(_teacher_levels(teacher, ctx.teacher_out.feats), boxes, sizes)
+        feats = {k: v.detach() for k, v in step.teacher_feats.items()}
+        pooled = heads.box_roi_pool(roi_levels(teacher, feats, "teacher", NAME), boxes, sizes)
         feature = heads.box_head(pooled)
         logits, _ = heads.box_predictor(feature)
         return logits, feature
 
-    def forward(self, ctx: KDContext) -> Tensor:
-        student, teacher = ctx.student, ctx.teacher
+    def forward(self, step: KDStep) -> Tensor:
+        student, teacher = step.student, step.teacher
         if teacher is None:
             raise RuntimeError(f"kd.{NAME}: the context carries no teacher model")
         inputs = getattr(student, "last_mimic_inputs", None)
@@ -121,25 +90,14 @@ class ExternalTeacherMimic(nn.Module):
         if inputs.num_mimic == 0:
             return inputs.zero
         inputs = to_float32(inputs)  # recorded by the student's forward, possibly under autocast
-        t_logits, t_feature = self.targets(teacher, ctx, inputs)
+        t_logits, t_feature = self.targets(teacher, step, inputs)
         return student.mimic_from(inputs, t_logits, t_feature, similarity=self.similarity, paths=self.paths)
 
     def extra_repr(self) -> str:
         return f"similarity={self.similarity!r}, paths={self.paths}"
 
 
-def build_mimicdet_teacher(
-    *,
-    student_channels: int,
-    teacher_channels: int,
-    num_levels: int,
-    adapter: bool = False,
-    student: nn.Module | None = None,
-    teacher: nn.Module | None = None,
-    similarity: str | None = None,
-    paths: Sequence[str] | None = None,
-    **params: Any,
-) -> ExternalTeacherMimic:
+def build_mimicdet_teacher(spec: TermSpec) -> ExternalTeacherMimic:
     """Registry builder of ``mimicdet_teacher`` (params: ``similarity``, default the student's;
     ``paths``, default the student's ``mimic_paths``). Channels, levels and ``adapter`` are not
     used: the mimic compares head outputs, and the teacher's RoI pooler reads its own levels.
@@ -149,6 +107,9 @@ def build_mimicdet_teacher(
             external``; the teacher is not a Faster R-CNN; different class counts; the student's
             ``t_hidden`` is not the teacher's box-head width (reg path); bad similarity or paths.
     """
+    params = dict(spec.params)
+    student, teacher = spec.student, spec.teacher
+    similarity, paths = params.pop("similarity", None), params.pop("paths", None)
     reject_unknown(NAME, params, ("paths", "similarity"))
     if not isinstance(student, MimicDet) or not student.external_teacher:
         got = type(student).__name__ if student is not None else "none"

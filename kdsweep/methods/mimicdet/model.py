@@ -149,7 +149,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import initLevelMapper
 
-from kdsweep.kd.step import autocast_off
+from kdsweep.kd.precision import autocast_off
 
 S_LEVELS: tuple[int, ...] = (3, 4, 5, 6, 7)  # refinement module + S-head (and inference)
 T_LEVELS_STAGGERED: tuple[int, ...] = (2, 3, 4, 5, 6)  # T-head, staggered pyramid

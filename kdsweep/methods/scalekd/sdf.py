@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdsweep.config import ConfigError
+from kdsweep.kd.adapters import check_widths, level_adapters
 from kdsweep.kd.term import reject_unknown
 
 __all__ = ["SDFBranches", "SDFLoss"]
@@ -278,24 +279,11 @@ class SDFLoss(nn.Module):
     ) -> None:
         super().__init__()
         reject_unknown("sdf", unknown, ("adapter", "dilations", "shared", "embed", "pool", "hidden_ratio", "direct"))
-        if min(num_levels, student_channels, teacher_channels) < 1:
-            raise ConfigError(
-                "kd.sdf: num_levels, student_channels and teacher_channels must be >= 1, got "
-                f"{num_levels}, {student_channels}, {teacher_channels}"
-            )
-        if student_channels != teacher_channels and not adapter:
-            raise ConfigError(
-                f"kd.sdf: student features have {student_channels} channels, the teacher's "
-                f"{teacher_channels}; set adapter: true"
-            )
+        check_widths("sdf", student_channels, teacher_channels, num_levels, adapter)
         _check_sdf_params(dilations, shared, embed, pool, hidden_ratio, direct)
         self.num_levels = num_levels
         self.direct = float(direct)
-        self.adapters = (
-            nn.ModuleList(nn.Conv2d(student_channels, teacher_channels, kernel_size=1) for _ in range(num_levels))
-            if adapter
-            else None
-        )
+        self.adapters = level_adapters("sdf", student_channels, teacher_channels, num_levels, adapter)
         self.branches = nn.ModuleList(
             SDFBranches(
                 teacher_channels,
@@ -309,6 +297,10 @@ class SDFLoss(nn.Module):
         )
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        return self.compare(student, teacher)
+
+    def compare(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        """The loss of matched level lists (see the class docstring for shapes)."""
         if len(student) != self.num_levels or len(teacher) != self.num_levels:
             raise ValueError(
                 f"kd.sdf: expected {self.num_levels} levels, got {len(student)} student and "

@@ -7,8 +7,7 @@ Reference:
     (secondary sources, see METHODS.md): one-stage (0.01, 0.2, 0.05), two-stage (0.07, 0.5, 0.2)
     in :data:`SCALEKD_DEFAULTS`.
 
-Both are *context terms* (``uses_context = True``): they receive the step's
-:class:`~kdsweep.kd.step.KDContext` rather than matched FPN lists.
+Both read more of the step than matched FPN maps (their :attr:`~kdsweep.kd.term.KDTerm.needs`).
 
 * ``sdf`` (:class:`SDFTerm`): scale-decoupled feature distillation
   (:class:`~kdsweep.methods.scalekd.sdf.SDFLoss`) on the last backbone stage (``source: body``, the
@@ -28,7 +27,7 @@ Both are *context terms* (``uses_context = True``): they receive the step's
   Before ``start`` (a fraction of training; ScaleKD warms the student up for 30k of 90k
   iterations, ~0.33) all three parts are multiplied by 0: the assistant is still computed, so
   every parameter takes part in every step (DDP needs no ``find_unused_parameters``). The
-  assistant's parameters have their own optimizer (``optimizer_spec``: Adam, lr 3e-4, wd 1e-4).
+  assistant's parameters have their own optimizer (``own_optimizer``: Adam, lr 3e-4, wd 1e-4).
   ``csa`` needs a RetinaNet student (its loss supervises the assistant) and every student level.
 """
 
@@ -36,11 +35,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torchvision.models.detection import RetinaNet
 
 from kdsweep.config import ConfigError
-from kdsweep.kd.term import reject_unknown
-from kdsweep.kd.step import KDContext, body_channels
+from kdsweep.kd.step import KDStep, body_channels
+from kdsweep.kd.term import KDTerm, Need, TermSpec, reject_unknown
 from kdsweep.methods.scalekd.csa import CrossScaleAssistant, csa_distill_losses
 from kdsweep.methods.scalekd.sdf import SDFLoss
 
@@ -55,7 +56,7 @@ def detector_kind(model: nn.Module | None) -> str:
     return "two_stage" if model is not None and hasattr(model, "rpn") else "one_stage"
 
 
-class SDFTerm(SDFLoss):
+class SDFTerm(SDFLoss, KDTerm):
     """``sdf``: :class:`~kdsweep.methods.scalekd.sdf.SDFLoss` on the backbone embedding or FPN levels.
 
     Shape:
@@ -64,44 +65,33 @@ class SDFTerm(SDFLoss):
         term's levels, as the feature terms get them. Output ``()``.
     """
 
-    uses_context = True
-
     def __init__(self, *, source: str = "body", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.source = source
-        self.needs_body = source == "body"
+        self.needs = frozenset({Need.BODY}) if source == "body" else frozenset()
 
-    def forward(self, ctx: KDContext) -> Tensor:  # type: ignore[override]
+    def forward(self, step: KDStep) -> Tensor:  # type: ignore[override]
         if self.source == "body":
-            if ctx.student_body is None or ctx.teacher_out.body is None:
+            if step.student_body is None or step.teacher_out.body is None:
                 raise RuntimeError("kd.sdf: the backbone embeddings were not captured")
-            return super().forward([ctx.student_body], [ctx.teacher_out.body])
-        return super().forward(*ctx.aligned())
+            return self.compare([step.student_body], [step.teacher_out.body])
+        return self.compare(*step.aligned())
 
 
-def build_sdf(
-    *,
-    student_channels: int,
-    teacher_channels: int,
-    num_levels: int,
-    adapter: bool = False,
-    student: nn.Module | None = None,
-    teacher: nn.Module | None = None,
-    source: str = "body",
-    **params: Any,
-) -> SDFTerm:
+def build_sdf(spec: TermSpec) -> SDFTerm:
     """Registry builder of ``sdf``; ``source`` is ``body`` (default, the paper's) or ``fpn``."""
+    params = dict(spec.params)
+    source = params.pop("source", "body")
     if source not in ("body", "fpn"):
         raise ConfigError(f"kd.sdf.params.source '{source}' is unknown; use body or fpn")
+    channels = (spec.student_channels, spec.teacher_channels, spec.num_levels)
     if source == "body":
-        if student is None or teacher is None:
-            raise ConfigError("kd.sdf with source: body needs the student and teacher models")
-        student_channels, teacher_channels, num_levels = body_channels(student), body_channels(teacher), 1
-    return SDFTerm(source=source, student_channels=student_channels, teacher_channels=teacher_channels,
-                   num_levels=num_levels, adapter=adapter, **params)
+        channels = (body_channels(spec.student), body_channels(spec.teacher), 1)
+    return SDFTerm(source=source, student_channels=channels[0], teacher_channels=channels[1], num_levels=channels[2],
+                   adapter=spec.adapter, **params)
 
 
-class CSATerm(nn.Module):
+class CSATerm(KDTerm):
     """``csa``: ScaleKD's cross-scale assistant (see the module docstring for what trains how).
 
     Args:
@@ -111,16 +101,15 @@ class CSATerm(nn.Module):
         beta, gamma: weights of ``L_cls`` and ``L_bbox`` (default: :data:`SCALEKD_DEFAULTS`).
         temperature: of the classification distillation.
         start: fraction of training before the assistant joins.
-        lr, weight_decay: the assistant's Adam.
+        lr, weight_decay: the assistant's Adam (:meth:`own_optimizer`).
         num_convs: conv layers in each of the assistant's branches.
 
     Shape:
-        ``forward(ctx)`` reads ``ctx.aligned()`` (levels (N, C, H_l, W_l)), ``ctx.head_outputs``,
-        ``ctx.anchors`` and ``ctx.targets``; returns ``{"assist": (), "cls": (), "bbox": ()}``.
+        ``forward(step)`` reads ``step.aligned()`` (levels (N, C, H_l, W_l)), ``step.head_outputs``,
+        ``step.anchors`` and ``step.targets``; returns ``{"assist": (), "cls": (), "bbox": ()}``.
     """
 
-    uses_context = True
-    needs_body = False
+    needs = frozenset({Need.TARGETS, Need.HEAD})
 
     def __init__(
         self,
@@ -153,16 +142,21 @@ class CSATerm(nn.Module):
             num_heads=num_heads, ratios=tuple(ratios), num_convs=num_convs,
         )
         self.beta, self.gamma, self.temperature, self.start = float(beta), float(gamma), float(temperature), float(start)
-        self.optimizer_spec = {"name": "adam", "lr": float(lr), "weight_decay": float(weight_decay)}
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
 
-    def forward(self, ctx: KDContext) -> dict[str, Tensor]:
-        if ctx.head_outputs is None or ctx.anchors is None or ctx.targets is None:
+    def own_optimizer(self) -> torch.optim.Optimizer:
+        """The assistant's Adam (lr 3e-4, weight decay 1e-4 by default), at a constant rate."""
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr,
+                                weight_decay=self.weight_decay)
+
+    def forward(self, step: KDStep) -> dict[str, Tensor]:
+        if step.head_outputs is None or step.anchors is None or step.targets is None:
             raise RuntimeError("kd.csa: the student's head outputs, anchors and targets were not captured")
-        students, teachers = ctx.aligned()
+        students, teachers = step.aligned()
         assist_out = self.assistant([s.detach() for s in students], teachers)
-        det = ctx.student.compute_loss(ctx.targets, assist_out, ctx.anchors)
-        loss_cls, loss_box = csa_distill_losses(ctx.head_outputs, assist_out, temperature=self.temperature)
-        join = 1.0 if ctx.progress >= self.start else 0.0
+        det = step.student.compute_loss(step.targets, assist_out, step.anchors)
+        loss_cls, loss_box = csa_distill_losses(step.head_outputs, assist_out, temperature=self.temperature)
+        join = 1.0 if step.progress >= self.start else 0.0
         return {
             "assist": join * sum(det.values()),
             "cls": join * self.beta * loss_cls,
@@ -170,33 +164,22 @@ class CSATerm(nn.Module):
         }
 
 
-def build_csa(
-    *,
-    student_channels: int,
-    teacher_channels: int,
-    num_levels: int,
-    adapter: bool = False,
-    student: nn.Module | None = None,
-    teacher: nn.Module | None = None,
-    beta: float | None = None,
-    gamma: float | None = None,
-    **params: Any,
-) -> CSATerm:
+def build_csa(spec: TermSpec) -> CSATerm:
     """Registry builder of ``csa`` (``adapter`` is not used: attention projects channels itself)."""
-    from torchvision.models.detection import RetinaNet
-
+    student = spec.student
     if not isinstance(student, RetinaNet):
-        name = type(student).__name__ if student is not None else "no student"
-        raise ConfigError(f"kd.csa needs a RetinaNet student (its loss supervises the assistant), got {name}; "
-                          "use student.arch: retinanet")
+        raise ConfigError(f"kd.csa needs a RetinaNet student (its loss supervises the assistant), got "
+                          f"{type(student).__name__}; use student.arch: retinanet")
     levels = len(student.anchor_generator.sizes)
-    if num_levels != levels:
+    if spec.num_levels != levels:
         raise ConfigError(f"kd.csa uses every student level ({levels}); drop kd.csa.levels")
     defaults = SCALEKD_DEFAULTS[detector_kind(student)]
+    params = dict(spec.params)
     known = sorted({"num_heads", "ratios", "temperature", "start", "lr", "weight_decay", "num_convs"})
     reject_unknown("csa", params, ("beta", "gamma", *known))
+    beta, gamma = params.pop("beta", None), params.pop("gamma", None)
     return CSATerm(
-        student_channels=student_channels, teacher_channels=teacher_channels, num_levels=num_levels,
+        student_channels=spec.student_channels, teacher_channels=spec.teacher_channels, num_levels=spec.num_levels,
         num_anchors=student.anchor_generator.num_anchors_per_location()[0],
         num_classes=student.head.classification_head.num_classes,
         beta=defaults["beta"] if beta is None else beta, gamma=defaults["gamma"] if gamma is None else gamma,

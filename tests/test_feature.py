@@ -1,4 +1,5 @@
-"""Tests of kdsweep.methods: Lp losses, FeatureTerm (levels, adapters, validation) and the registry."""
+"""kdsweep.kd.feature: the Lp losses and FeatureTerm (levels, adapters, validation), through the
+registry's builders and the step they read."""
 
 from __future__ import annotations
 
@@ -6,15 +7,32 @@ import pytest
 import torch
 from torch import nn
 
-from kdsweep.config import ConfigError, KDTermConfig, from_dict
-from kdsweep.methods import LOSSES, FeatureTerm, build_loss, loss_names
-from kdsweep.kd.feature import l1_feature_loss, l2_feature_loss
+from kdsweep.config import ConfigError
+from kdsweep.kd.feature import FeatureTerm, l1_feature_loss, l2_feature_loss
+from kdsweep.kd.step import KDStep, TeacherOutputs
+from kdsweep.kd.term import KDTerm, TermSpec
+from kdsweep.methods import TERMS
 from kdsweep.methods.ssim import ssim_feature_loss
 
 
 def _levels(channels: int, sizes=(16, 8, 4, 2, 1), n: int = 2, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, channels, s, s, generator=g) for s in sizes]
+
+
+def _build(loss: str, student_channels: int, teacher_channels: int, num_levels: int, adapter: bool = False,
+           **params) -> KDTerm:
+    """A feature term through its registry builder (feature terms read neither model)."""
+    spec = TermSpec(name=loss, loss=loss, student=None, teacher=None, student_channels=student_channels,
+                    teacher_channels=teacher_channels, levels=tuple(f"p{3 + i}" for i in range(num_levels)),
+                    adapter=adapter, params=params)
+    return TERMS[loss](spec)
+
+
+def _step(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> KDStep:
+    levels = tuple(f"p{3 + i}" for i in range(len(student)))
+    return KDStep(student=None, teacher=None, student_feats=dict(zip(levels, student)),
+                  teacher_out=TeacherOutputs(feats=dict(zip(levels, teacher))), levels=levels)
 
 
 # ----------------------------------------------------------------------------- Lp losses
@@ -56,7 +74,8 @@ def test_feature_term_sums_levels(fn, params) -> None:
     s, t = _levels(4, seed=1), _levels(4, seed=2)
     term = FeatureTerm(fn, student_channels=4, teacher_channels=4, num_levels=len(s), **params)
     expected = sum(fn(a, b, **params) for a, b in zip(s, t))
-    assert term(s, t).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert term.compare(s, t).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert term(_step(s, t)).item() == pytest.approx(expected.item(), rel=1e-6)  # the step's matched maps
 
 
 def test_feature_term_adapter_shapes_and_gradient() -> None:
@@ -68,7 +87,7 @@ def test_feature_term_adapter_shapes_and_gradient() -> None:
     for conv in term.adapters:
         assert isinstance(conv, nn.Conv2d)
         assert conv.weight.shape == (5, 3, 1, 1)
-    term(s, t).backward()
+    term.compare(s, t).backward()
     for conv in term.adapters:
         assert conv.weight.grad is not None and float(conv.weight.grad.abs().sum()) > 0
     assert all(x.grad is not None for x in s)
@@ -79,76 +98,33 @@ def test_feature_term_adapter_equals_loss_of_adapted_features() -> None:
     s, t = _levels(3, sizes=(6,)), _levels(5, sizes=(6,), seed=4)
     term = FeatureTerm(l2_feature_loss, student_channels=3, teacher_channels=5, num_levels=1, adapter=True)
     assert term.adapters is not None
-    assert term(s, t).item() == pytest.approx(l2_feature_loss(term.adapters[0](s[0]), t[0]).item())
+    assert term.compare(s, t).item() == pytest.approx(l2_feature_loss(term.adapters[0](s[0]), t[0]).item())
 
 
 def test_channel_mismatch_without_adapter_raises() -> None:
     with pytest.raises(ConfigError, match="set `adapter: true`"):
-        LOSSES["ssim"](student_channels=64, teacher_channels=256, num_levels=5)
+        _build("ssim", 64, 256, 5)
 
 
 def test_unknown_param_raises_one_line() -> None:
     with pytest.raises(ConfigError) as info:
-        LOSSES["ssim"](student_channels=8, teacher_channels=8, num_levels=1, alfa=1.0)
+        _build("ssim", 8, 8, 1, alfa=1.0)
     assert str(info.value) == (
         "kd.ssim.params.alfa is unknown; known: alpha, beta, gamma, window_size, sigma, normalize, k1, k2"
     )
     with pytest.raises(ConfigError, match=r"kd\.l2\.params\.beta is unknown; known: \(none\)"):
-        LOSSES["l2"](student_channels=8, teacher_channels=8, num_levels=1, beta=1.0)
+        _build("l2", 8, 8, 1, beta=1.0)
 
 
 @pytest.mark.parametrize("params", [{"window_size": 4}, {"alpha": -1.0}, {"normalize": "zscore"}, {"alpha": "x"}])
 def test_invalid_param_value_raises_at_build_time(params) -> None:
     with pytest.raises(ConfigError, match=r"kd\.ssim\.params"):
-        LOSSES["ssim"](student_channels=8, teacher_channels=8, num_levels=1, **params)
+        _build("ssim", 8, 8, 1, **params)
 
 
 def test_feature_term_checks_levels_and_shapes() -> None:
-    term = LOSSES["l2"](student_channels=4, teacher_channels=4, num_levels=2)
+    term = _build("l2", 4, 4, 2)
     with pytest.raises(ValueError, match="expected 2 levels"):
-        term(_levels(4, sizes=(8,)), _levels(4, sizes=(8,)))
+        term.compare(_levels(4, sizes=(8,)), _levels(4, sizes=(8,)))
     with pytest.raises(ValueError, match="align resolution"):
-        term(_levels(4, sizes=(8, 4)), _levels(4, sizes=(8, 2)))
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-def test_registry_keys_and_signature() -> None:
-    assert isinstance(LOSSES, dict)
-    assert {"l1", "l2", "ssim", "sdf", "csa"} <= set(LOSSES)
-    assert loss_names() == sorted(LOSSES)
-    s, t = _levels(4, sizes=(8, 4)), _levels(4, sizes=(8, 4), seed=5)
-    for name in ("l1", "l2", "ssim"):  # feature terms; context terms are tested in test_scalekd
-        builder = LOSSES[name]
-        term = builder(student_channels=4, teacher_channels=4, num_levels=2, adapter=False)
-        assert isinstance(term, nn.Module)
-        value = term(s, t)
-        assert value.shape == () and torch.isfinite(value) and value.item() > 0, name
-
-
-def test_build_loss_from_config() -> None:
-    cfg = from_dict(KDTermConfig, {"loss": "ssim", "weight": 2.0, "adapter": True, "params": {"alpha": 0, "beta": 0}})
-    term = build_loss(cfg, student_channels=3, teacher_channels=6, num_levels=2)
-    assert isinstance(term, FeatureTerm)
-    assert term.params == {"alpha": 0, "beta": 0} and term.adapters is not None
-    s, t = _levels(3, sizes=(8, 4)), _levels(6, sizes=(8, 4), seed=6)
-    expected = sum(ssim_feature_loss(a(x), y, alpha=0, beta=0) for a, x, y in zip(term.adapters, s, t))
-    assert term(s, t).item() == pytest.approx(expected.item(), rel=1e-6)
-
-
-def test_build_loss_unknown_name() -> None:
-    cfg = KDTermConfig(loss="ssimm")
-    with pytest.raises(ConfigError) as info:
-        build_loss(cfg, student_channels=8, teacher_channels=8, num_levels=1, index=0)
-    known = ", ".join(sorted(LOSSES))
-    assert str(info.value) == f"kd[0].loss 'ssimm' is unknown; known: {known}"
-    with pytest.raises(ConfigError, match=rf"^kd\.loss 'ssimm' is unknown; known: {known}$"):
-        build_loss(cfg, student_channels=8, teacher_channels=8, num_levels=1)
-
-
-def test_build_loss_passes_config_errors_through() -> None:
-    with pytest.raises(ConfigError, match="alfa is unknown"):
-        build_loss(KDTermConfig(loss="ssim", params={"alfa": 1}), student_channels=8, teacher_channels=8, num_levels=1)
-    with pytest.raises(ConfigError, match="adapter: true"):
-        build_loss(KDTermConfig(loss="l1"), student_channels=8, teacher_channels=16, num_levels=1)
+        term.compare(_levels(4, sizes=(8, 4)), _levels(4, sizes=(8, 2)))
