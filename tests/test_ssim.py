@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kdsweep.methods.ssim as ssim_mod
+import kdsweep.methods.ssim._cpu as ssim_cpu
 from kdsweep.methods.ssim import (
     SSIMLoss,
     effective_window,
@@ -307,8 +308,8 @@ def test_chunking_and_workers_do_not_change_results(
     x = (x * 4 - 1).requires_grad_(True)
     ref = 1 - ssim_map(x, y).mean()
     (g_ref,) = torch.autograd.grad(ref, x)
-    monkeypatch.setattr(ssim_mod, "_PARALLEL_CHUNKS", parallel)
-    monkeypatch.setattr(ssim_mod, "_CHUNK_ELEMS", chunk)  # 1 << 8: one plane per chunk
+    monkeypatch.setattr(ssim_cpu, "_PARALLEL_CHUNKS", parallel)
+    monkeypatch.setattr(ssim_cpu, "_CHUNK_ELEMS", chunk)  # 1 << 8: one plane per chunk
     loss = ssim_feature_loss(x, y)
     (g,) = torch.autograd.grad(loss, x)
     assert abs((loss - ref).item()) < 1e-12
@@ -361,7 +362,7 @@ def test_non_cpu_tensors_take_the_device_path(monkeypatch: pytest.MonkeyPatch) -
     calls: list[str] = []
     real = ssim_module._device_ssim_mean
     monkeypatch.setattr(ssim_module, "_device_ssim_mean", lambda *a: calls.append(a[0].device.type) or real(*a))
-    monkeypatch.setattr(ssim_module._FusedSSIM, "apply", lambda *a: calls.append("fused") or torch.zeros(()))
+    monkeypatch.setattr(ssim_cpu._FusedSSIM, "apply", lambda *a: calls.append("fused") or torch.zeros(()))
     x = torch.empty(2, 3, 16, 16, device="meta", requires_grad=True)
     out = ssim_feature_loss(x, torch.empty(2, 3, 16, 16, device="meta"))
     assert out.device.type == "meta" and out.shape == () and calls == ["meta"]
