@@ -107,7 +107,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class KDTermConfig:
-    """One weighted distillation term: ``weight * LOSSES[loss](student_feats, teacher_feats)``.
+    """One weighted distillation term: ``weight * TERMS[loss](spec)(step)`` (:mod:`kdsweep.methods`).
 
     ``levels``: FPN level names to match (None: every level both models have).
     ``adapter``: a learned 1x1 conv from student to teacher channels per level.
@@ -201,6 +201,12 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.teacher_scale <= 0:
             raise ConfigError(f"teacher_scale {self.teacher_scale} must be > 0")
+
+
+def teacher_experiment(exp: ExperimentConfig) -> ExperimentConfig:
+    """The config of the run that trains ``exp``'s teacher: the teacher as the student, trained
+    with ``exp.teacher_train``, no KD terms. A teacher's run is then a run like any other."""
+    return dataclasses.replace(exp, student=exp.teacher, train=exp.teacher_train, kd=())
 
 
 def _type_name(tp: Any) -> str:

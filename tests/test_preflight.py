@@ -13,11 +13,16 @@ import torch
 
 from kdsweep.config import ConfigError
 from kdsweep.presets import PRESETS
-from kdsweep.orchestrate.space import load_space, parse_space, validate_space
+from kdsweep.orchestrate.space import load_space, parse_space
+from kdsweep.orchestrate.trials import row_configs, variants
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 COCO_CLASSES = 80
+
+
+def _configs(space, preset: str):
+    return variants(space, row_configs(space, PRESETS[preset].experiment))
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -27,7 +32,7 @@ def test_every_preset_builds_every_row_of_every_shipped_space(path: Path, preset
 
     space = load_space(path)
     experiment = PRESETS[preset].experiment
-    trials = validate_space(space, experiment)
+    trials = variants(space, row_configs(space, experiment))
     rows = preflight(trials, COCO_CLASSES, space.source)
     assert [r.label for r in rows] == [label for label, _ in trials]
     assert {r.label for r in rows} == set(space.labels)
@@ -46,7 +51,7 @@ def test_paper_models_are_full_size_and_cost_no_memory() -> None:
     from kdsweep.orchestrate.preflight import preflight
 
     space = load_space(ROOT / "search_spaces" / "ablation_ssim.yaml")
-    [row] = preflight([t for t in validate_space(space, PRESETS["paper"].experiment) if t[0] == "ssim"], COCO_CLASSES)
+    [row] = preflight([t for t in _configs(space, "paper") if t[0] == "ssim"], COCO_CLASSES)
     assert row.teacher.startswith("retinanet resnet101 fpn256 800x1333 torchvision:ResNet101_Weights.IMAGENET1K_V1")
     assert row.student.startswith("retinanet resnet50 fpn256 800x1333 torchvision:ResNet50_Weights.IMAGENET1K_V1")
     # torchvision's RetinaNet R50-FPN has 34.0M parameters with 91 classes; ours, with 81 outputs
@@ -77,19 +82,21 @@ def test_offline_weights_fetch_nothing_and_have_the_right_shape(monkeypatch: pyt
 
 def test_the_preflight_uses_the_trials_own_builder(monkeypatch: pytest.MonkeyPatch) -> None:
     """One teacher build per distinct teacher, one student build per configuration, through
-    kdsweep.train.worker.build_model (what every Ray Train worker calls)."""
+    kdsweep.train.model.build_model (what every Ray Train worker calls; a teacher's run config is
+    the experiment with the teacher as the student and no KD terms)."""
     import kdsweep.orchestrate.preflight
-    from kdsweep.train.worker import build_model
+    from kdsweep.train.model import build_model
 
     calls = []
 
-    def spy(exp, role, num_classes, teacher_state=None):
-        calls.append((role, teacher_state is not None))
-        return build_model(exp, role, num_classes, teacher_state)
+    def spy(exp, num_classes, teacher_state=None):
+        teacher_run = not exp.kd and exp.student == exp.teacher and exp.train == exp.teacher_train
+        calls.append(("teacher" if teacher_run else "student", teacher_state is not None))
+        return build_model(exp, num_classes, teacher_state)
 
     monkeypatch.setattr(kdsweep.orchestrate.preflight, "build_model", spy)
     space = load_space(ROOT / "search_spaces" / "ablation_ssim.yaml")
-    kdsweep.orchestrate.preflight.preflight(validate_space(space, PRESETS["smoke"].experiment), 6)
+    kdsweep.orchestrate.preflight.preflight(_configs(space, "smoke"), 6)
     assert calls[0] == ("student", False)  # the baseline: no teacher
     assert calls.count(("teacher", False)) == 1  # every KD row shares one teacher configuration
     assert calls.count(("student", True)) == len(space.labels) - 1
@@ -101,7 +108,7 @@ def test_a_model_that_rejects_its_weights_fails_before_anything_starts() -> None
     space = parse_space({"rows": [{"label": "m", "student": {
         "arch": "mimicdet", "weights": "torchvision:RetinaNet_ResNet50_FPN_Weights.COCO_V1"}}]}, "bad.yaml")
     with pytest.raises(ConfigError) as info:
-        preflight(validate_space(space, PRESETS["paper"].experiment), COCO_CLASSES, space.source)
+        preflight(_configs(space, "paper"), COCO_CLASSES, space.source)
     message = str(info.value)
     assert message.startswith("bad.yaml: row 'm': student.weights 'torchvision:RetinaNet_ResNet50_FPN_Weights.COCO_V1'")
     assert "torchvision:ResNet50_Weights.IMAGENET1K_V1" in message and "\n" not in message
@@ -110,12 +117,12 @@ def test_a_model_that_rejects_its_weights_fails_before_anything_starts() -> None
 # ------------------------------------------------------------------------------------ --dry-run
 @pytest.fixture()
 def no_services(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    import kdsweep.orchestrate.runner
+    import kdsweep.orchestrate.ablation
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run started Ray")
 
-    monkeypatch.setattr(kdsweep.orchestrate.runner, "init_ray", refuse)
+    monkeypatch.setattr(kdsweep.orchestrate.ablation, "init_ray", refuse)
     monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path / "home"

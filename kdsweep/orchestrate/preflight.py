@@ -1,9 +1,10 @@
 """Preflight: build every trial's teacher and student exactly as the trials will, before anything
 starts.
 
-A trial builds its models in :func:`kdsweep.train.worker.build_model`: the teacher's run builds the
-teacher from its config (initial weights included), each student run builds the student, its KD
-terms and the frozen teacher, loaded with the trained teacher's state_dict. The preflight calls
+A trial builds its models in :func:`kdsweep.train.model.build_model`: the teacher's run builds the
+teacher from its config (initial weights included: its run is ``teacher_experiment(exp)``), each
+student run builds the student, its KD terms and the frozen teacher, loaded with the trained
+teacher's state_dict. The preflight calls
 that same function for every row (and every grid or choice value of the space), with two changes
 that keep it cheap and offline:
 
@@ -35,10 +36,10 @@ from torch import nn
 from torchvision.models import get_model, get_model_builder, get_model_weights, list_models
 from torchvision.models._api import WeightsEnum
 
-from kdsweep.config import ConfigError, ExperimentConfig, ModelConfig, config_hash, to_dict
+from kdsweep.config import ConfigError, ExperimentConfig, ModelConfig, config_hash, teacher_experiment, to_dict
 from kdsweep.data.synthetic import CLASSES
 from kdsweep.models.detectors import TORCHVISION_PREFIX, check_checkpoint, describe
-from kdsweep.train.worker import build_model
+from kdsweep.train.model import build_model
 
 __all__ = ["RowModels", "dataset_classes", "describe_row", "offline_weights", "preflight"]
 
@@ -150,7 +151,7 @@ def _classes_unknown_config(cfg: ModelConfig) -> ModelConfig:
 
 
 def preflight(trials: Sequence[tuple[str, ExperimentConfig]], num_classes: int | None, source: str = "") -> list[RowModels]:
-    """Build every ``(row label, config)`` trial's models as :func:`~kdsweep.train.worker.build_model`
+    """Build every ``(row label, config)`` trial's models as :func:`~kdsweep.train.model.build_model`
     does, on the meta device with offline weights; return one :class:`RowModels` per trial.
 
     ``num_classes``: the dataset's class count (:func:`dataset_classes`); None when it cannot be
@@ -178,10 +179,10 @@ def preflight(trials: Sequence[tuple[str, ExperimentConfig]], num_classes: int |
                     key = config_hash({"teacher": to_dict(exp.teacher), "classes": classes})
                     if key not in teachers:
                         with _role("teacher"):
-                            teachers[key] = build_model(exp, "teacher", classes).student.state_dict()
+                            teachers[key] = build_model(teacher_experiment(exp), classes).student.state_dict()
                     state = teachers[key]
                 with _role("student"):
-                    distiller = build_model(exp, "student", classes, state)
+                    distiller = build_model(exp, classes, state)
                 if distiller.teacher is not None:
                     teacher_line = _model_line(exp.teacher, distiller.teacher)
                 trainable = sum(p.numel() for p in distiller.trainable.parameters() if p.requires_grad)

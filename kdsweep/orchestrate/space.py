@@ -24,19 +24,22 @@ A file looks like::
 Samplers: ``grid: [v, ...]``, ``choice: [v, ...]``, ``uniform: [lo, hi]``,
 ``loguniform: [lo, hi]``, ``randint: [lo, hi]`` (hi exclusive). Every problem raises
 :class:`~kdsweep.config.ConfigError` naming the file and the field, before anything starts.
+
+This module is the file format only; :mod:`kdsweep.orchestrate.trials` turns a space and a
+preset into the typed configs of its rows and trials.
 """
 
 from __future__ import annotations
 
-import copy
 import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from kdsweep.config import ConfigError, ExperimentConfig, from_dict, merge
+from kdsweep.config import ConfigError
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = ("name", "description", "metric", "mode", "baseline", "base", "rows", "space", "search")
@@ -127,6 +130,17 @@ class SearchSpace:
     def is_grid(self) -> bool:
         """True when every sampler is a grid (an ablation, no random search)."""
         return all(s.kind == "grid" for s in self.space.values())
+
+    def with_rows(self, wanted: list[str]) -> "SearchSpace":
+        """This space restricted to the rows labelled ``wanted`` (``--rows``), in file order.
+
+        Raises:
+            ConfigError: a label that is not a row of the file.
+        """
+        missing = [r for r in wanted if r not in self.labels]
+        if missing:
+            raise ConfigError(f"--rows: '{missing[0]}' is not a row of {self.source}; rows: {', '.join(self.labels)}")
+        return dataclasses.replace(self, rows=tuple(r for r in self.rows if r.label in wanted))
 
 
 def _parse_sampler(source: str, path: str, spec: Any) -> Sampler:
@@ -227,89 +241,3 @@ def load_space(path: str | Path) -> SearchSpace:
         at = f" at line {line + 1}" if line is not None else ""
         raise ConfigError(f"{path}: not valid YAML{at}; fix the syntax") from None
     return parse_space(data, str(path))
-
-
-def set_path(config: dict[str, Any], path: str, value: Any, source: str) -> None:
-    """Set dotted ``path`` (list indices allowed, e.g. ``kd.0.weight``) in a nested dict."""
-    keys = path.split(".")
-    node: Any = config
-    for i, key in enumerate(keys[:-1]):
-        if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError(f"{source}: space.{path}: '{'.'.join(keys[: i + 1])}' does not exist in this row")
-            node = node[int(key)]
-        else:
-            node = node.setdefault(key, {})
-    last = keys[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"{source}: space.{path}: index {last} does not exist in this row")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def experiment_dict(preset: Mapping[str, Any], space: SearchSpace, label: str, sampled: Mapping[str, Any], seed: int | None) -> dict[str, Any]:
-    """Preset <- space.base <- row overrides <- sampled values <- seed, as a plain dict."""
-    config = merge(merge(copy.deepcopy(dict(preset)), space.base), space.row(label).overrides)
-    for path, value in sampled.items():
-        sampler = space.space.get(path)
-        set_path(config, path, sampler.decode(value) if sampler is not None else value, space.source)
-    if seed is not None:
-        for section in ("train", "teacher_train"):
-            config.setdefault(section, {})
-        config["train"]["seed"] = seed
-    return config
-
-
-def build_experiment(preset: Mapping[str, Any], space: SearchSpace, label: str, sampled: Mapping[str, Any], seed: int | None) -> ExperimentConfig:
-    """The typed config of one trial; errors name the space file and the row."""
-    data = experiment_dict(preset, space, label, sampled, seed)
-    try:
-        return from_dict(ExperimentConfig, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{space.source}: row '{label}': {exc}") from None
-
-
-def validate_space(space: SearchSpace, preset: Mapping[str, Any]) -> list[tuple[str, ExperimentConfig]]:
-    """Build every row's typed config with each grid and choice value of the space (and a
-    representative value of the other samplers), checking the loss names; return
-    ``[(row label, config), ...]``. The models themselves are built by
-    :func:`kdsweep.orchestrate.preflight.preflight`."""
-    from kdsweep.methods import LOSSES
-
-    configs = []
-    for label in space.labels:
-        variants: list[dict[str, Any]] = [{}]
-        for path, sampler in space.space.items():
-            values = sampler.values() if sampler.kind in ("grid", "choice") else [sampler.representative()]
-            variants = [dict(v, **{path: value}) for v in variants for value in values]
-        for sampled in variants:
-            exp = build_experiment(preset, space, label, sampled, seed=None)
-            for i, term in enumerate(exp.kd):
-                if term.loss not in LOSSES:
-                    raise ConfigError(
-                        f"{space.source}: row '{label}': kd[{i}].loss '{term.loss}' is unknown; known: {', '.join(sorted(LOSSES))}"
-                    )
-            configs.append((label, exp))
-    return configs
-
-
-def tune_param_space(space: SearchSpace, seeds: list[int]) -> dict[str, Any]:
-    """Ray Tune ``param_space``: rows x seeds as grids, plus the space's samplers."""
-    from ray import tune
-
-    return {
-        "row": tune.grid_search(space.labels),
-        "seed": tune.grid_search(list(seeds)),
-        "params": {path: sampler.to_tune() for path, sampler in space.space.items()},
-    }
-
-
-def count_grid_trials(space: SearchSpace, seeds: int, num_samples: int = 1) -> int:
-    """Number of trials Tune will run: rows x seeds x grid sizes x num_samples."""
-    total = len(space.labels) * seeds * num_samples
-    for sampler in space.space.values():
-        if sampler.kind == "grid":
-            total *= len(sampler.args)
-    return total

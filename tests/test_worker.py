@@ -3,15 +3,17 @@ evaluation covers the whole val set (gathered across workers)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
-from kdsweep.config import ExperimentConfig, ModelConfig, TrainConfig, from_dict, to_dict
-from kdsweep.train.distiller import Distiller
+from kdsweep.config import ExperimentConfig, ModelConfig, TrainConfig, from_dict, teacher_experiment
 from kdsweep.models.detectors import build_detector
-from kdsweep.train.worker import MODEL_FILE, load_checkpoint, make_optimizer, save_checkpoint
+from kdsweep.train.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
+from kdsweep.train.distiller import Distiller
+from kdsweep.train.optim import Optimization, make_optimizer
 
 TINY = {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 16, "min_size": 64, "max_size": 64, "anchor_scale": 2.0}
 
@@ -31,23 +33,26 @@ def _step(distiller: Distiller, optimizer, scheduler) -> None:
     scheduler.step()
 
 
+def _optimization(distiller: Distiller) -> Optimization:
+    optimizer = make_optimizer(list(distiller.trainable.parameters()), TrainConfig(optimizer="adamw", lr=1e-3))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 / (i + 1))
+    return Optimization(optimizer, scheduler, list(distiller.trainable.parameters()))
+
+
 def test_checkpoint_round_trip_restores_model_optimizer_scheduler_epoch(tmp_path):
     torch.set_num_threads(1)
-    cfg = TrainConfig(optimizer="adamw", lr=1e-3)
     a = _distiller(0)
-    opt_a = make_optimizer(list(a.trainable.parameters()), cfg)
-    sched_a = torch.optim.lr_scheduler.LambdaLR(opt_a, lambda i: 1.0 / (i + 1))
-    _step(a, opt_a, sched_a)
-    save_checkpoint(str(tmp_path), a, opt_a, sched_a, None, epoch=3)
+    opt_a = _optimization(a)
+    _step(a, opt_a.optimizer, opt_a.scheduler)
+    save_checkpoint(str(tmp_path), a, opt_a, epoch=3)
 
     b = _distiller(1)
-    opt_b = make_optimizer(list(b.trainable.parameters()), cfg)
-    sched_b = torch.optim.lr_scheduler.LambdaLR(opt_b, lambda i: 1.0 / (i + 1))
-    assert load_checkpoint(str(tmp_path), b, opt_b, sched_b, None) == 4
+    opt_b = _optimization(b)
+    assert load_checkpoint(str(tmp_path), b, opt_b) == 4
     for (name, pa), pb in zip(a.trainable.state_dict().items(), b.trainable.state_dict().values()):
         assert torch.equal(pa, pb), name
-    assert sched_b.last_epoch == sched_a.last_epoch
-    state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert opt_b.scheduler.last_epoch == opt_a.scheduler.last_epoch
+    state_a, state_b = opt_a.optimizer.state_dict()["state"], opt_b.optimizer.state_dict()["state"]
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k]["exp_avg"], state_b[k]["exp_avg"]) for k in state_a)
     # model.pt is plain detector weights, loadable as a teacher checkpoint
@@ -55,8 +60,8 @@ def test_checkpoint_round_trip_restores_model_optimizer_scheduler_epoch(tmp_path
     for pa, pt in zip(a.student.state_dict().values(), teacher.state_dict().values()):
         assert torch.equal(pa, pt)
     # training continues identically after the resume
-    _step(a, opt_a, sched_a)
-    _step(b, opt_b, sched_b)
+    _step(a, opt_a.optimizer, opt_a.scheduler)
+    _step(b, opt_b.optimizer, opt_b.scheduler)
     for pa, pb in zip(a.trainable.parameters(), b.trainable.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6)
 
@@ -88,8 +93,9 @@ def test_two_worker_ray_train_run_evaluates_whole_val_set_and_resumes(tmp_path, 
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         def fit(epochs: int):
-            config = {"experiment": to_dict(exp) | {"teacher_train": to_dict(exp.teacher_train) | {"epochs": epochs}},
-                      "role": "teacher", "data": data, "teacher_state": None, "label": "t"}
+            run = teacher_experiment(exp)
+            run = dataclasses.replace(run, train=dataclasses.replace(run.train, epochs=epochs))
+            config = {"experiment": run, "data": data, "teacher_state": None, "label": "t"}
             trainer = TorchTrainer(
                 train_fn_per_worker,
                 train_loop_config=config,
@@ -110,3 +116,40 @@ def test_two_worker_ray_train_run_evaluates_whole_val_set_and_resumes(tmp_path, 
         assert os.path.exists(os.path.join(second.checkpoint.path, MODEL_FILE))
     finally:
         ray.shutdown()
+
+
+def test_resuming_a_kd_run_restores_the_adapters_the_assistant_and_its_own_optimizer(tmp_path):
+    """A KD run (an l2 term with adapters, ScaleKD's assistant with its own Adam) saved after two
+    steps and loaded into a fresh build continues exactly as the uninterrupted run."""
+    from kdsweep.config import KDTermConfig
+    from kdsweep.train.distiller import build_distiller
+    from kdsweep.train.engine import train_one_epoch
+    from kdsweep.train.optim import build_optimization
+
+    def build(seed: int):
+        torch.manual_seed(1)
+        teacher = build_detector(ModelConfig(**{**TINY, "fpn_channels": 32}), 3)
+        torch.manual_seed(seed)
+        kd = (KDTermConfig("l2", adapter=True), KDTermConfig("csa", params={"num_heads": 2, "ratios": [1, 2]}))
+        distiller = build_distiller(ExperimentConfig(student=ModelConfig(**TINY), kd=kd), 3, teacher)
+        cfg = TrainConfig(optimizer="adamw", lr=1e-3, epochs=2, warmup_iters=1)
+        return distiller, build_optimization(distiller.trainable, distiller.student, cfg, torch.device("cpu"), 2)
+
+    batch = ([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(5))],
+             [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])}])
+    run = lambda d, o, epoch: train_one_epoch(d, o, [batch, batch], device=torch.device("cpu"), epoch=epoch,  # noqa: E731
+                                              step_offset=2 * (epoch - 1), total_steps=4)
+    a, opt_a = build(0)
+    run(a, opt_a, 1)
+    save_checkpoint(str(tmp_path), a, opt_a, epoch=1)
+    b, opt_b = build(7)  # other initial weights: everything must come from the checkpoint
+    assert load_checkpoint(str(tmp_path), b, opt_b) == 2
+    for (name, pa), pb in zip(a.trainable.state_dict().items(), b.trainable.state_dict().values()):
+        assert torch.equal(pa, pb), name  # the student, the adapters and the assistant
+    [(own_a, _)], [(own_b, _)] = opt_a.term_optimizers, opt_b.term_optimizers
+    state_a, state_b = own_a.state_dict()["state"], own_b.state_dict()["state"]
+    assert state_a and all(torch.equal(state_a[k]["exp_avg_sq"], state_b[k]["exp_avg_sq"]) for k in state_a)
+    run(a, opt_a, 2)
+    run(b, opt_b, 2)
+    for pa, pb in zip(a.trainable.parameters(), b.trainable.parameters()):
+        assert torch.equal(pa, pb)

@@ -1,0 +1,147 @@
+"""The typed configs of a search space's rows and trials: built once, then handed down.
+
+Configuration flows down once: the launcher builds each row's :class:`~kdsweep.config.ExperimentConfig`
+(preset <- the space's ``base`` <- the row's overrides), validates it, and hands it down through
+the Tune run to the workers as the typed object. A trial's config is its row's with the values
+Tune sampled (``space:`` block) and its seed applied (:func:`trial_config`), by this module alone;
+the Tune trial driver and the MLflow callback call the same function.
+
+A teacher is keyed by its own config hash (:func:`teacher_hash`: its model, its training, the
+data), so rows may distil from different teachers; each is trained once and reused by every row,
+every later launch and every experiment of the MLflow store.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kdsweep.config import ConfigError, ExperimentConfig, config_hash, from_dict, merge, to_dict
+from kdsweep.methods import TERMS
+from kdsweep.orchestrate.space import Sampler, SearchSpace
+
+__all__ = ["apply_sampled", "count_trials", "distinct_teachers", "row_configs", "set_path", "teacher_hash",
+           "trial_config", "tune_param_space", "variants", "with_seed"]
+
+
+def set_path(config: dict[str, Any], path: str, value: Any, source: str) -> None:
+    """Set dotted ``path`` (list indices allowed, e.g. ``kd.0.weight``) in a nested dict."""
+    keys = path.split(".")
+    node: Any = config
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"{source}: space.{path}: '{'.'.join(keys[: i + 1])}' does not exist in this row")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{source}: space.{path}: index {last} does not exist in this row")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _typed(data: Mapping[str, Any], where: str) -> ExperimentConfig:
+    try:
+        exp = from_dict(ExperimentConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    for i, term in enumerate(exp.kd):
+        if term.loss not in TERMS:
+            raise ConfigError(f"{where}: kd[{i}].loss '{term.loss}' is unknown; known: {', '.join(sorted(TERMS))}")
+    return exp
+
+
+def row_configs(space: SearchSpace, preset: Mapping[str, Any]) -> dict[str, ExperimentConfig]:
+    """Row label -> its typed config: ``preset`` <- ``space.base`` <- the row's overrides.
+
+    Raises:
+        ConfigError: ``<file>: row '<label>': <field>: <problem and fix>``.
+    """
+    out = {}
+    for label in space.labels:
+        data = merge(merge(copy.deepcopy(dict(preset)), space.base), space.row(label).overrides)
+        out[label] = _typed(data, f"{space.source}: row '{label}'")
+    return out
+
+
+def apply_sampled(exp: ExperimentConfig, sampled: Mapping[str, Any], samplers: Mapping[str, Sampler],
+                  source: str = "space", where: str | None = None) -> ExperimentConfig:
+    """``exp`` with each sampled value (Tune's, possibly encoded: see :meth:`Sampler.decode`) set
+    at its dotted path; the result is validated as a whole. ``source`` names the space file in
+    path errors, ``where`` (default ``source``) in config errors."""
+    if not sampled:
+        return exp
+    data = to_dict(exp)
+    for path, value in sampled.items():
+        sampler = samplers.get(path)
+        set_path(data, path, sampler.decode(value) if sampler is not None else value, source)
+    return _typed(data, where or source)
+
+
+def with_seed(exp: ExperimentConfig, seed: int | None) -> ExperimentConfig:
+    """``exp`` with the student's training seed (the teacher's training keeps its own)."""
+    return exp if seed is None else dataclasses.replace(exp, train=dataclasses.replace(exp.train, seed=int(seed)))
+
+
+def trial_config(rows: Mapping[str, ExperimentConfig], samplers: Mapping[str, Sampler], config: Mapping[str, Any],
+                 source: str = "space") -> ExperimentConfig:
+    """The typed config of one Tune trial: its row's (``config["row"]``) with the sampled values
+    (``config["params"]``) and the seed (``config["seed"]``) applied."""
+    exp = apply_sampled(rows[config["row"]], config.get("params") or {}, samplers, source)
+    return with_seed(exp, config.get("seed"))
+
+
+def variants(space: SearchSpace, rows: Mapping[str, ExperimentConfig]) -> list[tuple[str, ExperimentConfig]]:
+    """Every configuration the trials can take, for validation before anything starts: each row
+    with each grid and choice value of the space, and a representative value of the other
+    samplers. Returns ``[(row label, config), ...]``."""
+    out = []
+    for label, exp in rows.items():
+        combos: list[dict[str, Any]] = [{}]
+        for path, sampler in space.space.items():
+            values = sampler.values() if sampler.kind in ("grid", "choice") else [sampler.representative()]
+            combos = [dict(c, **{path: value}) for c in combos for value in values]
+        for sampled in combos:
+            out.append((label, apply_sampled(exp, sampled, {}, space.source, f"{space.source}: row '{label}'")))
+    return out
+
+
+def teacher_hash(exp: ExperimentConfig, data: Mapping[str, str]) -> str:
+    """The config hash that identifies ``exp``'s teacher: its model, its training and the data
+    files (``data``: the resolved paths). Rows with the same hash share one teacher."""
+    return config_hash({"teacher": to_dict(exp.teacher), "teacher_train": to_dict(exp.teacher_train), "data": dict(data)})
+
+
+def distinct_teachers(rows: Mapping[str, ExperimentConfig], data: Mapping[str, str]) -> dict[str, ExperimentConfig]:
+    """Teacher hash -> a row config with that teacher, for the rows that distil (in row order)."""
+    out: dict[str, ExperimentConfig] = {}
+    for exp in rows.values():
+        if exp.kd:
+            out.setdefault(teacher_hash(exp, data), exp)
+    return out
+
+
+def count_trials(space: SearchSpace, seeds: int, num_samples: int = 1) -> int:
+    """Trials Tune will start: rows x seeds x grid sizes x num_samples (before a scheduler stops any)."""
+    total = len(space.labels) * seeds * num_samples
+    for sampler in space.space.values():
+        if sampler.kind == "grid":
+            total *= len(sampler.args)
+    return total
+
+
+def tune_param_space(space: SearchSpace, seeds: Sequence[int]) -> dict[str, Any]:
+    """Ray Tune ``param_space``: rows x seeds as grids, plus the space's samplers."""
+    from ray import tune  # lazy: ray is heavy, and validation and --dry-run never need it
+
+    return {
+        "row": tune.grid_search(list(space.labels)),
+        "seed": tune.grid_search(list(seeds)),
+        "params": {path: sampler.to_tune() for path, sampler in space.space.items()},
+    }

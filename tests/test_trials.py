@@ -1,0 +1,94 @@
+"""Typed row and trial configs (kdsweep.orchestrate.trials): preset <- base <- row <- sampled
+values <- seed, built once; validation of every configuration; teacher identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdsweep.config import ConfigError, teacher_experiment
+from kdsweep.orchestrate.preflight import preflight
+from kdsweep.orchestrate.space import load_space, parse_space
+from kdsweep.orchestrate.trials import apply_sampled, distinct_teachers, row_configs, teacher_hash, trial_config, variants
+from kdsweep.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = PRESETS["smoke"].experiment
+DATA = {"train_ann": "/d/train.json", "val_ann": "/d/val.json", "train_images": "/d/images", "val_images": "/d/images"}
+
+
+def test_ssim_ablation_rows_read_like_the_paper():
+    space = load_space(ROOT / "search_spaces" / "ablation_ssim.yaml")
+    labels = space.labels
+    for label in ("baseline", "l2", "l1", "ssim", "ssim structure-only", "ssim structure+contrast"):
+        assert label in labels
+    assert sum(label.startswith("ssim window") for label in labels) >= 2
+    rows = row_configs(space, PRESET)
+    assert list(rows) == labels
+    assert rows["baseline"].kd == ()
+    assert rows["ssim structure-only"].kd[0].params == {"alpha": 0.0, "beta": 0.0, "gamma": 1.0}
+    assert rows["l1"].kd[0].loss == "l1"
+
+
+def test_rows_override_base_which_overrides_preset_and_the_seed_is_the_trials():
+    space = parse_space({"base": {"train": {"epochs": 3}}, "rows": [{"label": "a", "train": {"lr": 0.5}}]}, "x.yaml")
+    rows = row_configs(space, PRESET)
+    exp = trial_config(rows, {}, {"row": "a", "seed": 7})
+    assert exp.train.epochs == 3 and exp.train.lr == 0.5 and exp.train.seed == 7
+    assert exp.teacher_train.seed == rows["a"].teacher_train.seed  # the teacher keeps its own
+    assert exp.student.min_size == PRESET["student"]["min_size"]
+
+
+def test_sampled_values_land_on_dotted_paths_including_list_indices_and_are_decoded():
+    space = parse_space({"rows": [{"label": "s", "kd": [{"loss": "sdf", "params": {"dilations": [1, 2, 3]}}]}],
+                         "space": {"kd.0.params.dilations": {"choice": [[1, 2, 3], [1, 2]]}}}, "x.yaml")
+    rows = row_configs(space, PRESET)
+    exp = trial_config(rows, space.space, {"row": "s", "params": {"kd.0.params.dilations": "[1, 2]", "kd.0.weight": 4}})
+    assert exp.kd[0].params["dilations"] == [1, 2] and exp.kd[0].weight == 4.0  # Tune's JSON choice decoded
+    with pytest.raises(ConfigError, match=r"x.yaml: space.kd.1.weight: 'kd.1' does not exist in this row"):
+        apply_sampled(rows["s"], {"kd.1.weight": 2.0}, {}, "x.yaml")
+
+
+def test_every_grid_and_choice_value_is_a_configuration_to_validate():
+    samplers = {"kd.0.weight": {"grid": [1, 2]}, "kd.0.params.window_size": {"choice": [5, 7, 9]},
+                "kd.0.params.gamma": {"uniform": [0.5, 1.5]}}
+    space = parse_space({"rows": [{"label": "a", "kd": [{"loss": "ssim"}]}], "space": samplers}, "x.yaml")
+    configs = variants(space, row_configs(space, PRESET))
+    assert len(configs) == 2 * 3  # the uniform sampler: its midpoint only
+    assert {(e.kd[0].weight, e.kd[0].params["window_size"], e.kd[0].params["gamma"]) for _, e in configs} == \
+        {(w, k, 1.0) for w in (1.0, 2.0) for k in (5, 7, 9)}
+    two = parse_space({"rows": [{"label": "a", "kd": [{"loss": "ssim"}]}, {"label": "b"}], "space": samplers}, "x.yaml")
+    with pytest.raises(ConfigError, match=r"x.yaml: space.kd.0.weight: 'kd.0' does not exist in this row"):
+        variants(two, row_configs(two, PRESET))  # row b has no kd entry for the sampled paths
+
+
+@pytest.mark.parametrize(
+    "rows, fragment",
+    [
+        ([{"label": "x", "kd": [{"loss": "ssimm"}]}], "kd[0].loss 'ssimm' is unknown"),
+        ([{"label": "x", "kd": [{"loss": "ssim", "params": {"alfa": 1}}]}], "alfa"),
+        ([{"label": "x", "kd": [{"loss": "l2", "weight": -2}]}], "negative"),
+        ([{"label": "x", "student": {"backbone": "vgg16"}}], "vgg16"),
+    ],
+)
+def test_validation_catches_bad_rows_before_anything_starts(rows, fragment):
+    space = parse_space({"rows": rows}, "bad.yaml")
+    with pytest.raises(ConfigError) as info:
+        configs = variants(space, row_configs(space, PRESET))  # the configs, then the models
+        preflight(configs, 6, space.source)
+    assert fragment in str(info.value) and "row 'x'" in str(info.value)
+
+
+def test_teachers_are_keyed_by_their_own_config():
+    space = parse_space({"rows": [{"label": "a", "kd": [{"loss": "l2"}]}, {"label": "b", "kd": [{"loss": "l1"}]},
+                                  {"label": "c", "kd": [{"loss": "l2"}], "teacher": {"backbone": "resnet34"}},
+                                  {"label": "plain"}]}, "x.yaml")
+    rows = row_configs(space, PRESET)
+    keys = {label: teacher_hash(exp, DATA) for label, exp in rows.items()}
+    assert keys["a"] == keys["b"] != keys["c"]  # the KD terms do not change the teacher; its model does
+    assert keys["a"] != teacher_hash(rows["a"], {**DATA, "val_ann": "/other/val.json"})  # nor the data
+    teachers = distinct_teachers(rows, DATA)
+    assert list(teachers) == [keys["a"], keys["c"]]  # the plain row needs none
+    run = teacher_experiment(rows["c"])  # the teacher's own run: the teacher as the student, no KD
+    assert run.student == rows["c"].teacher and run.train == rows["c"].teacher_train and run.kd == ()
