@@ -232,12 +232,14 @@ def _fill(text: str, folder: Path) -> str:
 @pytest.fixture()
 def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     """Starting Ray would mean the bad input got through: fail loudly instead of training."""
-    import kdsweep.orchestrate.runner
+    import kdsweep.orchestrate.ablation
+    import kdsweep.orchestrate.search
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("Ray was started for bad input")
 
-    monkeypatch.setattr(kdsweep.orchestrate.runner, "init_ray", refuse)
+    for command in (kdsweep.orchestrate.ablation, kdsweep.orchestrate.search):
+        monkeypatch.setattr(command, "init_ray", refuse)
 
 
 @pytest.mark.parametrize("name", list(CASES), ids=list(CASES))
@@ -320,8 +322,9 @@ def test_a_checkpoint_is_checked_against_the_dataset_class_count(tmp_path: Path)
     from kdsweep.config import ConfigError, ModelConfig
     from kdsweep.models.detectors import build_detector
     from kdsweep.orchestrate.preflight import preflight
+    from kdsweep.orchestrate.space import parse_space
+    from kdsweep.orchestrate.trials import row_configs, variants
     from kdsweep.presets import PRESETS
-    from kdsweep.orchestrate.space import parse_space, validate_space
 
     student = {**PRESETS["smoke"].experiment["student"], "arch": "fasterrcnn"}
     path = tmp_path / "fasterrcnn_5.pt"
@@ -330,7 +333,7 @@ def test_a_checkpoint_is_checked_against_the_dataset_class_count(tmp_path: Path)
     def check(classes_in_config: int, dataset_classes: int | None, kd: list) -> None:
         space = parse_space({"rows": [{"label": "a", "student": {"arch": "fasterrcnn", "weights": str(path),
                                                                 "num_classes": classes_in_config}, "kd": kd}]}, "ok.yaml")
-        preflight(validate_space(space, PRESETS["smoke"].experiment), dataset_classes, space.source)
+        preflight(variants(space, row_configs(space, PRESETS["smoke"].experiment)), dataset_classes, space.source)
 
     for kd in ([], [{"loss": "l2"}]):
         check(0, 5, kd)

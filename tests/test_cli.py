@@ -59,12 +59,35 @@ def test_unknown_preset_is_an_argparse_error():
     assert proc.returncode == 2 and "invalid choice: 'huge'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_ui_serves_embedded_store_on_loopback(tmp_path, monkeypatch):
-    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
-    seen = {}
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: seen.setdefault("cmd", cmd) and 0)
-    assert cli.main(["ui", "--port", "5123"]) == 0
-    cmd = seen["cmd"]
-    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    assert cmd[cmd.index("--port") + 1] == "5123"
-    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{(tmp_path / 'home').resolve()}/mlflow/mlflow.db"
+@pytest.mark.slow
+def test_ui_serves_the_embedded_store_on_loopback(tmp_path):
+    """`kdsweep ui` serves the MLflow UI of KDSWEEP_HOME's store, bound to 127.0.0.1."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, KDSWEEP_HOME=str(tmp_path / "home"))
+    proc = subprocess.Popen([sys.executable, "-m", "kdsweep.cli", "ui", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, body = time.time() + 120, ""
+        while time.time() < deadline and not body:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    body = response.read().decode()
+            except OSError:
+                time.sleep(1)
+        assert body.strip() == "OK"
+        assert (tmp_path / "home" / "mlflow" / "mlflow.db").is_file()  # the embedded store it serves
+        with socket.socket() as probe:  # not on another address of this machine
+            host = socket.gethostbyname(socket.gethostname())
+            if host != "127.0.0.1":
+                assert probe.connect_ex((host, port)) != 0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)

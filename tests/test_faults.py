@@ -31,11 +31,13 @@ def test_killed_worker_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
     import ray
     from ray.util.state import list_actors
 
-    from kdsweep.config import from_dict, ExperimentConfig
+    from kdsweep.config import ExperimentConfig, from_dict
     from kdsweep.data.coco import resolve_data
-    from kdsweep.orchestrate.space import parse_space, tune_param_space
-    from kdsweep.orchestrate.runner import SweepContext, init_ray, result_rows, run_trials
-    from kdsweep.report.tracking import Tracker, tune_callback
+    from kdsweep.orchestrate.runner import RunPlan, init_ray, run_trials
+    from kdsweep.orchestrate.space import parse_space
+    from kdsweep.orchestrate.trials import row_configs, tune_param_space
+    from kdsweep.report.tables import trial_frame
+    from kdsweep.report.tracking import MLflowTrialCallback, Tracker
 
     monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -43,10 +45,10 @@ def test_killed_worker_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
     space = parse_space({"name": "faults", "rows": [{"label": "baseline"}]}, "faults.yaml")
     data = {k: str(v) for k, v in resolve_data(from_dict(ExperimentConfig, preset).data).__dict__.items()}
     storage = tmp_path / "ray"
-    ctx = SweepContext(preset=preset, space=space, data=data, storage_path=str(storage), role="student", max_failures=2)
+    plan = RunPlan(rows=row_configs(space, preset), data=data, storage_path=str(storage), max_failures=2)
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "faults")
     parent = tracker.start_run("parent")
-    callback = tune_callback(tracker, parent, lambda c: (c["row"], {"row": c["row"]}, {}, {}))
+    callback = MLflowTrialCallback(tracker.uri, tracker.experiment_id, parent, lambda c: (c["row"], {"row": c["row"]}, {}, {}))
     killed: list[int] = []
 
     def kill_after_first_checkpoint() -> None:
@@ -66,12 +68,13 @@ def test_killed_worker_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
     try:
         thread = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
         thread.start()
-        results = run_trials(ctx, tune_param_space(space, [0]), name="faults", callbacks=[callback], max_concurrent_trials=1)
+        results, _ = run_trials(plan, tune_param_space(space, [0]), name="faults", callbacks=[callback],
+                                max_concurrent_trials=1)
         thread.join(timeout=10)
     finally:
         ray.shutdown()
     assert killed, "no worker was running after the first checkpoint"
-    [record] = result_rows(results, lambda c: {"row": c["row"]})
+    [record] = trial_frame(results).to_dict("records")
     assert record["status"] == "FINISHED" and record["epoch"] == 3
     assert record["start_epoch"] == 2  # the restarted worker resumed after epoch 1, not from scratch
     tracker.end_run(parent)
@@ -86,11 +89,13 @@ def test_a_nan_trial_fails_once_with_its_reason_and_is_not_retried(tmp_path, mon
     ends the trial at once, with its one-line reason in the record and in the MLflow run."""
     import ray
 
-    from kdsweep.config import from_dict, ExperimentConfig
+    from kdsweep.config import ExperimentConfig, from_dict
     from kdsweep.data.coco import resolve_data
-    from kdsweep.orchestrate.space import parse_space, tune_param_space
-    from kdsweep.orchestrate.runner import SweepContext, init_ray, result_rows, run_trials
-    from kdsweep.report.tracking import TAG_REASON, Tracker, tune_callback
+    from kdsweep.orchestrate.runner import RunPlan, init_ray, run_trials
+    from kdsweep.orchestrate.space import parse_space
+    from kdsweep.orchestrate.trials import row_configs, tune_param_space
+    from kdsweep.report.tables import trial_frame
+    from kdsweep.report.tracking import TAG_REASON, MLflowTrialCallback, Tracker
 
     monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -100,15 +105,16 @@ def test_a_nan_trial_fails_once_with_its_reason_and_is_not_retried(tmp_path, mon
     teacher = {k: v.clone() for k, v in _tiny_state().items()}
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "nan")
     parent = tracker.start_run("parent")
-    callback = tune_callback(tracker, parent, lambda c: (c["row"], {"row": c["row"]}, {}, {}))
+    callback = MLflowTrialCallback(tracker.uri, tracker.experiment_id, parent, lambda c: (c["row"], {"row": c["row"]}, {}, {}))
     init_ray(num_cpus=2)
     try:
-        ctx = SweepContext(preset=preset, space=space, data=data, storage_path=str(tmp_path / "ray"), role="student",
-                           teacher_state=ray.put(teacher), max_failures=2)
-        results = run_trials(ctx, tune_param_space(space, [0]), name="nan", callbacks=[callback], max_concurrent_trials=1)
+        plan = RunPlan(rows=row_configs(space, preset), data=data, storage_path=str(tmp_path / "ray"),
+                       teachers={"overflow": ray.put(teacher)}, max_failures=2)
+        results, _ = run_trials(plan, tune_param_space(space, [0]), name="nan", callbacks=[callback],
+                                max_concurrent_trials=1)
     finally:
         ray.shutdown()
-    [record] = result_rows(results, lambda c: {"row": c["row"]})
+    [record] = trial_frame(results).to_dict("records")
     assert record["status"] == "FAILED"
     assert "non-finite loss at epoch 1 step 0" in record["error"] and "(not retried)" in record["error"]
     [child] = tracker.children(parent)

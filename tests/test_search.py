@@ -1,30 +1,17 @@
-"""kdsweep sweep: plans, Tune spaces (Optuna constraints, encoded list choices), result tables."""
+"""kdsweep sweep (kdsweep.orchestrate.search): plans, Tune spaces (Optuna constraints, encoded list
+choices), the search block's errors, --dry-run."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kdsweep.cli import main
 from kdsweep.config import ConfigError
-from kdsweep.orchestrate.search import (
-    best_index,
-    best_so_far,
-    make_plan,
-    make_scheduler,
-    make_search_alg,
-    param_space,
-    plot_best_so_far,
-    plot_param,
-    preview,
-    sweep_table,
-    to_markdown,
-)
-from kdsweep.orchestrate.space import experiment_dict, load_space, parse_space
+from kdsweep.orchestrate.search import make_plan, param_space
+from kdsweep.orchestrate.space import load_space, parse_space
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,23 +50,8 @@ def test_list_choices_are_encoded_for_optuna_and_decoded_into_the_config() -> No
     assert ps["row"] == "sdf + csa" and ps["seed"] == 0  # optuna: constants, no grid_search
     assert isinstance(ps["params"]["kd.0.params.dilations"], tune.search.sample.Categorical)
     assert ps["params"]["kd.0.params.dilations"].categories == ["[1, 2, 3]", "[1, 2]"]
-    config = experiment_dict({}, space, "sdf + csa", {"kd.0.params.dilations": "[1, 2]", "kd.0.weight": 0.1}, 0)
-    assert config["kd"][0]["params"]["dilations"] == [1, 2] and config["kd"][0]["weight"] == 0.1
     with pytest.raises(ConfigError, match="optuna searches one seed"):
         param_space(space, make_plan(space, None, None, 2), [0, 1])
-
-
-def test_search_objects() -> None:
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    space = tune_space()
-    plan = make_plan(space, None, None, 2)
-    assert isinstance(make_search_alg(plan, "AP", "max"), OptunaSearch)
-    asha = make_scheduler(plan, "AP", "max", max_epochs=4)
-    assert isinstance(asha, ASHAScheduler) and asha._max_t == 4
-    plain = make_plan(parse_space({"rows": [{"label": "a"}]}, "p.yaml"), None, None, 2)
-    assert make_search_alg(plain, "AP", "max") is None and make_scheduler(plain, "AP", "max", 4) is None
 
 
 def test_search_block_errors_name_the_file_and_field() -> None:
@@ -98,62 +70,18 @@ def test_search_block_errors_name_the_file_and_field() -> None:
         parse_space({"rows": [{"label": "a"}, {"label": "b"}], "search": {"algorithm": "optuna"}}, "x.yaml")
 
 
-def test_preview_enumerates_grids_and_draws_within_bounds() -> None:
-    space = parse_space(
-        {"rows": [{"label": "a"}], "space": {"kd.0.weight": {"grid": [1, 2]}, "x.y": {"loguniform": [0.01, 1.0]}}},
-        "p.yaml",
-    )
-    plan = make_plan(space, 2, None, 2)
-    trials = preview(space, plan, [0], n=10)
-    assert len(trials) == 4  # 1 row x 1 seed x 2 grid values x 2 samples
-    assert [t["params"]["kd.0.weight"] for t in trials] == [1, 1, 2, 2]
-    assert all(0.01 <= t["params"]["x.y"] <= 1.0 for t in trials)
-
-
-def records() -> list[dict]:
-    stats = {"AP50": 1.0, "AP75": 1.0, "AP_S": 1.0, "AP_M": 1.0, "AP_L": 1.0}
-    return [
-        {"row": "a", "seed": 0, "params": {"w": 0.5, "d": [1, 2]}, "status": "FINISHED", "AP": 3.0, "timestamp": 30, "training_iteration": 4, **stats},
-        {"row": "a", "seed": 0, "params": {"w": 2.0, "d": [1, 2, 3]}, "status": "FINISHED", "AP": 5.0, "timestamp": 10, "training_iteration": 1, **stats},
-        {"row": "a", "seed": 0, "params": {"w": 1.0, "d": [1]}, "status": "FAILED", "timestamp": 20, "training_iteration": 0},
-        {"row": "a", "seed": 0, "params": {"w": 4.0, "d": [1]}, "status": "FINISHED", "AP": 4.0, "timestamp": 40, "training_iteration": 2, **stats},
-    ]
-
-
-def test_table_is_in_completion_order_with_best_and_best_so_far() -> None:
-    space = parse_space({"rows": [{"label": "a"}], "space": {"w": {"uniform": [0, 5]}, "d": {"choice": [[1], [1, 2]]}}}, "s.yaml")
-    table = sweep_table(records(), space)
-    data = table.to_pydict()
-    assert data["trial"] == [1, 2, 3, 4] and data["w"] == [2.0, 1.0, 0.5, 4.0]
-    assert data["d"] == ["[1, 2, 3]", "[1]", "[1, 2]", "[1]"]
-    assert data["epochs"] == [1, 0, 4, 2] and sum(data["epochs"]) == 7  # trial-epochs (ASHA stops early)
-    assert math.isnan(data["AP"][1]) and data["status"][1] == "FAILED"
-    assert best_index(table, "AP", "max") == 0 and best_index(table, "AP", "min") == 2
-    assert best_so_far(table, "AP", "max") == [5.0, 5.0, 5.0, 5.0]
-    assert best_so_far(table, "AP", "min") == [5.0, 5.0, 3.0, 3.0]
-    md = to_markdown(table, "AP", "max", "title")
-    body = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| trial")]
-    assert [line.split(" | ")[0] for line in body] == ["| 1", "| 4", "| 3", "| 2"]  # best first, failed last
-    assert body[-1].endswith("FAILED |")
-
-
-def test_plots_are_written(tmp_path: Path) -> None:
-    space = parse_space({"rows": [{"label": "a"}], "space": {"w": {"uniform": [0, 5]}, "d": {"choice": [[1], [1, 2]]}}}, "s.yaml")
-    table = sweep_table(records(), space)
-    for param in ("w", "d"):
-        path = plot_param(table, param, "AP", tmp_path / f"{param}.png")
-        assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
-    assert plot_best_so_far(table, "AP", "max", tmp_path / "best.png").stat().st_size > 1000
-
-
 @pytest.mark.parametrize("name, trials", [("tune_ssim", 16), ("tune_scalekd", 16), ("ablation_scalekd", 7), ("ablation_ssim", 8)])
 def test_dry_run_of_every_shipped_space(name: str, trials: int, capsys: pytest.CaptureFixture[str]) -> None:
     path = ROOT / "search_spaces" / f"{name}.yaml"
+    space = load_space(path)
     assert main(["sweep", str(path), "--dry-run", "--preset", "smoke"]) == 0
-    out = capsys.readouterr().out
-    assert f"valid. {trials} trial(s)" in out
-    first = yaml.safe_load(out.split("--- trial 1\n", 1)[1].split("--- trial 2", 1)[0])
-    assert first["row"] == load_space(path).labels[0]
+    out = capsys.readouterr().out.splitlines()
+    assert f"valid. {trials} trial(s)" in out[0]
+    assert out[1].startswith("  data: synthetic")
+    rows = [line.split(":")[0].strip() for line in out[2:] if not line.startswith(("  space:", "  ("))]
+    assert rows == space.labels  # one line per row: its teacher and student as the trials build them
+    searched = [line for line in out if line.startswith("  space: ")]
+    assert [line.split()[1] for line in searched] == list(space.space)  # what is searched, and how
 
 
 def test_dry_run_rejects_a_bad_space_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -162,3 +90,58 @@ def test_dry_run_rejects_a_bad_space_in_one_line(tmp_path: Path, capsys: pytest.
     assert main(["sweep", str(path), "--dry-run", "--preset", "smoke"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "multiple of the number of ratios" in err and "bad.yaml" in err
+
+
+@pytest.mark.slow
+def test_a_small_optuna_asha_search_whose_best_config_reproduces_its_best_trial(tmp_path: Path) -> None:
+    """A real search (Optuna TPE, ASHA after each epoch) on the smoke task writes best_config.yaml:
+    the whole config of its best trial, as that trial's worker got it; launched again as a one-row
+    ablation it reproduces the trial (same teacher, same seed: the same AP, bit for bit)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from kdsweep.config import ExperimentConfig, from_dict
+
+    space = {"name": "tiny_sweep", "base": {"train": {"epochs": 2}},
+             "rows": [{"label": "ssim", "kd": [{"loss": "ssim", "weight": 3.0, "adapter": True}]}],
+             "space": {"kd.0.weight": {"loguniform": [0.5, 8.0]}, "kd.0.params.window_size": {"choice": [5, 7]}},
+             "search": {"algorithm": "optuna", "scheduler": "asha", "num_samples": 3, "grace_period": 1,
+                        "reduction_factor": 2, "seed": 0}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = dict(os.environ, KDSWEEP_HOME=str(tmp_path / "home"), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), str(tmp_path / "tiny.yaml"), "--preset",
+                           "smoke", "--tracking-uri", uri, "--experiment", "search", "--summary-json",
+                           str(tmp_path / "summary.json")], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["trials"] == 3 and summary["failed"] == 0 and 3 <= summary["trial_epochs"] <= 6
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("kdsweep.role") == "sweep")
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep.md", "sweep.parquet", "best_config.yaml", "plots"} <= names
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/AP_vs_kd_0_weight.png", "plots/AP_vs_kd_0_params_window_size.png", "plots/best_so_far.png"}
+    best_yaml = yaml.safe_load(open(client.download_artifacts(parent.info.run_id, "best_config.yaml", str(tmp_path))))
+    students = [r for r in runs if r.data.tags.get("kdsweep.role") == "student"]
+    best = max((r for r in students if r.info.status == "FINISHED"), key=lambda r: r.data.metrics["AP"])
+    assert best.data.metrics["AP"] == pytest.approx(summary["best"])
+    trial_config = json.load(open(client.download_artifacts(best.info.run_id, "config.json", str(tmp_path / "c"))))
+    assert from_dict(ExperimentConfig, best_yaml) == from_dict(ExperimentConfig, trial_config)
+
+    rerun = {"name": "rerun", "base": best_yaml, "rows": [{"label": "best"}]}
+    (tmp_path / "rerun.yaml").write_text(yaml.safe_dump(rerun))
+    again = subprocess.run([sys.executable, str(ROOT / "launch" / "ablation_ssim.py"), "--space", str(tmp_path / "rerun.yaml"),
+                            "--preset", "smoke", "--tracking-uri", uri, "--experiment", "rerun", "--no-throughput"],
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "reusing teacher run" in again.stdout
+    [child] = [r for r in client.search_runs([client.get_experiment_by_name("rerun").experiment_id])
+               if r.data.tags.get("kdsweep.role") == "student"]
+    first_epoch = {m.step: m.value for m in client.get_metric_history(best.info.run_id, "AP")}[1]
+    assert {m.step: m.value for m in client.get_metric_history(child.info.run_id, "AP")}[1] == first_epoch

@@ -1,41 +1,80 @@
-"""Ray Tune over Ray Train (V2): ``train_driver_fn`` per trial, ``run_trials`` per sweep.
+"""Ray Tune over Ray Train (V2): the runner every command uses, for teachers and students alike.
 
-Layers (Ray's ``train_tune_interop`` pattern): ``train_fn_per_worker`` (per worker, reports
-metrics), ``train_driver_fn`` (per Tune trial: builds a ``TorchTrainer`` named from the trial id
-and fits it; ``TuneReportCallback`` forwards rank 0's metrics to Tune), and the ``Tuner`` built
-by :func:`run_trials`. The Tune driver takes a fraction of a CPU so that it never starves its
-own Train workers on a small machine.
+Layers (Ray's ``train_tune_interop`` pattern): ``train_fn_per_worker`` (per worker,
+:mod:`kdsweep.train.worker`), :func:`train_driver_fn` (per Tune trial: builds the trial's typed
+config, fits a ``TorchTrainer`` named from the trial id; ``TuneReportCallback`` forwards rank 0's
+metrics to Tune) and the ``Tuner`` of :func:`run_trials`. What every trial of one Tune run shares
+travels once, as a :class:`RunPlan`: the typed configs of the rows (or teachers) it trains, the
+space's samplers, the data paths, the storage path, and the teachers' weights. The Tune driver
+takes a fraction of a CPU so that it never starves its own Train workers on a small machine.
+
+Failures: a run whose workers or nodes were lost is fitted again and resumes from its last
+checkpoint; anything else ends the trial at once with its one-line reason (:func:`classify_failure`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Callable
+import signal
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from kdsweep.config import to_dict
-from kdsweep.orchestrate.space import SearchSpace, build_experiment
+import pyarrow.fs
+import ray
+import ray.tune
+from ray import tune
+from ray.exceptions import RayActorError
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+    WorkerGroupError,
+)
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from kdsweep.config import ExperimentConfig
+from kdsweep.orchestrate.space import Sampler
+from kdsweep.orchestrate.trials import trial_config
 from kdsweep.report.tracking import summarize_error
+from kdsweep.train.worker import train_fn_per_worker
 
 DRIVER_CPU = 0.05
 
+__all__ = ["DRIVER_CPU", "RunPlan", "TrialFailure", "classify_failure", "init_ray", "interrupted", "join_storage",
+           "run_trials", "storage_checkpoint", "train_driver_fn"]
+
 
 @dataclass(frozen=True)
-class SweepContext:
-    """Constants every trial of one sweep shares (shipped once through the object store)."""
+class RunPlan:
+    """What every trial of one Tune run shares (shipped once through the object store).
 
-    preset: dict[str, Any]
-    space: SearchSpace
-    data: dict[str, str]
+    Attributes:
+        rows: key (a row label, or a teacher's hash) -> its typed config, seed and samples not applied.
+        samplers: the space's samplers by dotted path (searches; empty for ablations).
+        data: the resolved data paths (absolute).
+        storage_path: Ray's storage (a local path or a URI such as ``s3://bucket/prefix``).
+        teachers: key -> the ObjectRef of its teacher's weights (rows that distil).
+        source: the space file, for error messages.
+        max_failures: restarts of a trial whose workers or nodes were lost.
+    """
+
+    rows: Mapping[str, ExperimentConfig]
+    data: Mapping[str, str]
     storage_path: str
-    role: str = "student"
-    teacher_state: Any = None  # ObjectRef of the teacher's state_dict
-    max_failures: int = 2  # Train restarts of a trial's workers from its last checkpoint
+    samplers: Mapping[str, Sampler] = field(default_factory=dict)
+    teachers: Mapping[str, Any] = field(default_factory=dict)
+    source: str = "space"
+    max_failures: int = 2
 
-
-def trial_experiment(ctx: SweepContext, config: dict[str, Any]):
-    """The ExperimentConfig of a trial from its Tune config (row, seed, sampled params)."""
-    return build_experiment(ctx.preset, ctx.space, config["row"], config.get("params") or {}, config.get("seed"))
+    def trial(self, config: Mapping[str, Any]) -> ExperimentConfig:
+        """The typed config of the trial with Tune config ``config``."""
+        return trial_config(self.rows, self.samplers, config, self.source)
 
 
 class TrialFailure(RuntimeError):
@@ -50,8 +89,6 @@ LOST_WORKER_ERRORS = ("WorkerHealthCheckFailedError", "WorkerHealthCheckTimeoutE
 
 def _lost_worker(error: BaseException) -> bool:
     """A worker process or its node went away (killed, crashed, preempted, stopped answering)."""
-    from ray.exceptions import RayActorError
-
     inner = getattr(error, "health_check_failure", error)
     return isinstance(inner, RayActorError) or type(error).__name__ in LOST_WORKER_ERRORS
 
@@ -62,10 +99,6 @@ def classify_failure(error: BaseException) -> tuple[str, str]:
     deterministic error such as a non-finite loss, out of memory or a bad config, or any other
     error in the training code: restarting would fail the same way and burn GPU-hours); reason is
     the root cause in one line."""
-    from ray.train import WorkerGroupError
-
-    from kdsweep.report.tracking import summarize_error
-
     failures = list(error.worker_failures.values()) if isinstance(error, WorkerGroupError) else [error]
     texts = [str(f) for f in failures]
     deterministic = [t for t in texts if any(name in t for name in DETERMINISTIC_ERRORS)]
@@ -78,46 +111,34 @@ def classify_failure(error: BaseException) -> tuple[str, str]:
     return "fatal", summarize_error(others[0] if others else str(error)) or type(error).__name__
 
 
-def train_driver_fn(config: dict[str, Any], ctx: SweepContext) -> None:
+def train_driver_fn(config: dict[str, Any], plan: RunPlan) -> None:
     """Tune trainable: fit one ``TorchTrainer`` for this trial (resumes if its run exists).
 
     Failures: Ray Train itself retries nothing but preemptions (``FailureConfig(max_failures=0)``).
     Here a run whose workers or nodes were lost is fitted again under the same name, so it resumes
-    from its last checkpoint, up to ``ctx.max_failures`` times; any other failure (a non-finite
+    from its last checkpoint, up to ``plan.max_failures`` times; any other failure (a non-finite
     loss, out of memory, a config error, a bug) ends the trial at once with a
     :class:`TrialFailure` carrying the one-line reason that the table and the MLflow run show.
     """
-    import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from kdsweep.train.worker import train_fn_per_worker
-
     trial_id = ray.tune.get_context().get_trial_id()
-    exp = trial_experiment(ctx, config)
-    train_cfg = exp.teacher_train if ctx.role == "teacher" else exp.train
+    exp = plan.trial(config)
+    train_cfg = exp.train
     resources = {"CPU": train_cfg.cpus_per_worker}
     if train_cfg.use_gpu:
         resources["GPU"] = 1
-    label = f"{config['row']} s{config.get('seed', 0)}"
+    label = f"{config['row']} s{config.get('seed', train_cfg.seed)}"
     restarts = 0
     while True:
         trainer = TorchTrainer(
             train_fn_per_worker,
-            train_loop_config={
-                "experiment": to_dict(exp),
-                "role": ctx.role,
-                "data": ctx.data,
-                "teacher_state": ctx.teacher_state,
-                "label": label,
-            },
+            train_loop_config={"experiment": exp, "data": dict(plan.data), "teacher_state": plan.teachers.get(config["row"]),
+                               "label": label},
             torch_config=TorchConfig(backend=None),
             scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                          resources_per_worker=resources, placement_strategy=train_cfg.placement_strategy),
             run_config=RunConfig(
                 name=f"train-{trial_id}",
-                storage_path=ctx.storage_path,
+                storage_path=plan.storage_path,
                 callbacks=[TuneReportCallback()],
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 failure_config=FailureConfig(max_failures=0),
@@ -128,16 +149,16 @@ def train_driver_fn(config: dict[str, Any], ctx: SweepContext) -> None:
             return
         except TrainingFailedError as exc:
             kind, reason = classify_failure(exc)
-            if kind == "lost" and restarts < ctx.max_failures:
+            if kind == "lost" and restarts < plan.max_failures:
                 restarts += 1
-                print(f"[{label}] {reason}; restart {restarts} of {ctx.max_failures} from the last checkpoint", flush=True)
+                print(f"[{label}] {reason}; restart {restarts} of {plan.max_failures} from the last checkpoint", flush=True)
                 continue
             note = "not retried" if kind == "fatal" else f"gave up after {restarts} restart(s)"
             raise TrialFailure(f"{reason} ({note})") from None
 
 
 def run_trials(
-    ctx: SweepContext,
+    plan: RunPlan,
     param_space: dict[str, Any],
     *,
     name: str,
@@ -149,27 +170,22 @@ def run_trials(
     metric: str | None = None,
     mode: str | None = None,
     restore: bool = False,
-):
-    """Run a Tune sweep of ``train_driver_fn`` trials; return the ``ResultGrid``.
+) -> tuple[Any, bool]:
+    """Run a Tune sweep of :func:`train_driver_fn` trials; return ``(ResultGrid, interrupted)``.
 
-    ``restore``: continue the interrupted sweep stored under ``ctx.storage_path/name``
+    ``restore``: continue the interrupted sweep stored under ``plan.storage_path/name``
     (``Tuner.restore``): finished trials keep their results and are not run again, unfinished
-    and errored ones resume from their last checkpoint. The restored Tuner keeps its pickled
-    settings; only the callbacks are replaced by ``callbacks`` (the pickled ones belong to the
-    interrupted launcher process).
+    and errored ones resume from their last checkpoint. The restored Tuner keeps its own
+    settings and callbacks, unpickled from its state: kdsweep's MLflow callback reconnects by URI
+    (:class:`kdsweep.report.tracking.MLflowTrialCallback`), so nothing needs swapping.
+    ``interrupted``: Ctrl-C stopped the sweep (continue with ``--resume``).
     """
-    from ray import tune
-
-    callbacks = list(callbacks)  # Tune appends its own reporters to the list it is given
-    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, ctx=ctx), {"cpu": DRIVER_CPU})
+    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, plan=plan), {"cpu": DRIVER_CPU})
     if restore:
-        path = experiment_path(ctx, name)
+        path = join_storage(plan.storage_path, name)
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"--resume: no Tune state at {path}; start the sweep without --resume")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        local = tuner._local_tuner  # the public API has no way to swap callbacks on restore
-        local.get_run_config().callbacks = list(callbacks)  # the live RunConfig object
-        return _fit(tuner)
+        return _fit(tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True))
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -183,8 +199,8 @@ def run_trials(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=ctx.storage_path,
-            callbacks=callbacks,
+            storage_path=plan.storage_path,
+            callbacks=list(callbacks),  # Tune appends its own reporters to the list it is given
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             verbose=1,
         ),
@@ -196,45 +212,29 @@ def _sigint_sentinel(signum: int, frame: Any) -> None:  # pragma: no cover - rep
     raise KeyboardInterrupt
 
 
-def _fit(tuner: Any) -> Any:
-    """``tuner.fit()``, noting whether Ctrl-C stopped it.
+def _fit(tuner: Any) -> tuple[Any, bool]:
+    """``tuner.fit()``, and whether Ctrl-C stopped it.
 
     Tune catches the first SIGINT itself: it saves the experiment state, stops the trials and
-    *returns* (trials it stopped look TERMINATED), after putting back the SIGINT handler it
-    found. So a sentinel handler installed here that is back in place afterwards means the run
-    was interrupted; :func:`interrupted` reads the flag.
+    *returns*, after putting back the SIGINT handler it found. So a sentinel handler installed
+    here that is back in place afterwards means the run was interrupted; so does a trial left
+    neither finished nor errored (:func:`interrupted`).
     """
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
-        return tuner.fit()
+        results = tuner.fit()
+        return results, interrupted(results)
     previous = signal.signal(signal.SIGINT, _sigint_sentinel)
     try:
         results = tuner.fit()
         stopped = signal.getsignal(signal.SIGINT) is _sigint_sentinel
     finally:
         signal.signal(signal.SIGINT, previous)
-    try:
-        results._kdsweep_interrupted = stopped
-    except AttributeError:  # pragma: no cover
-        pass
-    return results
+    return results, stopped or interrupted(results)
 
 
 def interrupted(results: Any) -> bool:
-    """True when ``tuner.fit()`` returned early (Ctrl-C: Tune saves its state and stops) with
-    trials neither finished nor errored; such a sweep continues with ``--resume``."""
-    if getattr(results, "_kdsweep_interrupted", False):
-        return True
-    analysis = getattr(results, "_experiment_analysis", None)
-    trials = getattr(analysis, "trials", None) or []
-    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
-
-
-def experiment_path(ctx: SweepContext, name: str) -> str:
-    """Where Tune keeps the state of sweep ``name`` (a local path or a URI)."""
-    return join_storage(ctx.storage_path, name)
+    """True when some trial of ``results`` (a ``ResultGrid``) neither finished nor errored."""
+    return len(results) > results.num_terminated + results.num_errors
 
 
 def join_storage(storage: str, name: str) -> str:
@@ -244,16 +244,13 @@ def join_storage(storage: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}{sep}{query}"
 
 
-def storage_checkpoint(storage: str, path: str):
+def storage_checkpoint(storage: str, path: str) -> Checkpoint:
     """The ``ray.train.Checkpoint`` at ``path`` as Ray reports it (a path *inside* the storage's
     filesystem, without the scheme: ``bucket/runs/train-x/checkpoint_...`` on S3) under the
     storage ``storage`` (a local path or a URI such as ``s3://bucket/runs``, optionally with
     pyarrow's query options). The filesystem is the storage's own, as Ray builds it
     (``pyarrow.fs.FileSystem.from_uri``), so ``to_directory()`` works for local and remote storage.
     """
-    import pyarrow.fs
-    from ray.train import Checkpoint
-
     if "://" in storage:
         filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage)
     else:
@@ -270,8 +267,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     choice: a second instance beside it breaks Ray's own helpers, which look their cluster up on
     the machine ("Found multiple active Ray instances") and would leak placement groups.
     """
-    import ray
-
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -288,17 +283,3 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     print(f"kdsweep: using the Ray instance already running on this machine ({ray.get_runtime_context().gcs_address}); "
           "pass --ray-address to use another cluster", flush=True)
-
-
-def result_rows(results: Any, describe: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per trial: ``describe(config)`` fields, status, error, last metrics."""
-    rows = []
-    for result in results:
-        record = dict(describe(result.config))
-        metrics = result.metrics or {}
-        record["status"] = "FAILED" if result.error is not None else "FINISHED"
-        record["error"] = (summarize_error(str(result.error)) or type(result.error).__name__)[:300] if result.error is not None else ""
-        record.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        record["checkpoint_path"] = metrics.get("checkpoint_path")
-        rows.append(record)
-    return rows

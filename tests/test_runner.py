@@ -1,4 +1,5 @@
-"""Tune over Train (kdsweep.orchestrate.runner): which failed runs are restarted, and the one-line reasons."""
+"""Tune over Train (kdsweep.orchestrate.runner): which failed runs are restarted, the one-line
+reasons, and a local launch beside a running Ray instance."""
 
 from __future__ import annotations
 
