@@ -1,10 +1,22 @@
 """MLflow tracking on SQLite: parent/child runs, statuses, teacher reuse lookup."""
 
+import pickle
 from types import SimpleNamespace
 
+import cloudpickle
 import pytest
 
-from kdsweep.report.tracking import PARENT_TAG, TAG_HASH, TAG_REASON, TAG_ROLE, Tracker, flatten, summarize_error, tune_callback
+from kdsweep.report.tracking import (
+    PARENT_TAG,
+    TAG_HASH,
+    TAG_REASON,
+    TAG_ROLE,
+    TAG_TRIAL,
+    MLflowTrialCallback,
+    Tracker,
+    flatten,
+    summarize_error,
+)
 
 
 @pytest.fixture()
@@ -20,7 +32,7 @@ def test_flatten():
 def test_callback_creates_one_child_per_trial_and_ends_each(tracker):
     parent = tracker.start_run("parent")
     describe = lambda config: (f"{config['row']}", {"row": config["row"]}, {"kdsweep.row": config["row"]}, {"cfg": 1})
-    cb = tune_callback(tracker, parent, describe)
+    cb = MLflowTrialCallback(tracker.uri, tracker.experiment_id, parent, describe)
     ok = SimpleNamespace(trial_id="t1", config={"row": "ssim"})
     bad = SimpleNamespace(trial_id="t2", config={"row": "l2"}, get_error=lambda: RuntimeError("Traceback...\nNonFiniteLossError: non-finite loss at epoch 1"), error_file=None)
     hung = SimpleNamespace(trial_id="t3", config={"row": "l1"})
@@ -31,7 +43,7 @@ def test_callback_creates_one_child_per_trial_and_ends_each(tracker):
     cb.on_trial_result(0, [], ok, {"epoch": 2, "AP": 15.0})
     cb.on_trial_complete(0, [], ok)
     cb.on_trial_error(0, [], bad)
-    cb.kill_open_runs("interrupted")
+    tracker.end_running_children(parent, "KILLED", "interrupted")  # what the launcher does on Ctrl-C
     children = {r.data.tags["kdsweep.row"]: r for r in tracker.children(parent)}
     assert set(children) == {"ssim", "l2", "l1"}
     assert children["ssim"].info.status == "FINISHED"
@@ -43,7 +55,28 @@ def test_callback_creates_one_child_per_trial_and_ends_each(tracker):
     assert "nan" not in children["ssim"].data.metrics
     assert children["ssim"].data.params["row"] == "ssim"
     assert children["ssim"].data.tags[PARENT_TAG] == parent
-    assert cb.finished == [children["ssim"].info.run_id]
+
+
+def test_a_resumed_sweep_continues_each_trial_in_its_own_run(tracker):
+    """Tune pickles the callback into the experiment state (cloudpickle); the copy a --resume
+    unpickles in another process reconnects by URI and reopens the trials' runs."""
+    parent = tracker.start_run("parent")
+    describe = lambda config: (config["row"], {}, {"kdsweep.row": config["row"]}, {})  # noqa: E731
+    cb = MLflowTrialCallback(tracker.uri, tracker.experiment_id, parent, describe)
+    trial = SimpleNamespace(trial_id="t1", config={"row": "ssim"})
+    cb.on_trial_start(0, [], trial)
+    cb.on_trial_result(0, [], trial, {"epoch": 1, "AP": 1.0})
+    tracker.end_running_children(parent, "KILLED", "interrupted")
+    copy = pickle.loads(cloudpickle.dumps(cb))  # as Tuner.restore gets it back
+    assert copy.runs == {} and copy._tracker is None
+    copy.on_trial_start(0, [], trial)
+    copy.on_trial_result(0, [], trial, {"epoch": 2, "AP": 2.0})
+    copy.on_trial_complete(0, [], trial)
+    [child] = tracker.children(parent)
+    assert child.info.status == "FINISHED" and child.data.tags[TAG_TRIAL] == "t1"
+    assert child.data.tags["kdsweep.resumed"] == "true"
+    history = tracker.client.get_metric_history(child.info.run_id, "AP")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0)]  # one run, one history
 
 
 def test_find_teacher_needs_finished_run_with_weights(tracker, tmp_path):

@@ -1,126 +1,216 @@
-"""Ablation tables: trial records -> one row per config with mean +- std over seeds.
+"""Ablation and sweep tables with pandas, from Tune's result dataframes.
 
-Stored as Parquet (pyarrow, numeric ``<metric>_mean``/``<metric>_std`` columns) and Markdown
-(``mean ± std`` cells, the way the papers print their tables), and plotted as AP / AP_S bars.
+* :func:`trial_frame`: one row per trial of a ``ResultGrid``, from ``ResultGrid.get_dataframe()``
+  (the last reported metrics and the ``config/...`` columns), plus the trials that never reported,
+  each with its status and one-line failure reason.
+* :func:`ablation_table`: one row per configuration (the teacher first), mean and sample standard
+  deviation over seeds of every COCO metric, the difference of the means to the baseline row,
+  the failed trials and their reason; stored as Parquet (numeric ``<metric>_mean``/``_std``
+  columns) and Markdown (``mean ± std`` cells, the way the papers print their tables).
+* :func:`sweep_table`: one row per trial of a search in completion order, with the sampled
+  values; :func:`best_index` and :func:`best_so_far` read it.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import pandas as pd
+import yaml
 
+from kdsweep.report.tracking import summarize_error
 from kdsweep.train.evaluation import STAT_NAMES
 
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var)
+__all__ = ["EXTRA_COLUMNS", "ablation_table", "best_index", "best_so_far", "sweep_markdown", "sweep_table",
+           "to_markdown", "trial_frame", "write_parquet"]
 
 
-def summarize(records: list[dict[str, Any]], order: Sequence[str], teacher: dict[str, Any] | None = None,
-              baseline: str = "baseline", extra: dict[str, dict[str, float]] | None = None) -> pa.Table:
-    """Aggregate trial records (``row``, ``status`` and metric keys) into the ablation table.
+# ------------------------------------------------------------------------------------- trials
+def trial_frame(results: Any) -> pd.DataFrame:
+    """One row per trial of a Tune ``ResultGrid``: ``row``, ``seed``, ``params/<path>`` (the Tune
+    config), the last reported metrics, ``status`` (FINISHED or FAILED) and ``error`` (the
+    one-line reason of a failed trial, else empty)."""
+    frame = results.get_dataframe()  # trials that reported; "logdir" holds the trial id
+    if "logdir" not in frame:
+        frame = pd.DataFrame({"logdir": pd.Series(dtype=object)})
+    reported = set(frame["logdir"].astype(str))
+    errors_by_id, silent = {}, []
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id")
+        if trial_id is not None and str(trial_id) in reported:
+            errors_by_id[str(trial_id)] = result.error
+        else:  # failed before its first report: its config and error from the Result
+            silent.append((pd.json_normalize({"config": result.config or {}}, sep="/"), result.error))
+    frame = pd.concat([frame, *(part for part, _ in silent)], ignore_index=True) if silent else frame
+    errors = [errors_by_id.get(str(tid)) for tid in frame["logdir"][: len(frame) - len(silent)]]
+    errors += [error for _, error in silent]
+    frame["status"] = ["FAILED" if e is not None else "FINISHED" for e in errors]
+    frame["error"] = [(summarize_error(str(e)) or type(e).__name__)[:300] if e is not None else "" for e in errors]
+    frame = frame.rename(columns=lambda c: c[len("config/"):] if c.startswith("config/") else c)
+    return frame.reset_index(drop=True)
 
-    Rows come in ``order`` (the search-space order), after a ``teacher`` row when given. Columns:
-    ``row, kind, seeds, failed, error`` (the one-line reason of the row's first failed trial) then ``<m>_mean, <m>_std`` for m in AP, AP50, AP75, AP_S, AP_M,
-    AP_L, and ``dAP``/``dAP_S``: the difference of the means to the ``baseline`` row. ``extra``
-    adds numeric columns per row label (e.g. ``params_M``, ``infer_img_s`` from
-    :mod:`kdsweep.report.throughput`); rows without a value get NaN.
+
+# ----------------------------------------------------------------------------------- ablations
+def ablation_table(trials: pd.DataFrame, order: Sequence[str], teacher: Mapping[str, Any] | None = None,
+                   baseline: str = "baseline", extra: Mapping[str, Mapping[str, float]] | None = None) -> pd.DataFrame:
+    """Aggregate trials (``row``, ``status``, ``error`` and metric columns) into the ablation table.
+
+    Rows come in ``order`` (the search-space order), after a ``teacher`` row when given (its
+    record: metrics of the teacher's run). Columns: ``row, kind, seeds, failed, error`` (the
+    reason of the row's first failed trial) then ``<m>_mean, <m>_std`` for m in AP, AP50, AP75,
+    AP_S, AP_M, AP_L (sample std over the finished seeds; 0 for one seed), and ``dAP``/``dAP_S``:
+    the difference of the means to the ``baseline`` row. ``extra`` adds numeric columns per row
+    label (e.g. ``params_M``, ``infer_img_s`` from :mod:`kdsweep.report.throughput`); rows without
+    a value get NaN.
     """
-    table: dict[str, list[Any]] = {"row": [], "kind": [], "seeds": [], "failed": [], "error": []}
-    for name in STAT_NAMES:
-        table[f"{name}_mean"], table[f"{name}_std"] = [], []
-    entries: list[tuple[str, str, list[dict[str, Any]]]] = []
+    parts = []
     if teacher is not None:
-        entries.append(("teacher", "teacher", [teacher]))
-    for label in order:
-        kind = "baseline" if label == baseline else "kd"
-        entries.append((label, kind, [r for r in records if r.get("row") == label]))
-    for label, kind, group in entries:
-        done = [r for r in group if r.get("status", "FINISHED") == "FINISHED"]
-        table["row"].append(label)
-        table["kind"].append(kind)
-        table["seeds"].append(len(done))
-        table["failed"].append(len(group) - len(done))
-        table["error"].append(next((str(r["error"]) for r in group if r.get("status") != "FINISHED" and r.get("error")), ""))
-        for name in STAT_NAMES:
-            mean, std = _mean_std([float(r[name]) for r in done if name in r])
-            table[f"{name}_mean"].append(mean)
-            table[f"{name}_std"].append(std)
-    base = table["row"].index(baseline) if baseline in table["row"] else None
+        parts.append(pd.DataFrame([{"row": "teacher", "status": "FINISHED", "error": "", **dict(teacher)}]).assign(kind="teacher"))
+    if not trials.empty:
+        kinds = trials["row"].map(lambda r: "baseline" if r == baseline else "kd")
+        parts.append(trials.assign(kind=kinds))
+    rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["row", "status", "error", "kind"])
+    for name in STAT_NAMES:
+        if name not in rows:
+            rows[name] = math.nan
+    labels = (["teacher"] if teacher is not None else []) + list(order)
+    done = rows[rows["status"] == "FINISHED"]
+    grouped = done.groupby("row", sort=False)
+    table = pd.DataFrame({"row": labels})
+    table["kind"] = ["teacher" if (teacher is not None and i == 0) else ("baseline" if r == baseline else "kd")
+                     for i, r in enumerate(labels)]
+    table["seeds"] = table["row"].map(grouped.size()).fillna(0).astype(int)
+    table["failed"] = table["row"].map(rows.groupby("row", sort=False)["status"].apply(lambda s: int((s != "FINISHED").sum())))
+    table["failed"] = table["failed"].fillna(0).astype(int)
+    first_error = rows[(rows["status"] != "FINISHED") & (rows["error"].fillna("") != "")].groupby("row", sort=False)["error"].first()
+    table["error"] = [str(first_error.get(label, "")) for label in table["row"]]
+    for name in STAT_NAMES:
+        values = pd.to_numeric(done[name], errors="coerce").groupby(done["row"], sort=False)
+        table[f"{name}_mean"] = table["row"].map(values.mean())
+        std = values.std(ddof=1)
+        std[values.count() < 2] = 0.0
+        table[f"{name}_std"] = table["row"].map(std)
+    base = table.index[table["row"] == baseline]
     for name in ("AP", "AP_S"):
         col = table[f"{name}_mean"]
-        table[f"d{name}"] = [v - col[base] if base is not None else math.nan for v in col]
-    columns = sorted({key for values in (extra or {}).values() for key in values})
-    for key in columns:
+        table[f"d{name}"] = col - col[base[0]] if len(base) else math.nan
+    for key in sorted({key for values in (extra or {}).values() for key in values}):
         table[key] = [float((extra or {}).get(label, {}).get(key, math.nan)) for label in table["row"]]
-    return pa.table(table)
+    return table
 
 
 EXTRA_COLUMNS = {"params_M": ("params (M)", "{:.2f}"), "infer_img_s": ("img/s", "{:.1f}"), "infer_speedup": ("speed-up", "{:.2f}x")}
 
 
-def to_markdown(table: pa.Table, title: str | None = None) -> str:
-    """Markdown table with ``mean ± std`` cells (one decimal), deltas to the baseline."""
-    data = table.to_pydict()
-    extras = [k for k in EXTRA_COLUMNS if k in data]
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def to_markdown(table: pd.DataFrame, title: str | None = None) -> str:
+    """Markdown table with ``mean ± std`` cells (one decimal), deltas to the baseline, and the
+    failed trials' reasons under it."""
+    extras = [k for k in EXTRA_COLUMNS if k in table]
     header = ["row", "seeds"] + list(STAT_NAMES) + ["ΔAP", "ΔAP_S"] + [EXTRA_COLUMNS[k][0] for k in extras]
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    for i, row in enumerate(data["row"]):
-        seeds = f"{data['seeds'][i]}" + (f" ({data['failed'][i]} failed)" if data["failed"][i] else "")
-        cells = [row, seeds]
+    for row in table.itertuples(index=False):
+        data = row._asdict()
+        cells = [data["row"], f"{data['seeds']}" + (f" ({data['failed']} failed)" if data["failed"] else "")]
         for name in STAT_NAMES:
-            mean, std = data[f"{name}_mean"][i], data[f"{name}_std"][i]
-            cells.append("failed" if mean is None or math.isnan(mean) else f"{mean:.1f} ± {std:.1f}")
+            mean, std = getattr(row, f"{name}_mean"), getattr(row, f"{name}_std")
+            cells.append("failed" if _missing(mean) else f"{mean:.1f} ± {std:.1f}")
         for name in ("dAP", "dAP_S"):
-            value = data[name][i]
-            cells.append("" if value is None or math.isnan(value) or data["kind"][i] != "kd" else f"{value:+.1f}")
+            value = data[name]
+            cells.append("" if _missing(value) or data["kind"] != "kd" else f"{value:+.1f}")
         for key in extras:
-            value = data[key][i]
-            cells.append("" if value is None or math.isnan(value) else EXTRA_COLUMNS[key][1].format(value))
+            value = data[key]
+            cells.append("" if _missing(value) else EXTRA_COLUMNS[key][1].format(value))
         lines.append("| " + " | ".join(cells) + " |")
-    failures = [(row, data["error"][i]) for i, row in enumerate(data["row"]) if data.get("error") and data["error"][i]]
+    failures = [(r, e) for r, e in zip(table["row"], table["error"]) if e]
     if failures:
         lines += ["", "Failed trials:"] + [f"- {row}: {reason}" for row, reason in failures]
     return "\n".join(lines) + "\n"
 
 
-def write_parquet(table: pa.Table, path: str | Path) -> Path:
-    pq.write_table(table, str(path))
+def write_parquet(table: pd.DataFrame, path: str | Path) -> Path:
+    """The table as Parquet (pyarrow), its numeric columns numeric."""
+    table.to_parquet(str(path), index=False)
     return Path(path)
 
 
-def plot(table: pa.Table, path: str | Path, title: str = "") -> Path:
-    """Grouped bars of AP and AP_S per row with std error bars, saved as PNG."""
-    import matplotlib
+# ------------------------------------------------------------------------------------- sweeps
+def _cell(value: Any) -> Any:
+    if isinstance(value, (int, float, str)) or value is None:
+        return value
+    return yaml.safe_dump(value, default_flow_style=True).strip()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    data = table.to_pydict()
-    rows = data["row"]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
-    width = 0.4
-    for offset, name in ((-width / 2, "AP"), (width / 2, "AP_S")):
-        means = [0.0 if math.isnan(v) else v for v in data[f"{name}_mean"]]
-        ax.bar([x + offset for x in xs], means, width, yerr=data[f"{name}_std"], capsize=3, label=name)
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(rows, rotation=30, ha="right")
-    ax.set_ylabel("COCO AP (%)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
-    plt.close(fig)
-    return Path(path)
+def sweep_table(trials: pd.DataFrame, params: Sequence[str], decode: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """One row per trial in completion order: ``trial, row, seed, <param>..., status, epochs, <metrics>``.
+
+    ``params``: the searched dotted paths (``trials`` has them as ``params/<path>``); ``decode``:
+    path -> a function giving the config value of a Tune value (structured choices are JSON in
+    Tune). Lists and mappings show as flow-style YAML.
+    """
+    frame = trials.copy()
+    if "timestamp" not in frame:
+        frame["timestamp"] = math.nan
+    frame = frame.assign(_order=range(len(frame))).sort_values(["timestamp", "_order"], na_position="last")
+    out = pd.DataFrame({"trial": range(1, len(frame) + 1)})
+    out["row"] = list(frame.get("row", pd.Series([""] * len(frame))).fillna(""))
+    out["seed"] = [int(s) if not _missing(s) else 0 for s in frame.get("seed", pd.Series([0] * len(frame)))]
+    for path in params:
+        column = frame.get(f"params/{path}", pd.Series([None] * len(frame)))
+        fn = (decode or {}).get(path, lambda v: v)
+        values = [None if _missing(v) else _cell(fn(v)) for v in column]
+        if any(isinstance(v, str) for v in values):
+            values = [None if v is None else str(v) for v in values]
+        out[path] = values
+    out["status"] = list(frame["status"])
+    out["epochs"] = [int(v) if not _missing(v) else 0 for v in frame.get("training_iteration", pd.Series([0] * len(frame)))]
+    for name in STAT_NAMES:
+        out[name] = pd.to_numeric(frame.get(name, pd.Series([math.nan] * len(frame))), errors="coerce").to_numpy()
+    return out.reset_index(drop=True)
+
+
+def best_index(table: pd.DataFrame, metric: str, mode: str) -> int | None:
+    """Position of the best finished trial, or None."""
+    ok = table[(table["status"] == "FINISHED") & table[metric].notna()]
+    if ok.empty:
+        return None
+    return int(ok[metric].idxmax() if mode == "max" else ok[metric].idxmin())
+
+
+def best_so_far(table: pd.DataFrame, metric: str, mode: str) -> list[float]:
+    """The best ``metric`` among the first k completed trials, for k = 1..n (NaN before any)."""
+    values = table[metric].where(table["status"] == "FINISHED")
+    running = (values.cummax() if mode == "max" else values.cummin()).ffill()  # failed trials keep the best
+    return [float(v) for v in running]
+
+
+def sweep_markdown(table: pd.DataFrame, metric: str, mode: str, title: str) -> str:
+    """Trials sorted best first (failed last), metrics with one decimal."""
+    params = [c for c in table.columns if c not in ("trial", "row", "seed", "status", "epochs", *STAT_NAMES)]
+    header = ["trial", "row", *params, "epochs", *STAT_NAMES, "status"]
+    finished = (table["status"] == "FINISHED") & table[metric].notna()
+    key = table[metric].fillna(0.0) * (-1 if mode == "max" else 1)
+    order = table.assign(_failed=~finished, _key=key).sort_values(["_failed", "_key"], kind="stable").index
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for i in order:
+        r = table.loc[i]
+        cells = [str(r["trial"]), str(r["row"])]
+        cells += [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r[p] for p in params)]
+        cells.append(str(r["epochs"]))
+        cells += ["" if _missing(r[n]) else f"{r[n]:.1f}" for n in STAT_NAMES]
+        cells.append(str(r["status"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def decode_json_choice(value: Any) -> Any:
+    """A structured choice as Tune holds it (a JSON string) -> the config value."""
+    return json.loads(value) if isinstance(value, str) else value

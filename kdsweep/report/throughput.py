@@ -22,16 +22,20 @@ are relative costs on this machine, not deployment figures.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import statistics
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from kdsweep.config import ModelConfig
+from kdsweep.config import ExperimentConfig, ModelConfig, config_hash, to_dict
+from kdsweep.models.detectors import build_detector
 
 __all__ = ["count_params", "count_inference_params", "measure_inference", "measure_configs"]
 
@@ -224,8 +228,6 @@ def measure_configs(
     _check(batch, warmup, iters)
     if rounds < 1:
         raise ValueError(f"rounds {rounds} must be >= 1")
-    from kdsweep.models.detectors import build_detector
-
     models: dict[str, nn.Module] = {}
     images: dict[str, list[Tensor]] = {}
     params: dict[str, tuple[int, int]] = {}
@@ -246,3 +248,32 @@ def measure_configs(
             for name, model in models.items():
                 times[name].append(_time_batches(model, images[name], iters))
     return {name: _result(statistics.median(times[name]), *params[name]) for name in models}
+
+
+def row_throughput(rows: Mapping[str, ExperimentConfig], data: Mapping[str, str], with_teacher: bool,
+                   quick: bool = False) -> dict[str, dict[str, float]]:
+    """The throughput columns of an ablation table, per row label (and ``teacher``): ``params_M``
+    (inference parameters, millions), ``infer_img_s`` (CPU images/s of this machine, the models
+    measured interleaved by :func:`measure_configs`) and ``infer_speedup`` (vs the teacher). Rows
+    with the same student config share one measurement; ``quick``: a short measurement."""
+    classes = len(json.loads(Path(data["val_ann"]).read_text()).get("categories", [])) or 1
+    unique: dict[str, Any] = {}
+    label_key: dict[str, str] = {}
+    for label, exp in rows.items():
+        cfg = dataclasses.replace(exp.student, weights=None)
+        key = config_hash(to_dict(cfg))
+        unique.setdefault(key, cfg)
+        label_key[label] = key
+        if with_teacher and "teacher" not in unique:
+            unique["teacher"] = dataclasses.replace(exp.teacher, weights=None)
+    settings = {"batch": 2, "iters": 2, "rounds": 1} if quick else {"batch": 4, "iters": 5, "rounds": 3}
+    measured = measure_configs(unique, classes, **settings)
+    out: dict[str, dict[str, float]] = {}
+    teacher_rate = measured["teacher"]["images_per_s"] if "teacher" in measured else None
+    for label, key in [*label_key.items(), *((("teacher", "teacher"),) if "teacher" in measured else ())]:
+        m = measured[key]
+        out[label] = {"params_M": m["inference_params"] / 1e6, "infer_img_s": m["images_per_s"]}
+        if teacher_rate:
+            out[label]["infer_speedup"] = m["images_per_s"] / teacher_rate
+    return out
+

@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
 from kdsweep import paths
 
 TAG_ROLE = "kdsweep.role"
@@ -48,8 +52,6 @@ class Tracker:
     """A thin wrapper over ``MlflowClient`` bound to one experiment."""
 
     def __init__(self, uri: str, experiment: str) -> None:
-        from mlflow.tracking import MlflowClient
-
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         existing = self.client.get_experiment_by_name(experiment)
@@ -64,6 +66,20 @@ class Tracker:
             except Exception:  # created concurrently by another launcher
                 self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
 
+    @classmethod
+    def bound(cls, uri: str, experiment_id: str) -> "Tracker":
+        """A tracker of an existing experiment, by id."""
+        tracker = cls.__new__(cls)
+        tracker.uri, tracker.client, tracker.experiment_id = uri, MlflowClient(tracking_uri=uri), experiment_id
+        return tracker
+
+    def end_running_children(self, parent: str, status: str, reason: str) -> None:
+        """End every child run of ``parent`` still RUNNING with ``status`` and ``reason`` (no
+        run is left RUNNING when a launcher stops)."""
+        for run in self.children(parent):
+            if run.info.status == "RUNNING":
+                self.end_run(run.info.run_id, status, reason=reason)
+
     def start_run(self, name: str, *, parent: str | None = None, tags: Mapping[str, str] | None = None) -> str:
         """Create a RUNNING run (a child when ``parent`` is given) and return its id."""
         all_tags = dict(tags or {})
@@ -74,16 +90,12 @@ class Tracker:
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log params in batches (values cut to MLflow's 6000-character limit)."""
-        from mlflow.entities import Param
-
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
         """Log the finite numeric entries of ``metrics`` at ``step``."""
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         items = [
             Metric(k.replace("/", "."), float(v), now, step)
@@ -151,82 +163,85 @@ class Tracker:
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'", max_results=10000)
 
 
-def tune_callback(tracker: Tracker, parent: str, describe: Callable[[dict[str, Any]], tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]],
-                  finish_on_complete: bool = True):
-    """A Ray Tune callback that mirrors each trial into one child MLflow run.
+Describe = Callable[[dict[str, Any]], tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]]
+
+
+class MLflowTrialCallback(Callback):
+    """A Ray Tune callback that mirrors each trial into one child MLflow run of ``parent``.
 
     ``describe(trial.config) -> (run_name, params, tags, config)``; ``config`` is stored as the
-    run's ``config.json`` artifact. Per-epoch results are logged with
-    ``step = epoch``; the run ends FINISHED, FAILED (with the error as a tag) or KILLED.
-    With ``finish_on_complete=False`` a completed trial's run stays RUNNING (its id goes to
-    ``callback.completed``) until the caller has logged what must be in it and calls
-    ``callback.finish(run_id)`` (the teacher: its weights); ``kill_open_runs`` ends it otherwise.
+    run's ``config.json`` artifact. Per-epoch results are logged with ``step = epoch``; the run
+    ends FINISHED, or FAILED with the trial's one-line reason as a tag.
+
+    The callback holds only the tracking URI, ids and ``describe`` (picklable), and opens its
+    MLflow client on first use: Tune pickles it into the experiment state, and the copy that a
+    ``--resume`` (``Tuner.restore``) unpickles in a new launcher process works as it is. At the
+    start of an experiment it finds the child runs that trials already have, so a resumed trial
+    continues in its own run.
+
+    With ``finish_on_complete=False`` a completed trial's run stays RUNNING until the caller has
+    logged what must be in it and ends it (the teacher: its weights).
     """
-    from ray.tune import Callback
 
-    class MLflowTrialCallback(Callback):
-        def __init__(self) -> None:
-            self.runs: dict[str, str] = {}  # trial id -> open MLflow run id
-            self.finished: list[str] = []  # MLflow run ids that ended FINISHED, in order
-            self.completed: list[str] = []  # completed trials whose runs wait for finish()
-            # a resumed sweep: trials that already have a child run continue in it
-            self.existing: dict[str, str] = {
-                run.data.tags[TAG_TRIAL]: run.info.run_id
-                for run in tracker.children(parent)
-                if TAG_TRIAL in run.data.tags
-            }
+    def __init__(self, uri: str, experiment_id: str, parent: str, describe: Describe,
+                 finish_on_complete: bool = True) -> None:
+        self.uri, self.experiment_id, self.parent = uri, experiment_id, parent
+        self.describe = describe
+        self.finish_on_complete = finish_on_complete
+        self.runs: dict[str, str] = {}  # trial id -> open MLflow run id
+        self.existing: dict[str, str] | None = None  # trial id -> child run id (a resumed sweep)
+        self._tracker: Tracker | None = None
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            if trial.trial_id in self.runs:
-                return
-            if trial.trial_id in self.existing:  # resumed: one child run per trial, reopened
-                run_id = self.existing.pop(trial.trial_id)
-                tracker.client.update_run(run_id, status="RUNNING")
-                tracker.client.set_tag(run_id, "kdsweep.resumed", "true")
-                self.runs[trial.trial_id] = run_id
-                return
-            name, params, tags, config = describe(trial.config)
-            tags = dict(tags, **{TAG_TRIAL: trial.trial_id})
-            run_id = tracker.start_run(name, parent=parent, tags=tags)
-            tracker.log_params(run_id, params)
-            tracker.log_dict(run_id, config, "config.json")
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_tracker=None, runs={}, existing=None)
+        return state
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker.bound(self.uri, self.experiment_id)
+        return self._tracker
+
+    def _existing(self) -> dict[str, str]:
+        if self.existing is None:
+            self.existing = {run.data.tags[TAG_TRIAL]: run.info.run_id
+                             for run in self.tracker.children(self.parent) if TAG_TRIAL in run.data.tags}
+        return self.existing
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.runs:
+            return
+        existing = self._existing()
+        if trial.trial_id in existing:  # resumed: one child run per trial, reopened
+            run_id = existing.pop(trial.trial_id)
+            self.tracker.client.update_run(run_id, status="RUNNING")
+            self.tracker.client.set_tag(run_id, "kdsweep.resumed", "true")
             self.runs[trial.trial_id] = run_id
+            return
+        name, params, tags, config = self.describe(trial.config)
+        tags = dict(tags, **{TAG_TRIAL: trial.trial_id})
+        run_id = self.tracker.start_run(name, parent=self.parent, tags=tags)
+        self.tracker.log_params(run_id, params)
+        self.tracker.log_dict(run_id, config, "config.json")
+        self.runs[trial.trial_id] = run_id
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            run_id = self.runs.get(trial.trial_id)
-            if run_id is not None:
-                tracker.log_metrics(run_id, result, step=int(result.get("epoch", result.get("training_iteration", 0))))
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is not None:
+            self.tracker.log_metrics(run_id, result, step=int(result.get("epoch", result.get("training_iteration", 0))))
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if not finish_on_complete:
-                run_id = self.runs.get(trial.trial_id)
-                if run_id is not None and run_id not in self.completed:
-                    self.completed.append(run_id)
-                return
-            run_id = self.runs.pop(trial.trial_id, None)
-            if run_id is not None:
-                tracker.end_run(run_id, "FINISHED")
-                self.finished.append(run_id)
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not self.finish_on_complete:
+            return
+        run_id = self.runs.pop(trial.trial_id, None)
+        if run_id is not None:
+            self.tracker.end_run(run_id, "FINISHED")
 
-        def finish(self, run_id: str) -> None:
-            """End a completed trial's run FINISHED (``finish_on_complete=False``)."""
-            for trial_id, open_id in list(self.runs.items()):
-                if open_id == run_id:
-                    del self.runs[trial_id]
-            tracker.end_run(run_id, "FINISHED")
-            self.finished.append(run_id)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            run_id = self.runs.pop(trial.trial_id, None)
-            if run_id is not None:
-                tracker.end_run(run_id, "FAILED", reason=failure_reason(trial))
-
-        def kill_open_runs(self, reason: str) -> None:
-            for run_id in list(self.runs.values()):
-                tracker.end_run(run_id, "KILLED", reason=reason)
-            self.runs.clear()
-
-    return MLflowTrialCallback()
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self.runs.pop(trial.trial_id, None)
+        if run_id is not None:
+            self.tracker.end_run(run_id, "FAILED", reason=failure_reason(trial))
 
 
 def failure_reason(trial: Any) -> str:

@@ -1,0 +1,76 @@
+"""The figures logged to MLflow: ablation bars, a search's metric against each parameter, and its
+best-so-far curve. PNG files through matplotlib's non-interactive Agg backend."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: render to files only (before pyplot is imported)
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from kdsweep.report.tables import best_so_far  # noqa: E402
+
+__all__ = ["plot_ablation", "plot_best_so_far", "plot_param"]
+
+
+def plot_ablation(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Grouped bars of AP and AP_S per row with std error bars, saved as PNG."""
+    rows = list(table["row"])
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
+    width = 0.4
+    for offset, name in ((-width / 2, "AP"), (width / 2, "AP_S")):
+        means = [0.0 if math.isnan(v) else v for v in table[f"{name}_mean"]]
+        ax.bar([x + offset for x in xs], means, width, yerr=list(table[f"{name}_std"].fillna(0.0)), capsize=3, label=name)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(rows, rotation=30, ha="right")
+    ax.set_ylabel("COCO AP (%)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_param(table: pd.DataFrame, param: str, metric: str, path: str | Path) -> Path:
+    """Scatter of ``metric`` against one searched parameter (categorical values as labels)."""
+    pairs = [(v, y) for v, y in zip(table[param], table[metric]) if v is not None and not math.isnan(y)]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if pairs and all(isinstance(v, (int, float)) for v, _ in pairs):
+        ax.scatter([v for v, _ in pairs], [y for _, y in pairs])
+        lows = [v for v, _ in pairs if v > 0]
+        if lows and len(lows) == len(pairs) and max(lows) / min(lows) > 20:
+            ax.set_xscale("log")
+    else:
+        labels = sorted({str(v) for v, _ in pairs})
+        ax.scatter([labels.index(str(v)) for v, _ in pairs], [y for _, y in pairs])
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=20, ha="right")
+    ax.set_xlabel(param)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{metric} vs {param.split('.')[-1]}")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_best_so_far(table: pd.DataFrame, metric: str, mode: str, path: str | Path) -> Path:
+    """The search's best-so-far curve: best ``metric`` against the number of completed trials."""
+    curve = best_so_far(table, metric, mode)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    trials = list(range(1, len(curve) + 1))
+    ax.step(trials, curve, where="post", label=f"best {metric}")
+    ax.scatter(trials, list(table[metric]), s=12, alpha=0.6, label="trial")
+    ax.set_xlabel("trials completed")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,118 @@
+"""Ablation and sweep tables (kdsweep.report.tables): pandas from the trials' dataframe; mean ± std
+over seeds, order, deltas, failure reasons, Parquet and Markdown; completion order, best trial and
+best-so-far of a search."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from kdsweep.report.tables import (
+    ablation_table,
+    best_index,
+    best_so_far,
+    sweep_markdown,
+    sweep_table,
+    to_markdown,
+    trial_frame,
+    write_parquet,
+)
+
+
+def _rec(row, ap, status="FINISHED", **kw):
+    base = {"row": row, "status": status, "error": "", "AP": ap, "AP50": ap + 10, "AP75": ap - 5, "AP_S": ap / 2,
+            "AP_M": ap, "AP_L": ap + 5}
+    base.update(kw)
+    return base
+
+
+def test_mean_std_order_teacher_deltas_and_failure_reasons(tmp_path: Path) -> None:
+    trials = pd.DataFrame([_rec("ssim", 30.0), _rec("ssim", 34.0), _rec("baseline", 28.0),
+                           _rec("l2", math.nan, status="FAILED", error="non-finite loss at epoch 1 step 0 (not retried)")])
+    table = ablation_table(trials, ["baseline", "l2", "ssim"], teacher=_rec("teacher", 40.0))
+    assert list(table["row"]) == ["teacher", "baseline", "l2", "ssim"]
+    assert list(table["kind"]) == ["teacher", "baseline", "kd", "kd"]
+    i = list(table["row"]).index("ssim")
+    assert table["AP_mean"][i] == pytest.approx(32.0)
+    assert table["AP_std"][i] == pytest.approx(math.sqrt(8.0))  # sample std of 30, 34
+    assert table["dAP"][i] == pytest.approx(4.0) and table["dAP_S"][i] == pytest.approx(2.0)
+    assert table["AP_std"][1] == 0.0  # one seed
+    j = list(table["row"]).index("l2")
+    assert table["seeds"][j] == 0 and table["failed"][j] == 1 and math.isnan(table["AP_mean"][j])
+    assert table["error"][j] == "non-finite loss at epoch 1 step 0 (not retried)" and table["error"][i] == ""
+    md = to_markdown(table, "t")
+    assert "| ssim | 2 | 32.0 ± 2.8 |" in md
+    assert "| l2 | 0 (1 failed) | failed |" in md
+    assert "+4.0" in md and "| teacher | 1 | 40.0 ± 0.0 |" in md
+    assert md.rstrip().endswith("- l2: non-finite loss at epoch 1 step 0 (not retried)")  # the reason, under the table
+    stored = pd.read_parquet(write_parquet(table, tmp_path / "a.parquet"))
+    assert stored["AP_mean"][i] == pytest.approx(32.0) and list(stored["row"]) == list(table["row"])
+
+
+def test_extra_columns_and_a_named_baseline_row() -> None:
+    trials = pd.DataFrame([_rec("s-head only", 2.0), _rec("mimic", 3.5)])
+    extra = {"s-head only": {"params_M": 11.3, "infer_img_s": 40.0}, "mimic": {"params_M": 11.3, "infer_img_s": 40.0},
+             "teacher": {"params_M": 21.9, "infer_img_s": 20.0, "infer_speedup": 1.0}}
+    table = ablation_table(trials, ["s-head only", "mimic"], _rec("teacher", 5.0), baseline="s-head only", extra=extra)
+    assert list(table["kind"]) == ["teacher", "baseline", "kd"]
+    assert table["dAP"][2] == pytest.approx(1.5) and list(table["params_M"]) == [21.9, 11.3, 11.3]
+    assert math.isnan(table["infer_speedup"][1])
+    md = to_markdown(table)
+    assert "| params (M) | img/s | speed-up |" in md and "| 21.90 | 20.0 | 1.00x |" in md
+
+
+def _sweep_trials() -> pd.DataFrame:
+    stats = {"AP50": 1.0, "AP75": 1.0, "AP_S": 1.0, "AP_M": 1.0, "AP_L": 1.0}
+    return pd.DataFrame([
+        {"row": "a", "seed": 0, "params/w": 0.5, "params/d": "[1, 2]", "status": "FINISHED", "error": "", "AP": 3.0,
+         "timestamp": 30, "training_iteration": 4, **stats},
+        {"row": "a", "seed": 0, "params/w": 2.0, "params/d": "[1, 2, 3]", "status": "FINISHED", "error": "", "AP": 5.0,
+         "timestamp": 10, "training_iteration": 1, **stats},
+        {"row": "a", "seed": 0, "params/w": 1.0, "params/d": "[1]", "status": "FAILED", "error": "x", "timestamp": 20,
+         "training_iteration": 0},
+        {"row": "a", "seed": 0, "params/w": 4.0, "params/d": "[1]", "status": "FINISHED", "error": "", "AP": 4.0,
+         "timestamp": 40, "training_iteration": 2, **stats},
+    ])
+
+
+def test_sweep_table_is_in_completion_order_with_best_and_best_so_far() -> None:
+    import json
+
+    table = sweep_table(_sweep_trials(), ["w", "d"], {"d": json.loads})
+    assert list(table["trial"]) == [1, 2, 3, 4] and list(table["w"]) == [2.0, 1.0, 0.5, 4.0]
+    assert list(table["d"]) == ["[1, 2, 3]", "[1]", "[1, 2]", "[1]"]  # decoded, shown as flow YAML
+    assert list(table["epochs"]) == [1, 0, 4, 2] and table["epochs"].sum() == 7  # trial-epochs (ASHA stops early)
+    assert math.isnan(table["AP"][1]) and table["status"][1] == "FAILED"
+    assert best_index(table, "AP", "max") == 0 and best_index(table, "AP", "min") == 2
+    assert best_so_far(table, "AP", "max") == [5.0, 5.0, 5.0, 5.0]
+    assert best_so_far(table, "AP", "min") == [5.0, 5.0, 3.0, 3.0]
+    md = sweep_markdown(table, "AP", "max", "title")
+    body = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| trial")]
+    assert [line.split(" | ")[0] for line in body] == ["| 1", "| 4", "| 3", "| 2"]  # best first, failed last
+    assert body[-1].endswith("FAILED |")
+
+
+def test_trial_frame_keeps_trials_that_never_reported_with_their_reason() -> None:
+    """Tune's dataframe holds the trials that reported; a trial that failed at step 0 comes from
+    its Result (its config and error), so the table counts and explains it."""
+    reported = pd.DataFrame([{"AP": 4.0, "trial_id": "t0", "config/row": "a", "config/seed": 0, "config/params/w": 0.5,
+                              "logdir": "t0"}])
+    error = RuntimeError("Traceback (most recent call last):\n  File x\nkdsweep.orchestrate.runner.TrialFailure: "
+                         "non-finite loss at epoch 1 step 0 (not retried)")
+    items = [SimpleNamespace(metrics={"trial_id": "t0", "AP": 4.0}, error=None,
+                             config={"row": "a", "seed": 0, "params": {"w": 0.5}}),
+             SimpleNamespace(metrics={}, error=error, config={"row": "b", "seed": 0, "params": {"w": 2.0}})]
+
+    class Grid(list):
+        def get_dataframe(self):
+            return reported
+
+    frame = trial_frame(Grid(items))
+    assert list(frame["row"]) == ["a", "b"] and list(frame["status"]) == ["FINISHED", "FAILED"]
+    assert frame["error"][1] == ("kdsweep.orchestrate.runner.TrialFailure: non-finite loss at epoch 1 step 0 "
+                                 "(not retried)") and frame["error"][0] == ""
+    assert frame["params/w"][1] == 2.0 and frame["AP"][0] == 4.0 and math.isnan(frame["AP"][1])
