@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kdsweep.config import ExperimentConfig, from_dict, to_dict  # noqa: E402
+from kdsweep.config import ExperimentConfig, from_dict, teacher_experiment  # noqa: E402
 from kdsweep.data.coco import resolve_data  # noqa: E402
 
 
@@ -31,11 +31,11 @@ def run(workers: int, exp: ExperimentConfig, data: dict[str, str], storage: str)
 
     from kdsweep.train.worker import train_fn_per_worker
 
-    cfg = exp.teacher_train
+    run_exp = teacher_experiment(exp)  # a plain detector run
+    cfg = run_exp.train
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"experiment": to_dict(exp), "role": "teacher", "data": data, "teacher_state": None,
-                           "label": f"{workers} worker(s)"},
+        train_loop_config={"experiment": run_exp, "data": data, "teacher_state": None, "label": f"{workers} worker(s)"},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=f"scaling-{workers}", storage_path=storage),
@@ -44,7 +44,8 @@ def run(workers: int, exp: ExperimentConfig, data: dict[str, str], storage: str)
     if result.error is not None:
         raise SystemExit(f"bench_scaling: the {workers}-worker run failed: {result.error}")
     m = result.metrics
-    return {"rank0_img_s": m["train_images_per_s"], "total_img_s": m["train_images_per_s"] * m["world_size"],
+    # train_images_per_s is the whole run's rate (every worker's images)
+    return {"rank0_img_s": m["train_images_per_s"] / m["world_size"], "total_img_s": m["train_images_per_s"],
             "world": m["world_size"], "nodes": m["nodes"]}
 
 

@@ -24,33 +24,19 @@ import torch
 from torch import Tensor, nn
 
 from kdsweep.config import KDTermConfig, ModelConfig
-from kdsweep.train.distiller import Distiller
+from kdsweep.methods import build_term as build_kd_term
 from kdsweep.models.detectors import build_detector
+from kdsweep.train.distiller import Distiller
 
 NUM_CLASSES = 6
 SIZE = 192
+LEVELS = ("p3", "p4", "p5", "p6", "p7")
 
 
-class _MSE(nn.Module):
-    """Stand-in L2 term (used only when kdsweep.methods is not importable)."""
-
-    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        return torch.stack([((s - t) ** 2).mean() for s, t in zip(student, teacher)]).mean()
-
-
-def build_term(name: str, channels: int, num_levels: int) -> nn.Module | None:
-    """The ``name`` loss from kdsweep.methods, a local MSE for ``l2`` if that is missing, else None."""
+def build_term(name: str, student: nn.Module, teacher: nn.Module) -> nn.Module | None:
+    """The ``name`` KD term of the registry on every FPN level, or None (reported) if it cannot be built."""
     try:
-        from kdsweep.methods import build_loss
-    except ImportError:
-        if name == "l2":
-            print("kdsweep.methods not importable: using a local MSE stand-in for l2")
-            return _MSE()
-        print(f"kdsweep.methods not importable: skipping {name}")
-        return None
-    try:
-        cfg = KDTermConfig(name)
-        return build_loss(cfg, student_channels=channels, teacher_channels=channels, num_levels=num_levels)
+        return build_kd_term(KDTermConfig(name), name=name, levels=LEVELS, student=student, teacher=teacher)
     except Exception as exc:  # noqa: BLE001 - report and go on with the other losses
         print(f"skipping {name}: {type(exc).__name__}: {exc}")
         return None
@@ -109,7 +95,7 @@ def main() -> None:
     plain = Distiller(student)
     steps = {"plain": step_fn(plain.trainable, lambda: plain(images, targets))}
     for name in losses:
-        term = build_term(name, 64, 5)
+        term = build_term(name, student, teacher)
         if term is None:
             continue
         kd = Distiller(student, teacher, {name: (1.0, term)})

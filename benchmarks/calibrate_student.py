@@ -15,10 +15,10 @@ import torch
 
 from kdsweep.config import DataConfig, ModelConfig, TrainConfig
 from kdsweep.data.coco import CocoDetection, collate, resolve_data
-from kdsweep.train.distiller import Distiller
-from kdsweep.train.engine import evaluate, train_one_epoch, warmup_cosine
 from kdsweep.models.detectors import build_detector
-from kdsweep.train.worker import make_optimizer
+from kdsweep.train.distiller import Distiller
+from kdsweep.train.engine import evaluate, train_one_epoch
+from kdsweep.train.optim import Optimization, make_optimizer, warmup_cosine
 
 
 def main() -> None:
@@ -55,10 +55,10 @@ def main() -> None:
     optimizer = make_optimizer(params, TrainConfig(optimizer=args.optimizer, lr=args.lr))
     total = len(train_loader) * args.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, 30, args.schedule))
+    optimization = Optimization(optimizer, scheduler, params, grad_clip=10.0)
     start = time.time()
     for epoch in range(1, args.epochs + 1):
-        out = train_one_epoch(distiller, optimizer, scheduler, train_loader, device=torch.device("cpu"),
-                              epoch=epoch, params=params, grad_clip=10.0)
+        out = train_one_epoch(distiller, optimization, train_loader, device=torch.device("cpu"), epoch=epoch)
         stats = evaluate(distiller.student, val_loader, device=torch.device("cpu"), coco_gt=val_ds.coco_gt,
                          label_to_cat_id=val_ds.label_to_cat_id, image_ids=val_ds.image_ids)
         cells = " ".join(f"{k} {stats[k]:.1f}" for k in ("AP", "AP50", "AP_S", "AP_M", "AP_L"))

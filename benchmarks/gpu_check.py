@@ -175,7 +175,8 @@ def section_amp(device: torch.device, quick: bool) -> dict[str, Any]:
     from kdsweep.config import ExperimentConfig, KDTermConfig
     from kdsweep.train.distiller import build_distiller
     from kdsweep.train.engine import train_one_epoch
-    from kdsweep.methods import LOSSES
+    from kdsweep.methods import TERMS
+    from kdsweep.train.optim import Optimization
     from kdsweep.models.detectors import build_detector
 
     size, k = (96, 3) if quick else (320, 8)
@@ -195,7 +196,7 @@ def section_amp(device: torch.device, quick: bool) -> dict[str, Any]:
         "mimicdet_teacher": (model_cfg("mimicdet", "resnet18", 16 if quick else 64, size, **external),
                              model_cfg("fasterrcnn", "resnet18", 16 if quick else 64, size), KDTermConfig("mimicdet_teacher")),
     }
-    missing = sorted(set(LOSSES) - set(cases))
+    missing = sorted(set(TERMS) - set(cases))
     # float16 with a GradScaler on CUDA, as the paper preset trains; the CPU smoke version uses
     # bfloat16 (CPU float16 convolutions are emulated and slow; tests/test_amp.py runs the CPU
     # GradScaler path)
@@ -215,8 +216,8 @@ def section_amp(device: torch.device, quick: bool) -> dict[str, Any]:
         dtypes: set[str] = set()
         hooks = [t.register_forward_hook(lambda m, i, o: dtypes.update(
             str(v.dtype) for v in (o.values() if isinstance(o, dict) else [o]))) for t in distiller.trainable.terms.values()]
-        metrics = train_one_epoch(distiller, optimizer, scheduler, [batch] * (1 if quick else 3), device=device, epoch=1,
-                                  params=params, scaler=scaler, amp=True, amp_dtype=dtype, grad_clip=10.0)
+        optimization = Optimization(optimizer, scheduler, params, grad_clip=10.0, scaler=scaler, amp_dtype=dtype)
+        metrics = train_one_epoch(distiller, optimization, [batch] * (1 if quick else 3), device=device, epoch=1)
         for h in hooks:
             h.remove()
         finite = all(v == v and abs(v) != float("inf") for v in metrics.values())
@@ -272,6 +273,7 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, queue: An
 
     from kdsweep.train import collectives
     from kdsweep.train.engine import NonFiniteLossError, check_finite, train_one_epoch
+    from kdsweep.train.optim import Optimization
 
     torch.cuda.set_device(rank if backend == "nccl" else 0)
     device = torch.device("cuda", torch.cuda.current_device())
@@ -297,8 +299,8 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, queue: An
 
         toy = Toy()
         opt = torch.optim.SGD(toy.parameters(), lr=0.0)
-        metrics = train_one_epoch(toy, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0),
-                                  [([torch.zeros(3, 4, 4)], [{}])] * 2, device=device, epoch=1, params=[w])
+        optimization = Optimization(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0), [w])
+        metrics = train_one_epoch(toy, optimization, [([torch.zeros(3, 4, 4)], [{}])] * 2, device=device, epoch=1)
         out["loss_mean_ok"] = abs(metrics["loss/mse"] - (4.0 + 9.0) / 2) < 1e-5
         rows = torch.full((rank + 1, 7), float(rank), dtype=torch.float64, device=device)
         gathered = collectives.gather_rows(rows, dst=0)
@@ -339,24 +341,22 @@ def section_paper_step(device: torch.device, quick: bool, workdir: Path) -> dict
     """The paper preset's step: R50 student, R101 teacher, SSIM + adapters, 800x1333, AMP."""
     from torch.utils.data import DataLoader
 
-    from kdsweep.config import ExperimentConfig, KDTermConfig, TrainConfig
+    from kdsweep.config import ExperimentConfig, KDTermConfig, TrainConfig, teacher_experiment
     from kdsweep.data.coco import CocoDetection, collate
-    from kdsweep.train.engine import train_one_epoch, warmup_cosine
-    from kdsweep.train.worker import amp_settings, build_model, make_optimizer
+    from kdsweep.train.engine import train_one_epoch
+    from kdsweep.train.model import build_model
+    from kdsweep.train.optim import build_optimization
 
     size, height, width = (128, 96, 128) if quick else (800, 480, 640)
     classes, batch, steps = 80, 2, (3 if quick else 20)
     student = model_cfg("retinanet", "resnet18" if quick else "resnet50", 32 if quick else 256, size)
     teacher = model_cfg("retinanet", "resnet34" if quick else "resnet101", 32 if quick else 256, size)
     exp = ExperimentConfig(student=student, teacher=teacher, kd=(KDTermConfig("ssim", weight=3.0, adapter=True),))
-    train_cfg = TrainConfig(batch_size=batch, lr=0.01, amp=True)
+    train_cfg = TrainConfig(batch_size=batch, lr=0.01, amp=True, warmup_iters=0, lr_schedule="constant")
     torch.manual_seed(0)
-    teacher_state = build_model(exp, "teacher", classes).student.state_dict()
-    distiller = build_model(exp, "student", classes, teacher_state).to(device)
-    params = [p for p in distiller.trainable.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, train_cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(1000, 0, "constant"))
-    amp, amp_dtype, scaler = amp_settings(train_cfg, device)
+    teacher_state = build_model(teacher_experiment(exp), classes).student.state_dict()
+    distiller = build_model(exp, classes, teacher_state).to(device)
+    optimization = build_optimization(distiller.trainable, distiller.student, train_cfg, device, steps_per_epoch=1000)
     ann, images = write_coco(workdir / "coco", batch * (steps + 4), height, width, classes)
     dataset = CocoDetection(ann, images)
 
@@ -381,19 +381,17 @@ def section_paper_step(device: torch.device, quick: bool, workdir: Path) -> dict
                 yield item
 
     results: dict[str, Any] = {"resolution": f"{size}x{1333 if size >= 800 else size} (images {width}x{height})",
-                               "batch": batch, "amp": str(amp_dtype), "steps": steps}
+                               "batch": batch, "amp": str(optimization.amp_dtype), "steps": steps}
     for name, workers in (("trainer_loader", 0), ("loader_4_workers", 4)):
         loader = DataLoader(dataset, batch_size=batch, shuffle=False, collate_fn=collate, num_workers=workers,
                             pin_memory=device.type == "cuda", persistent_workers=False)
-        train_one_epoch(distiller, optimizer, scheduler, loader, device=device, epoch=1, params=params, scaler=scaler,
-                        amp=amp, amp_dtype=amp_dtype, max_iters=2)  # warm-up (cuDNN autotune, allocator)
+        train_one_epoch(distiller, optimization, loader, device=device, epoch=1, max_iters=2)  # warm-up (cuDNN, allocator)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         waiting = Waiting(loader)
         sync(device)
         start = time.perf_counter()
-        train_one_epoch(distiller, optimizer, scheduler, waiting, device=device, epoch=1, params=params, scaler=scaler,
-                        amp=amp, amp_dtype=amp_dtype, max_iters=steps)
+        train_one_epoch(distiller, optimization, waiting, device=device, epoch=1, max_iters=steps)
         sync(device)
         total = time.perf_counter() - start
         results[name] = {"ms_per_step": round(1000 * total / steps, 1), "data_wait_share": round(waiting.wait / total, 3),

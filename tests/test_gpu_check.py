@@ -24,9 +24,9 @@ def test_cpu_smoke_version_runs_every_section_it_can(tmp_path: Path) -> None:
     assert sections["collectives"]["skipped"].startswith("needs CUDA")
     assert summary["failed"] == [] and "no CUDA device" in summary["note"]
     amp = sections["amp"]["keys"]
-    from kdsweep.methods import LOSSES
+    from kdsweep.methods import TERMS
 
-    assert set(amp) == set(LOSSES)  # every registry key, each finite with float32 KD terms
+    assert set(amp) == set(TERMS)  # every registry key, each finite with float32 KD terms
     assert all(v["finite"] and v["kd_dtypes"] == ["torch.float32"] for v in amp.values())
     assert sections["ssim"]["max_abs_diff"] < 1e-4
     step = sections["paper_step"]
