@@ -1,4 +1,8 @@
-"""``kdsweep data synth|check|convert``: each returns an exit code, never a traceback for bad data."""
+"""``kdsweep data synth|check|convert``: each returns an exit code, never a traceback for bad data.
+
+The data modules are imported inside each command, deliberately: they bring torch and PIL, and
+``kdsweep --help`` builds this parser (see :mod:`kdsweep.cli`).
+"""
 
 from __future__ import annotations
 

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kdsweep import paths as kdsweep_paths
 from kdsweep.config import DataConfig
+from kdsweep.data.synthetic import ensure_synthetic
 
 MAX_LINES_PER_KIND = 20
 SMALL, MEDIUM = 32**2, 96**2
@@ -57,8 +59,6 @@ def resolve_data(cfg: DataConfig) -> DataPaths:
         else:
             paths = DataPaths(train, val, train.parent / "images", val.parent / "images")
     else:
-        from kdsweep.data.synthetic import ensure_synthetic
-
         root = ensure_synthetic(cfg)
         paths = DataPaths(root / "train.json", root / "val.json", root / "images", root / "images")
     for ann in (paths.train_ann, paths.val_ann):
@@ -252,13 +252,11 @@ def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *,
 
 def _validation_stamp(ann_path: Path, images_dir: str | Path | None) -> Path:
     """Marker file of a successful validation of this annotation file version and image folder."""
-    from kdsweep import paths
-
     ann = ann_path.resolve()
     stat = ann.stat()
     folder = Path(images_dir).resolve() if images_dir else ann.parent / "images"
     key = hashlib.sha256(f"{ann}|{stat.st_size}|{stat.st_mtime_ns}|{folder}".encode()).hexdigest()[:20]
-    return paths.home() / "validated" / f"{key}.json"
+    return kdsweep_paths.home() / "validated" / f"{key}.json"
 
 
 def load_validated(ann_path: str | Path, images_dir: str | Path | None = None, *, use_cache: bool = True) -> ValidationReport:

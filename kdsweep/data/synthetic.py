@@ -47,15 +47,13 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from kdsweep import paths
-
-if TYPE_CHECKING:
-    from kdsweep.config import DataConfig
+from kdsweep.config import DataConfig
 
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring")
 TEXTURES = ("solid", "stripes", "checker", "noise")

@@ -31,6 +31,7 @@ Conventions:
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from dataclasses import dataclass
@@ -392,8 +393,8 @@ def _mimicdet(cfg: ModelConfig, classes: int) -> nn.Module:
     its builder. Weights: None, the backbone's ImageNet weights (``torchvision:ResNet50_Weights...``;
     the paper trains from them: FrozenBatchNorm2d, ``trainable_backbone_layers`` trainable stages),
     or a local checkpoint of this architecture."""
-    import inspect
-
+    # Deliberately lazy: importing kdsweep.methods.mimicdet runs kdsweep.methods (the registry),
+    # whose terms import this module's level names; a top-level import here would be circular.
     from kdsweep.methods.mimicdet.model import MimicDet, build_mimicdet
 
     if not cfg.backbone.startswith("resnet"):
