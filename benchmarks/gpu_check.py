@@ -21,6 +21,9 @@ Sections (``--only a,b``):
   FPN level with adapters, 800x1333, batch 2, AMP: ms per step, the share of it spent waiting
   for data (the trainer's loader, and one with 4 worker processes), peak GPU memory.
 * ``evaluate``: ``evaluate`` over a few hundred synthetic images on the device, images/s.
+* ``throughput``: the ablation table's params / img/s / speed-up columns as a GPU ablation
+  measures them (``row_throughput(..., device="cuda")``, inside the Ray task that holds a GPU):
+  the ``paper`` student and teacher, measured interleaved.
 
 Usage::
 
@@ -430,8 +433,25 @@ def section_evaluate(device: torch.device, quick: bool, workdir: Path) -> dict[s
             "eval_images": stats["eval_images"], "AP": stats["AP"], "ok": stats["eval_images"] == n}
 
 
+def section_throughput(device: torch.device, quick: bool) -> dict[str, Any]:
+    from kdsweep.config import ExperimentConfig, from_dict, merge
+    from kdsweep.presets import PRESETS
+    from kdsweep.report.throughput import row_throughput
+
+    experiment = PRESETS["paper"].experiment
+    if quick:  # the same code path at a size the CPU smoke version can afford
+        small = {"backbone": "resnet18", "fpn_channels": 32, "min_size": 128, "max_size": 128, "weights": None}
+        experiment = merge(experiment, {"student": small, "teacher": dict(small, backbone="resnet34", fpn_channels=64)})
+    rows = {"student": from_dict(ExperimentConfig, experiment)}
+    columns = row_throughput(rows, 80, with_teacher=True, quick=quick, device=device.type)
+    student, teacher = columns["student"], columns["teacher"]
+    return {"student_img_s": round(student["infer_img_s"], 1), "teacher_img_s": round(teacher["infer_img_s"], 1),
+            "speedup": round(student["infer_speedup"], 2), "student_params_M": round(student["params_M"], 2),
+            "ok": student["infer_img_s"] > 0 and teacher["infer_img_s"] > 0}
+
+
 # ---------------------------------------------------------------------------------- runner
-SECTIONS = ("amp", "ssim", "collectives", "paper_step", "evaluate")
+SECTIONS = ("amp", "ssim", "collectives", "paper_step", "evaluate", "throughput")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         "collectives": lambda: section_collectives(device, args.quick),
         "paper_step": lambda: section_paper_step(device, args.quick, workdir),
         "evaluate": lambda: section_evaluate(device, args.quick, workdir),
+        "throughput": lambda: section_throughput(device, args.quick),
     }
     for name in wanted:
         if name not in runners:

@@ -132,7 +132,8 @@ class TrainConfig:
     ``freeze_backbone``: fraction of training during which the student's backbone body gets no
     update (ScaleKD freezes it for the first 10k of 90k iterations, about 0.11).
     ``placement_strategy``: Ray Train's placement of a run's workers (``STRICT_SPREAD``: one
-    worker per node).
+    worker per node; ``auto``: ``STRICT_PACK`` when one node holds them all, else ``PACK``, see
+    :func:`kdsweep.orchestrate.scheduling.placement`).
     ``amp``: mixed precision; ``amp_dtype`` ``auto`` is float16 with a GradScaler on CUDA and
     bfloat16 on the CPU (``float16`` or ``bfloat16`` to choose; KD terms always compute in float32).
     """
@@ -159,9 +160,10 @@ class TrainConfig:
     placement_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD", "auto"):
             raise ConfigError(
-                f"train.placement_strategy '{self.placement_strategy}' is unknown; use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
+                f"train.placement_strategy '{self.placement_strategy}' is unknown; use PACK, SPREAD, STRICT_PACK, "
+                "STRICT_SPREAD or auto"
             )
         if self.amp_dtype not in ("auto", "float16", "bfloat16"):
             raise ConfigError(f"train.amp_dtype '{self.amp_dtype}' is unknown; use auto, float16 or bfloat16")

@@ -20,7 +20,7 @@ def test_cpu_smoke_version_runs_every_section_it_can(tmp_path: Path) -> None:
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = summary["sections"]
-    assert list(sections) == ["amp", "ssim", "collectives", "paper_step", "evaluate"]
+    assert list(sections) == ["amp", "ssim", "collectives", "paper_step", "evaluate", "throughput"]
     assert sections["collectives"]["skipped"].startswith("needs CUDA")
     assert summary["failed"] == [] and "no CUDA device" in summary["note"]
     amp = sections["amp"]["keys"]
@@ -32,3 +32,4 @@ def test_cpu_smoke_version_runs_every_section_it_can(tmp_path: Path) -> None:
     step = sections["paper_step"]
     assert step["trainer_loader"]["ms_per_step"] > 0 and 0 <= step["trainer_loader"]["data_wait_share"] < 1
     assert sections["evaluate"]["eval_images"] == sections["evaluate"]["images"]
+    assert sections["throughput"]["ok"] and sections["throughput"]["student_params_M"] == pytest.approx(11.55, abs=0.01)

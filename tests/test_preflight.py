@@ -135,7 +135,7 @@ def test_dry_run_of_each_ablation_launcher(name: str, no_services: Path, capsys:
     space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
     assert run_ablation(space.source, ["--preset", "paper", "--dry-run", "--seeds", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"{space.source} [paper]: valid; {2 * len(space.labels)} trial(s): {len(space.labels)} row(s) x 2 seed(s), 1 at once"
+    assert out[0] == f"{space.source} [paper]: valid; {2 * len(space.labels)} trial(s): {len(space.labels)} row(s) x 2 seed(s), as many at once as the cluster holds (auto)"
     assert out[1].startswith("  data: synthetic")
     assert [line.split(":")[0].strip() for line in out[2:]] == space.labels  # one line per row
     assert not (no_services / "mlflow").exists() and not (no_services / "ray_results").exists()

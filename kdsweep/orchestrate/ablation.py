@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import ray
+
 from kdsweep.config import ConfigError
 from kdsweep.data.coco import DataError
 from kdsweep.orchestrate.launch import (
@@ -31,7 +33,7 @@ from kdsweep.orchestrate.teacher import acquire_teachers
 from kdsweep.orchestrate.trials import tune_param_space
 from kdsweep.report.plots import plot_ablation
 from kdsweep.report.tables import ablation_table, to_markdown, trial_frame, write_parquet
-from kdsweep.report.throughput import row_throughput
+from kdsweep.report.throughput import row_throughput, throughput_device, val_classes
 from kdsweep.report.tracking import write_temp
 
 __all__ = ["run_ablation"]
@@ -50,7 +52,7 @@ def run_ablation(default_space: str | Path, argv: Sequence[str] | None = None, p
             rows = len(prepared.space.labels)
             print_dry_run(prepared, f"{prepared.source} [{prepared.preset.name}]: valid; {rows * seeds} trial(s): "
                                     f"{rows} row(s) x {seeds} seed(s), "
-                                    f"{args.max_concurrent or prepared.preset.max_concurrent_trials} at once")
+                                    f"{prepared.concurrency(args.max_concurrent)[1]}")
             return 0
         prepared = prepare(args)
         seeds = list(range(args.seeds or prepared.preset.seeds))
@@ -63,9 +65,27 @@ def run_ablation(default_space: str | Path, argv: Sequence[str] | None = None, p
     return run_guarded(session, lambda: _body(args, prepared, session, seeds))
 
 
+def _throughput(prepared: Prepared, session: Session, with_teacher: bool) -> dict[str, dict[str, float]]:
+    """The params / img/s / speed-up columns, measured where the trials trained: on this machine's
+    CPU for CPU trials, inside a Ray task holding one GPU for GPU trials, or left out (with the
+    reason printed and tagged on the parent run) when no GPU is there to measure on."""
+    device, why = throughput_device(prepared.rows, ray.cluster_resources())
+    session.tracker.client.set_tag(session.parent, "kdsweep.throughput", why)
+    quick = prepared.preset.name == "smoke"
+    classes = val_classes(prepared.data)
+    if device is None:
+        print(f"kdsweep: throughput columns {why}", flush=True)
+        return {}
+    if device == "cpu":
+        return row_throughput(prepared.rows, classes, with_teacher, quick=quick)
+    measure = ray.remote(num_gpus=1)(row_throughput)
+    return ray.get(measure.remote(prepared.rows, classes, with_teacher, quick=quick, device=device))
+
+
 def _body(args: argparse.Namespace, prepared: Prepared, session: Session, seeds: list[int]) -> int:
-    max_concurrent = args.max_concurrent or prepared.preset.max_concurrent_trials
     init_ray(args.ray_address)
+    max_concurrent, why = prepared.concurrency(args.max_concurrent, ray.cluster_resources())
+    print(f"kdsweep: {why}", flush=True)
     teachers = acquire_teachers(session, prepared, max_concurrent)
     print(f"kdsweep: running {len(prepared.space.labels)} rows x {len(seeds)} seeds", flush=True)
     results = run_students(session, prepared, teachers, tune_param_space(prepared.space, seeds),
@@ -75,8 +95,7 @@ def _body(args: argparse.Namespace, prepared: Prepared, session: Session, seeds:
     if not args.no_throughput:
         print("kdsweep: measuring inference throughput of each row's student (and the teacher)", flush=True)
         try:
-            extra = row_throughput(prepared.rows, prepared.data, with_teacher=bool(teachers.records),
-                                   quick=prepared.preset.name == "smoke")
+            extra = _throughput(prepared, session, with_teacher=bool(teachers.records))
         except Exception as exc:  # noqa: BLE001 - an extra column must not cost the finished trials
             print(f"kdsweep: warning: throughput not measured ({type(exc).__name__}: {exc}); the table goes on without it",
                   file=sys.stderr, flush=True)

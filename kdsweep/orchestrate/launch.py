@@ -27,6 +27,7 @@ from kdsweep import paths
 from kdsweep.config import ConfigError, ExperimentConfig, merge, to_dict
 from kdsweep.data.coco import load_validated, resolve_data
 from kdsweep.orchestrate.preflight import RowModels, dataset_classes, describe_row, preflight
+from kdsweep.orchestrate.scheduling import max_concurrent, parse_concurrency, scale_lr
 from kdsweep.orchestrate.space import Sampler, SearchSpace, load_space
 from kdsweep.orchestrate.trials import row_configs, trial_config, variants
 from kdsweep.presets import PRESETS, Preset, get_preset
@@ -48,12 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", help="image folder of --train-ann/--val-ann")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (http://..., sqlite:///...); default: embedded SQLite under KDSWEEP_HOME")
     parser.add_argument("--experiment", help="MLflow experiment name (default: kdsweep-<space name>)")
-    parser.add_argument("--num-workers", type=int, help="Ray Train workers per trial")
+    parser.add_argument("--num-workers", type=int,
+                        help="Ray Train workers per trial; the learning rate follows the global batch (linear scaling rule)")
     parser.add_argument("--use-gpu", action="store_true", help="train on GPUs (NCCL, AMP)")
-    parser.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
-                        help="where a run's workers go (STRICT_SPREAD: one per node); default PACK")
+    parser.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD", "auto"],
+                        help="where a run's workers go (STRICT_SPREAD: one per node; auto: STRICT_PACK when one node "
+                             "holds them all, else PACK); default: the preset's")
     parser.add_argument("--seeds", type=int, help="seeds per row (default: the preset's)")
-    parser.add_argument("--max-concurrent", type=int, help="trials running at once (default: the preset's)")
+    parser.add_argument("--max-concurrent", help="trials running at once, or auto: as many as the cluster holds "
+                                                 "(default: the preset's; auto for the GPU presets)")
     parser.add_argument("--storage-path", help="Ray storage path (default: KDSWEEP_HOME/ray_results; use shared storage on a cluster)")
     parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--rows", help="comma-separated subset of row labels to run")
@@ -70,10 +74,11 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Experiment overrides from command-line options."""
     over: dict[str, Any] = {}
     train: dict[str, Any] = {}
-    for option in ("num_workers", "seeds", "max_concurrent"):  # 0 is a bad value, not "not given"
+    for option in ("num_workers", "seeds"):  # 0 is a bad value, not "not given"
         value = getattr(args, option, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{option.replace('_', '-')} {value} must be >= 1")
+    parse_concurrency(getattr(args, "max_concurrent", None))
     if args.num_workers:
         train["num_workers"] = args.num_workers
     if args.use_gpu:
@@ -112,6 +117,17 @@ class Prepared:
     rows: dict[str, ExperimentConfig]  # row label -> its typed config (validated)
     models: list[RowModels]  # every configuration's teacher and student, as the preflight built them
     data: dict[str, str]  # the resolved, validated data paths ({} when not checked)
+    notes: tuple[str, ...] = ()  # what the launch changed and why (the learning rate under --num-workers)
+
+    def concurrency(self, given: str | int | None, cluster: Mapping[str, float] | None = None) -> tuple[int | str, str]:
+        """Trials at once: ``given`` (``--max-concurrent``) or the preset's, ``auto`` resolved
+        against ``cluster`` (``ray.cluster_resources()``; None leaves ``auto`` as it is, for
+        ``--dry-run``). Returns ``(value, the line saying why)``."""
+        value = parse_concurrency(given) or self.preset.max_concurrent_trials
+        if cluster is None:
+            return value, "as many at once as the cluster holds (auto)" if value == "auto" else f"{value} at once"
+        exps = list(self.rows.values())
+        return max_concurrent(value, [e.train for e in exps] + [e.teacher_train for e in exps if e.kd], cluster)
 
     @property
     def source(self) -> str:
@@ -132,6 +148,14 @@ def prepare(args: argparse.Namespace, with_data: bool = True) -> Prepared:
     if args.rows:
         space = space.with_rows([r.strip() for r in args.rows.split(",") if r.strip()])
     rows = row_configs(space, merge(preset.experiment, cli_overrides(args)))
+    notes: list[str] = []
+    if args.num_workers:  # the linear scaling rule, against the same rows without --num-workers
+        bases = row_configs(space, merge(preset.experiment, cli_overrides(argparse.Namespace(**{**vars(args), "num_workers": None}))))
+        for label in rows:
+            rows[label], changed = scale_lr(rows[label], bases[label])
+            notes.extend(f"row '{label}': {line}" for line in changed)
+        for line in dict.fromkeys(line.split(": ", 1)[1] for line in notes):
+            print(f"kdsweep: --num-workers {args.num_workers}: {line}", flush=True)
     configs = variants(space, rows)
     models = preflight(configs, dataset_classes(configs[0][1]), space.source)
     data: dict[str, str] = {}
@@ -140,7 +164,7 @@ def prepare(args: argparse.Namespace, with_data: bool = True) -> Prepared:
         for ann, images in ((data_paths.train_ann, data_paths.train_images), (data_paths.val_ann, data_paths.val_images)):
             load_validated(ann, images)
         data = {k: str(v) for k, v in data_paths.__dict__.items()}
-    return Prepared(preset, space, rows, models, data)
+    return Prepared(preset, space, rows, models, data, tuple(notes))
 
 
 def data_note(prepared: Prepared) -> str:
@@ -212,6 +236,8 @@ def open_session(args: argparse.Namespace, prepared: Prepared, *, role: str, tit
         tracker.client.set_tag(parent, TAG_TUNE, tune_name)
         tracker.log_params(parent, params)
         tracker.log_text(parent, Path(space.source).read_text(), "search_space.yaml")
+        if prepared.notes:
+            tracker.log_text(parent, "\n".join(prepared.notes) + "\n", "launch_notes.txt")
         session = Session(tracker, parent, tune_name, False, storage_path(args))
     experiment = tracker.client.get_experiment(tracker.experiment_id).name
     print(f"kdsweep: MLflow {uri} experiment '{experiment}' parent run {session.parent}", flush=True)

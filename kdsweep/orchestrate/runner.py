@@ -40,6 +40,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from kdsweep.config import ExperimentConfig
 from kdsweep.orchestrate.space import Sampler
+from kdsweep.orchestrate.scheduling import placement
 from kdsweep.orchestrate.trials import trial_config
 from kdsweep.report.tracking import summarize_error
 from kdsweep.train.worker import train_fn_per_worker
@@ -129,13 +130,14 @@ def train_driver_fn(config: dict[str, Any], plan: RunPlan) -> None:
     label = f"{config['row']} s{config.get('seed', train_cfg.seed)}"
     restarts = 0
     while True:
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]  # again after a lost node
         trainer = TorchTrainer(
             train_fn_per_worker,
             train_loop_config={"experiment": exp, "data": dict(plan.data), "teacher_state": plan.teachers.get(config["row"]),
                                "label": label},
             torch_config=TorchConfig(backend=None),
             scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-                                         resources_per_worker=resources, placement_strategy=train_cfg.placement_strategy),
+                                         resources_per_worker=resources, placement_strategy=placement(train_cfg, nodes)),
             run_config=RunConfig(
                 name=f"train-{trial_id}",
                 storage_path=plan.storage_path,

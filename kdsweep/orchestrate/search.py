@@ -15,6 +15,7 @@ each row's models and what is searched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 import optuna
 import pandas as pd
+import ray
 import yaml
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -42,6 +44,7 @@ from kdsweep.orchestrate.launch import (
     run_guarded,
 )
 from kdsweep.orchestrate.runner import init_ray
+from kdsweep.orchestrate.scheduling import parse_concurrency
 from kdsweep.orchestrate.space import SearchSpace
 from kdsweep.orchestrate.students import run_students
 from kdsweep.orchestrate.teacher import acquire_teachers
@@ -60,13 +63,14 @@ class SearchPlan:
     algorithm: str = "random"
     scheduler: str = "fifo"
     num_samples: int = 1
-    max_concurrent: int = 2
+    max_concurrent: int | str = 2  # or "auto", resolved once Ray is up (Prepared.concurrency)
     grace_period: int = 1
     reduction_factor: int = 2
     seed: int = 0
 
 
-def make_plan(space: SearchSpace, num_samples: int | None, max_concurrent: int | None, preset_concurrent: int) -> SearchPlan:
+def make_plan(space: SearchSpace, num_samples: int | None, max_concurrent: int | str | None,
+              preset_concurrent: int | str) -> SearchPlan:
     """The :class:`SearchPlan` of ``space`` with command-line overrides."""
     s = space.search
     if num_samples is not None and num_samples < 1:
@@ -75,7 +79,7 @@ def make_plan(space: SearchSpace, num_samples: int | None, max_concurrent: int |
         algorithm=s.get("algorithm", "random"),
         scheduler=s.get("scheduler", "fifo"),
         num_samples=num_samples or s.get("num_samples", 1),
-        max_concurrent=max_concurrent or s.get("max_concurrent_trials", preset_concurrent),
+        max_concurrent=parse_concurrency(max_concurrent) or s.get("max_concurrent_trials", preset_concurrent),
         grace_period=s.get("grace_period", 1),
         reduction_factor=s.get("reduction_factor", 2),
         seed=s.get("seed", 0),
@@ -143,7 +147,7 @@ def run_sweep(argv: Sequence[str] | None = None, prog: str | None = None, defaul
         if args.dry_run:
             print_dry_run(prepared, f"{prepared.source}: valid. {count} trial(s): {len(prepared.space.labels)} row(s) x "
                                     f"{len(seeds)} seed(s) x {plan.num_samples} sample(s); algorithm {plan.algorithm}, "
-                                    f"scheduler {plan.scheduler}, {plan.max_concurrent} at once, preset {prepared.preset.name}")
+                                    f"scheduler {plan.scheduler}, {prepared.concurrency(plan.max_concurrent)[1]}, preset {prepared.preset.name}")
             for path, sampler in prepared.space.space.items():
                 print(_describe_sampler(path, sampler, plan))
             return 0
@@ -165,6 +169,9 @@ def _body(args: argparse.Namespace, prepared: Prepared, session: Session, plan: 
     space = prepared.space
     metric, mode = space.metric, space.mode
     init_ray(args.ray_address)
+    concurrent, why = prepared.concurrency(plan.max_concurrent, ray.cluster_resources())
+    plan = dataclasses.replace(plan, max_concurrent=concurrent)
+    print(f"kdsweep: {why}", flush=True)
     teachers = acquire_teachers(session, prepared, plan.max_concurrent)
 
     def run_name(config: dict[str, Any]) -> str:

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from kdsweep.config import ExperimentConfig, ModelConfig, config_hash, to_dict
 from kdsweep.models.detectors import build_detector
 
-__all__ = ["count_params", "count_inference_params", "measure_inference", "measure_configs"]
+__all__ = ["count_params", "count_inference_params", "measure_configs", "measure_inference", "row_throughput",
+           "throughput_device", "val_classes"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -206,6 +207,7 @@ def measure_configs(
     threads: int | None = None,
     rounds: int = 3,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> dict[str, dict[str, Any]]:
     """Build each config once and measure all of them interleaved.
 
@@ -222,6 +224,7 @@ def measure_configs(
         size: image side or ``(H, W)`` for every config; None: each config's own ``min_size``
             (square images), so a half-resolution student is measured at its resolution.
         batch, warmup, iters, threads: as :func:`measure_inference`; rounds: >= 1.
+        device: where the models run (``cuda``: timed with ``torch.cuda.synchronize``).
     Returns:
         name -> ``{"images_per_s", "ms_per_image", "params", "inference_params"}``.
     """
@@ -233,7 +236,7 @@ def measure_configs(
     params: dict[str, tuple[int, int]] = {}
     torch.manual_seed(seed)
     for name, cfg in configs.items():
-        model = build_detector(cfg, num_classes).eval()
+        model = build_detector(cfg, num_classes).eval().to(device)
         hw = _size_hw(size) if size is not None else (cfg.min_size, cfg.min_size)
         models[name] = model
         images[name] = _images(model, hw, batch, seed)
@@ -250,13 +253,30 @@ def measure_configs(
     return {name: _result(statistics.median(times[name]), *params[name]) for name in models}
 
 
-def row_throughput(rows: Mapping[str, ExperimentConfig], data: Mapping[str, str], with_teacher: bool,
-                   quick: bool = False) -> dict[str, dict[str, float]]:
+def val_classes(data: Mapping[str, str]) -> int:
+    """Object classes of the validation annotations (at least 1)."""
+    return len(json.loads(Path(data["val_ann"]).read_text()).get("categories", [])) or 1
+
+
+def throughput_device(rows: Mapping[str, ExperimentConfig], cluster: Mapping[str, float]) -> tuple[str | None, str]:
+    """Where the throughput columns are measured: on the CPU for CPU trials, on a GPU for trials
+    that train on GPUs (never CPU images/s for a GPU run), or nowhere when those trials find no
+    GPU in ``cluster`` (``ray.cluster_resources()``). Returns ``(device or None, why)``."""
+    if not any(exp.train.use_gpu for exp in rows.values()):
+        return "cpu", "measured on this machine's CPU, as the trials trained"
+    if float(cluster.get("GPU", 0.0)) >= 1:
+        return "cuda", "measured on one GPU of the cluster, as the trials trained"
+    return None, ("left out: the trials train on GPUs and the cluster has no GPU to measure on "
+                  "(CPU images/s would not describe them)")
+
+
+def row_throughput(rows: Mapping[str, ExperimentConfig], num_classes: int, with_teacher: bool,
+                   quick: bool = False, device: str = "cpu") -> dict[str, dict[str, float]]:
     """The throughput columns of an ablation table, per row label (and ``teacher``): ``params_M``
-    (inference parameters, millions), ``infer_img_s`` (CPU images/s of this machine, the models
+    (inference parameters, millions), ``infer_img_s`` (images/s on ``device``, the models
     measured interleaved by :func:`measure_configs`) and ``infer_speedup`` (vs the teacher). Rows
     with the same student config share one measurement; ``quick``: a short measurement."""
-    classes = len(json.loads(Path(data["val_ann"]).read_text()).get("categories", [])) or 1
+    classes = num_classes
     unique: dict[str, Any] = {}
     label_key: dict[str, str] = {}
     for label, exp in rows.items():
@@ -267,7 +287,7 @@ def row_throughput(rows: Mapping[str, ExperimentConfig], data: Mapping[str, str]
         if with_teacher and "teacher" not in unique:
             unique["teacher"] = dataclasses.replace(exp.teacher, weights=None)
     settings = {"batch": 2, "iters": 2, "rounds": 1} if quick else {"batch": 4, "iters": 5, "rounds": 3}
-    measured = measure_configs(unique, classes, **settings)
+    measured = measure_configs(unique, classes, device=device, **settings)
     out: dict[str, dict[str, float]] = {}
     teacher_rate = measured["teacher"]["images_per_s"] if "teacher" in measured else None
     for label, key in [*label_key.items(), *((("teacher", "teacher"),) if "teacher" in measured else ())]:

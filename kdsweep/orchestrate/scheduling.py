@@ -1,0 +1,109 @@
+"""How trials share a cluster: how many run at once, where a trial's workers go, and the learning
+rate when the number of workers changes the global batch.
+
+Each rule is a pure function of the configs and of the cluster's resources as Ray reports them
+(``ray.cluster_resources()``, ``ray.nodes()``), so it is tested without a cluster; the launchers
+and the Tune trial driver call them with the live figures.
+
+* **Concurrency** (:func:`max_concurrent`): ``auto`` runs as many trials at once as the cluster
+  holds, the cluster's GPUs divided by the GPUs one trial takes (its workers), or its CPUs divided
+  by a trial's CPUs for CPU runs. It is the default of the GPU presets.
+* **Placement** (:func:`placement`): ``auto`` packs a trial's workers onto one node
+  (``STRICT_PACK``) when one node holds them all, so that NCCL's all-reduce stays inside the node
+  (NVLink/PCIe rather than the network); otherwise ``PACK`` (as few nodes as Ray can).
+* **Linear scaling rule** (:func:`scale_lr`; Goyal et al. 2017, "Accurate, Large Minibatch SGD",
+  §2.1: "when the minibatch size is multiplied by k, multiply the learning rate by k"): when
+  ``--num-workers`` changes a run's global batch (workers x batch per worker), its learning rate
+  follows: ``lr = base_lr * global_batch / base_global_batch``. The base is the preset's (and the
+  row's) own setting: the ``paper`` presets give 8 workers x 2 images = 16 at lr 0.01, mmdetection's
+  RetinaNet 1x. Warm-up iterations are left as they are, and a learning rate that a search
+  samples (``space: {train.lr: ...}``) is taken as sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kdsweep.config import ConfigError, ExperimentConfig, TrainConfig
+
+__all__ = ["AUTO", "max_concurrent", "parse_concurrency", "placement", "scale_lr", "trial_resources"]
+
+AUTO = "auto"
+
+
+def parse_concurrency(value: str | int | None, where: str = "--max-concurrent") -> int | str | None:
+    """``auto`` or an integer >= 1 (None: not given)."""
+    if value is None or value == AUTO:
+        return value
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} '{value}' is not a number; use an integer >= 1 or auto") from None
+    if number < 1:
+        raise ConfigError(f"{where} {number} must be >= 1 (or auto)")
+    return number
+
+
+def trial_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What one trial of ``cfg`` asks of the cluster: its workers' CPUs and GPUs together."""
+    out = {"CPU": cfg.num_workers * cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        out["GPU"] = float(cfg.num_workers)
+    return out
+
+
+def max_concurrent(value: int | str, configs: Iterable[TrainConfig], cluster: Mapping[str, float]) -> tuple[int, str]:
+    """Trials at once: ``value`` itself when it is a number; for ``auto``, the number of the
+    largest trial among ``configs`` that ``cluster`` (``ray.cluster_resources()``) holds at once,
+    at least 1. Returns ``(count, one line saying how it was chosen)``.
+
+    GPU trials are counted by GPUs (a GPU node's CPUs are sized for its GPUs), CPU trials by CPUs.
+    """
+    if value != AUTO:
+        return int(value), f"{value} trial(s) at once"
+    cfgs = list(configs)
+    if any(c.use_gpu for c in cfgs):
+        per_trial = max(trial_resources(c).get("GPU", 0.0) for c in cfgs)
+        have = float(cluster.get("GPU", 0.0))
+        count = max(1, int(have // per_trial)) if per_trial else 1
+        why = (f"{have:g} GPU(s) in the cluster, {per_trial:g} per trial" if have else
+               "no GPU in the cluster yet (autoscaling?), so 1")
+        return count, f"--max-concurrent auto: {count} trial(s) at once ({why})"
+    per_trial = max(trial_resources(c)["CPU"] for c in cfgs) if cfgs else 1.0
+    have = float(cluster.get("CPU", 0.0))
+    count = max(1, int(have // per_trial)) if per_trial else 1
+    return count, f"--max-concurrent auto: {count} trial(s) at once ({have:g} CPU(s) in the cluster, {per_trial:g} per trial)"
+
+
+def placement(cfg: TrainConfig, nodes: Iterable[Mapping[str, float]]) -> str:
+    """Ray Train's placement strategy for one run of ``cfg``: the configured one, or for ``auto``
+    ``STRICT_PACK`` when one of ``nodes`` (each alive node's total resources, ``ray.nodes()[i]
+    ["Resources"]``) holds every worker, else ``PACK``."""
+    if cfg.placement_strategy != AUTO:
+        return cfg.placement_strategy
+    need = trial_resources(cfg)
+    for node in nodes:
+        if all(float(node.get(key, 0.0)) >= amount for key, amount in need.items()):
+            return "STRICT_PACK"
+    return "PACK"
+
+
+def scale_lr(exp: ExperimentConfig, base: ExperimentConfig) -> tuple[ExperimentConfig, list[str]]:
+    """``exp`` with the linear scaling rule applied to ``train`` and ``teacher_train`` against
+    ``base`` (the same row before ``--num-workers``): ``lr * global_batch / base_global_batch``.
+    Returns the config and one line per section whose learning rate changed."""
+    changes: dict[str, Any] = {}
+    notes = []
+    for section in ("train", "teacher_train"):
+        cfg: TrainConfig = getattr(exp, section)
+        ref: TrainConfig = getattr(base, section)
+        global_batch, base_batch = cfg.num_workers * cfg.batch_size, ref.num_workers * ref.batch_size
+        if global_batch == base_batch:
+            continue
+        lr = ref.lr * global_batch / base_batch
+        changes[section] = dataclasses.replace(cfg, lr=lr)
+        notes.append(f"{section}: global batch {base_batch} -> {global_batch} "
+                     f"({cfg.num_workers} worker(s) x {cfg.batch_size}), lr {ref.lr:g} -> {lr:g} (linear scaling rule)")
+    return (dataclasses.replace(exp, **changes) if changes else exp), notes
