@@ -151,10 +151,12 @@ def prepare(args: argparse.Namespace, with_data: bool = True) -> Prepared:
     notes: list[str] = []
     if args.num_workers:  # the linear scaling rule, against the same rows without --num-workers
         bases = row_configs(space, merge(preset.experiment, cli_overrides(argparse.Namespace(**{**vars(args), "num_workers": None}))))
+        changes: dict[str, None] = {}  # each distinct change once, in row order
         for label in rows:
             rows[label], changed = scale_lr(rows[label], bases[label])
             notes.extend(f"row '{label}': {line}" for line in changed)
-        for line in dict.fromkeys(line.split(": ", 1)[1] for line in notes):
+            changes.update(dict.fromkeys(changed))
+        for line in changes:
             print(f"kdsweep: --num-workers {args.num_workers}: {line}", flush=True)
     configs = variants(space, rows)
     models = preflight(configs, dataset_classes(configs[0][1]), space.source)

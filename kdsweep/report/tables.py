@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -209,8 +208,3 @@ def sweep_markdown(table: pd.DataFrame, metric: str, mode: str, title: str) -> s
         cells.append(str(r["status"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def decode_json_choice(value: Any) -> Any:
-    """A structured choice as Tune holds it (a JSON string) -> the config value."""
-    return json.loads(value) if isinstance(value, str) else value

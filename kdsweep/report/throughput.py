@@ -276,7 +276,6 @@ def row_throughput(rows: Mapping[str, ExperimentConfig], num_classes: int, with_
     (inference parameters, millions), ``infer_img_s`` (images/s on ``device``, the models
     measured interleaved by :func:`measure_configs`) and ``infer_speedup`` (vs the teacher). Rows
     with the same student config share one measurement; ``quick``: a short measurement."""
-    classes = num_classes
     unique: dict[str, Any] = {}
     label_key: dict[str, str] = {}
     for label, exp in rows.items():
@@ -287,7 +286,7 @@ def row_throughput(rows: Mapping[str, ExperimentConfig], num_classes: int, with_
         if with_teacher and "teacher" not in unique:
             unique["teacher"] = dataclasses.replace(exp.teacher, weights=None)
     settings = {"batch": 2, "iters": 2, "rounds": 1} if quick else {"batch": 4, "iters": 5, "rounds": 3}
-    measured = measure_configs(unique, classes, device=device, **settings)
+    measured = measure_configs(unique, num_classes, device=device, **settings)
     out: dict[str, dict[str, float]] = {}
     teacher_rate = measured["teacher"]["images_per_s"] if "teacher" in measured else None
     for label, key in [*label_key.items(), *((("teacher", "teacher"),) if "teacher" in measured else ())]:
