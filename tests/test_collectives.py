@@ -210,12 +210,77 @@ def test_worker_collectives_run_on_two_ranks_under_the_guard():
     assert results[0]["eval"] == results[1]["eval"]
 
 
+# ------------------------------------------------------- gather_rows: rows reach dst only
+GATHER_COUNTS = (2, 0, 3)  # rows per rank, uneven, one rank with none
+GATHER_DST = 1  # not rank 0, so "dst" is not confused with "the first rank"
+
+
+def _rank_rows(rank: int, n: int, device: torch.device) -> torch.Tensor:
+    """``(n, 7)`` float64 rows whose every value names its rank and row: ``100 * rank + row``."""
+    ids = torch.arange(n, dtype=torch.float64, device=device) + 100.0 * rank
+    return ids.reshape(n, 1).expand(n, 7).contiguous()
+
+
+def _gather_paths(rank: int, world: int) -> dict:
+    device = torch.device("cpu")
+    out: dict = {}
+    rows = _rank_rows(rank, GATHER_COUNTS[rank], device)
+    for path in ("gather", "all_gather fallback"):
+        forced = {"all_gather fallback": lambda _device: False}.get(path)
+        native = collectives.gathers_on
+        if forced is not None:
+            collectives.gathers_on = forced  # this process only: as gloo does with CUDA tensors
+        try:
+            with guard() as seen:
+                got = collectives.gather_rows(rows, dst=GATHER_DST)
+                empty = collectives.gather_rows(rows[:0], dst=GATHER_DST)
+        finally:
+            collectives.gathers_on = native
+        out[path] = {"rows": None if got is None else got.tolist(), "dtype": None if got is None else str(got.dtype),
+                     "empty": None if empty is None else list(empty.shape), "seen": dict(seen)}
+    out["gathers_on"] = collectives.gathers_on(device)
+    try:  # checked before any collective, so every rank raises and none hangs
+        collectives.gather_rows(rows, dst=world)
+        out["bad_dst"] = "no error"
+    except ValueError as exc:
+        out["bad_dst"] = str(exc)
+    return out
+
+
+def test_gather_rows_lands_on_dst_only_in_rank_order_with_uneven_counts():
+    """Three gloo ranks with 2, 0 and 3 rows gather to rank 1: host tensors on gloo take the
+    ``dist.gather`` path (one all-gather of the counts, one gather of the rows), the forced
+    fallback the all-gather path; both give dst the rows in rank order and the others None,
+    under the guard (no host copies, no pickling). All counts 0: dst gets ``(0, 7)``, and no
+    rows collective runs. A dst outside the group is refused before any collective."""
+    results = _spawn(_gather_paths, "gloo", len(GATHER_COUNTS))
+    expected = [_rank_rows(r, n, torch.device("cpu")).tolist() for r, n in enumerate(GATHER_COUNTS)]
+    expected = [row for rows in expected for row in rows]
+    assert [row[0] for row in expected] == [0.0, 1.0, 200.0, 201.0, 202.0]
+    for rank, out in enumerate(results):
+        assert "error" not in out, out.get("trace")
+        assert out["gathers_on"] is True  # gloo gathers host tensors
+        gather, fallback = out["gather"], out["all_gather fallback"]
+        if rank == GATHER_DST:
+            for path in (gather, fallback):
+                assert path["rows"] == expected and path["dtype"] == "torch.float64"
+                assert path["empty"] == [0, 7]
+        else:
+            for path in (gather, fallback):
+                assert path["rows"] is None and path["empty"] is None
+        # counts: one all-gather per call (2 calls); rows: one gather (1 call: the empty one skips it)
+        assert gather["seen"] == {"all_gather": 2, "gather": 1}
+        assert fallback["seen"] == {"all_gather": 3}
+        assert "dst 3 is not a rank of this process group (0..2)" in out["bad_dst"]
+
+
 def test_single_process_collectives_are_identities():
     x = torch.tensor([1.0, 2.0])
     assert collectives.world_size() == 1 and collectives.rank() == 0
     assert collectives.all_true(torch.tensor(True)) and not collectives.all_true(torch.tensor([1, 0]))
     assert torch.equal(collectives.mean_over_workers(x), x)
     assert collectives.gather_rows(x.reshape(1, 2)) is not None
+    assert not collectives.gathers_on(torch.device("cpu"))  # no process group: nothing to gather with
     assert collectives.count_distinct("a", "cpu") == 1
     with pytest.raises(ValueError, match=r"\(n, D\)"):
         collectives.gather_rows(x)

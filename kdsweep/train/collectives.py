@@ -24,6 +24,7 @@ __all__ = [
     "broadcast_values",
     "count_distinct",
     "gather_rows",
+    "gathers_on",
     "is_distributed",
     "mean_over_workers",
     "rank",
@@ -67,33 +68,64 @@ def mean_over_workers(values: Tensor) -> Tensor:
     return out
 
 
+GATHER_BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
+"""Device type -> the backend whose ``dist.gather`` takes tensors of that type, as PyTorch's
+backend table lists it (NCCL: CUDA tensors; gloo: host tensors only). Any other pair (gloo with
+CUDA tensors, MPI, UCC, ...) falls back to an all-gather, which both NCCL and gloo run on CUDA."""
+
+
+def gathers_on(device: torch.device) -> bool:
+    """Whether the default process group can ``dist.gather`` tensors on ``device``: the backend it
+    maps to ``device.type`` (``dist.get_backend_config()``, e.g. ``"cuda:nccl"`` or
+    ``"cpu:gloo,cuda:gloo"``) is the one in :data:`GATHER_BACKENDS`. False without a process group."""
+    if not is_distributed():
+        return False
+    pairs = dict(pair.split(":", 1) for pair in dist.get_backend_config().lower().split(",") if ":" in pair)
+    return device.type in GATHER_BACKENDS and pairs.get(device.type) == GATHER_BACKENDS[device.type]
+
+
 def gather_rows(rows: Tensor, dst: int = 0) -> Tensor | None:
     """Concatenate every worker's ``rows`` (``(n_r, D)``, any ``n_r >= 0``, same ``D`` and dtype,
     on the training device) on worker ``dst``, in rank order; other workers get None.
 
-    Two all-gathers on the device: the row counts (int64), then the rows padded to the largest
-    count. An all-gather rather than a gather because gloo gathers only host tensors (NCCL and
-    gloo both all-gather device tensors); only ``dst`` concatenates and returns them, and
-    nothing is pickled.
+    Two collectives on the device, nothing pickled:
+
+    1. the row counts: an all-gather of one int64 per worker (every worker needs the largest
+       count to pad to it, and ``dst`` needs each count to cut the padding off);
+    2. the rows, padded to the largest count: a ``dist.gather`` to ``dst`` where the backend
+       gathers tensors of that device (NCCL for CUDA tensors, gloo for host tensors; see
+       :func:`gathers_on`), so only ``dst`` receives and holds ``world`` buckets. Otherwise
+       (e.g. gloo with CUDA tensors) an all-gather, after which the workers other than ``dst``
+       drop what they received.
+
+    When every count is 0 the second collective is skipped (on every worker alike).
 
     Shape:
-        - rows: ``(n_r, D)``; output on ``dst``: ``(sum_r n_r, D)``.
+        - rows: ``(n_r, D)``; output on ``dst``: ``(sum_r n_r, D)``, rank 0's rows first.
     """
     if rows.dim() != 2:
         raise ValueError(f"gather_rows: expected a (n, D) tensor, got shape {tuple(rows.shape)}")
     if not is_distributed():
         return rows
-    world = dist.get_world_size()
+    world, me = dist.get_world_size(), dist.get_rank()
+    if not 0 <= dst < world:
+        raise ValueError(f"gather_rows: dst {dst} is not a rank of this process group (0..{world - 1})")
     count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
     counts = [torch.empty_like(count) for _ in range(world)]
     dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]  # one host read of `world` scalars
+    sizes = torch.cat(counts).tolist()  # one host read of `world` scalars
     longest = max(sizes)
+    if longest == 0:
+        return rows.new_zeros((0, rows.shape[1])) if me == dst else None
     padded = rows.new_zeros((longest, rows.shape[1]))
     padded[: rows.shape[0]] = rows
-    buckets = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(buckets, padded)
-    if dist.get_rank() != dst:
+    if gathers_on(rows.device):
+        buckets = [torch.empty_like(padded) for _ in range(world)] if me == dst else None
+        dist.gather(padded, gather_list=buckets, dst=dst)
+    else:
+        buckets = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(buckets, padded)
+    if me != dst:
         return None
     return torch.cat([bucket[:n] for bucket, n in zip(buckets, sizes)])
 
