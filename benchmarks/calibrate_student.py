@@ -14,7 +14,8 @@ import time
 import torch
 
 from kdsweep.config import DataConfig, ModelConfig, TrainConfig
-from kdsweep.data.coco import CocoDetection, collate, resolve_data
+from kdsweep.data.coco import resolve_data
+from kdsweep.data.dataset import CocoDetection, collate
 from kdsweep.models.detectors import build_detector
 from kdsweep.train.distiller import Distiller
 from kdsweep.train.engine import evaluate, train_one_epoch

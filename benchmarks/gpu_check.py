@@ -38,6 +38,7 @@ not depend on the weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import json
 import os
@@ -66,20 +67,24 @@ class Skip(Exception):
 
 
 # ---------------------------------------------------------------------------------- wheels
+PACKAGES = {"pycocotools": "pycocotools", "pytorch_msssim": "pytorch-msssim", "faster_coco_eval": "faster-coco-eval"}
+"""Module -> wheel name of what the GPU image lacks (kdsweep.train.evaluation imports both COCO evaluators)."""
+
+
 def ensure_wheels() -> str:
-    """Import pycocotools and pytorch_msssim, installing them from ``benchmarks/wheels/`` into a
-    temporary folder on sys.path when missing (no network). Returns a note for the summary."""
+    """Import the :data:`PACKAGES`, installing them from ``benchmarks/wheels/`` into a temporary
+    folder on sys.path when missing (no network). Returns a note for the summary."""
     missing = []
-    for name in ("pycocotools", "pytorch_msssim"):
+    for name in PACKAGES:
         try:
             __import__(name)
         except ImportError:
             missing.append(name)
     if not missing:
-        return "pycocotools and pytorch_msssim importable"
+        return f"{', '.join(PACKAGES)} importable"
     target = Path(tempfile.gettempdir()) / "kdsweep-gpu-check-wheels"
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--find-links", str(WHEELS),
-           "--target", str(target), *("pytorch-msssim" if m == "pytorch_msssim" else m for m in missing)]
+           "--target", str(target), *(PACKAGES[m] for m in missing)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     sys.path.insert(0, str(target))
     still = [m for m in missing if not _importable(m)]
@@ -99,7 +104,7 @@ def _importable(name: str) -> bool:
 def fetch_wheels() -> int:
     """Download the wheels the GPU machine lacks (for its Python 3.12, manylinux x86_64)."""
     WHEELS.mkdir(parents=True, exist_ok=True)
-    for spec in ("pycocotools", "pytorch-msssim"):
+    for spec in PACKAGES.values():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
                "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64", "-d", str(WHEELS), spec]
         subprocess.run(cmd, check=True)
@@ -342,10 +347,8 @@ def section_collectives(device: torch.device, quick: bool) -> dict[str, Any]:
 
 def section_paper_step(device: torch.device, quick: bool, workdir: Path) -> dict[str, Any]:
     """The paper preset's step: R50 student, R101 teacher, SSIM + adapters, 800x1333, AMP."""
-    from torch.utils.data import DataLoader
-
     from kdsweep.config import ExperimentConfig, KDTermConfig, TrainConfig, teacher_experiment
-    from kdsweep.data.coco import CocoDetection, collate
+    from kdsweep.data.loader import build_loaders
     from kdsweep.train.engine import train_one_epoch
     from kdsweep.train.model import build_model
     from kdsweep.train.optim import build_optimization
@@ -355,18 +358,20 @@ def section_paper_step(device: torch.device, quick: bool, workdir: Path) -> dict
     student = model_cfg("retinanet", "resnet18" if quick else "resnet50", 32 if quick else 256, size)
     teacher = model_cfg("retinanet", "resnet34" if quick else "resnet101", 32 if quick else 256, size)
     exp = ExperimentConfig(student=student, teacher=teacher, kd=(KDTermConfig("ssim", weight=3.0, adapter=True),))
-    train_cfg = TrainConfig(batch_size=batch, lr=0.01, amp=True, warmup_iters=0, lr_schedule="constant")
+    # the paper preset's optimisation (no clipping, as mmdetection's RetinaNet 1x) and data pipeline
+    train_cfg = TrainConfig(batch_size=batch, lr=0.01, amp=True, warmup_iters=0, lr_schedule="constant", grad_clip=None,
+                            hflip=0.5, aspect_grouping=3)
     torch.manual_seed(0)
     teacher_state = build_model(teacher_experiment(exp), classes).student.state_dict()
     distiller = build_model(exp, classes, teacher_state).to(device)
     optimization = build_optimization(distiller.trainable, distiller.student, train_cfg, device, steps_per_epoch=1000)
     ann, images = write_coco(workdir / "coco", batch * (steps + 4), height, width, classes)
-    dataset = CocoDetection(ann, images)
+    data = {"train_ann": str(ann), "val_ann": str(ann), "train_images": str(images), "val_images": str(images)}
 
     class Waiting:
         """The loader, timing how long each batch keeps the training loop waiting."""
 
-        def __init__(self, loader: DataLoader) -> None:
+        def __init__(self, loader: Any) -> None:
             self.loader, self.wait = loader, 0.0
 
         def __len__(self) -> int:
@@ -385,9 +390,10 @@ def section_paper_step(device: torch.device, quick: bool, workdir: Path) -> dict
 
     results: dict[str, Any] = {"resolution": f"{size}x{1333 if size >= 800 else size} (images {width}x{height})",
                                "batch": batch, "amp": str(optimization.amp_dtype), "steps": steps}
-    for name, workers in (("trainer_loader", 0), ("loader_4_workers", 4)):
-        loader = DataLoader(dataset, batch_size=batch, shuffle=False, collate_fn=collate, num_workers=workers,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
+    # the training process decoding alone, then the paper's 3 loader processes per GPU (4 CPUs - 1)
+    # with pinned memory, uint8 batches, flips and aspect-ratio groups (kdsweep.data.loader)
+    for name, workers in (("trainer_loader", 0), ("paper_loader", 3)):
+        loader = build_loaders(data, exp, dataclasses.replace(train_cfg, loader_workers=workers), 0, 1, device).train
         train_one_epoch(distiller, optimization, loader, device=device, epoch=1, max_iters=2)  # warm-up (cuDNN, allocator)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -398,7 +404,7 @@ def section_paper_step(device: torch.device, quick: bool, workdir: Path) -> dict
         sync(device)
         total = time.perf_counter() - start
         results[name] = {"ms_per_step": round(1000 * total / steps, 1), "data_wait_share": round(waiting.wait / total, 3),
-                         "workers": workers}
+                         "workers": workers, "images_per_s": round(batch * steps / total, 1)}
     if device.type == "cuda":
         results["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     results["ok"] = True
@@ -407,12 +413,13 @@ def section_paper_step(device: torch.device, quick: bool, workdir: Path) -> dict
 
 def section_evaluate(device: torch.device, quick: bool, workdir: Path) -> dict[str, Any]:
     try:
+        import faster_coco_eval  # noqa: F401
         import pycocotools  # noqa: F401
     except ImportError as exc:
-        raise Skip(f"pycocotools missing ({exc}); put its wheel in benchmarks/wheels") from None
+        raise Skip(f"{exc.name} missing; put its wheel in benchmarks/wheels (--fetch-wheels)") from None
     from torch.utils.data import DataLoader
 
-    from kdsweep.data.coco import CocoDetection, collate
+    from kdsweep.data.dataset import CocoDetection, collate
     from kdsweep.train.engine import evaluate
     from kdsweep.models.detectors import build_detector
 
@@ -425,12 +432,19 @@ def section_evaluate(device: torch.device, quick: bool, workdir: Path) -> dict[s
     loader = DataLoader(dataset, batch_size=8, collate_fn=collate, num_workers=0 if quick else 4)
     sync(device)
     start = time.perf_counter()
+    # prediction under autocast, as a paper run evaluates (float16 on CUDA, bfloat16 on the CPU)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     stats = evaluate(model, loader, device=device, coco_gt=dataset.coco_gt, label_to_cat_id=dataset.label_to_cat_id,
-                     image_ids=dataset.image_ids)
+                     image_ids=dataset.image_ids, amp_dtype=amp_dtype)
     sync(device)
     seconds = time.perf_counter() - start
-    return {"images": n, "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 1),
-            "eval_images": stats["eval_images"], "AP": stats["AP"], "ok": stats["eval_images"] == n}
+    # the paper preset's evaluator on the same predictions' numbers: faster-coco-eval against the reference
+    fast = evaluate(model, loader, device=device, coco_gt=dataset.coco_gt, label_to_cat_id=dataset.label_to_cat_id,
+                    image_ids=dataset.image_ids, amp_dtype=amp_dtype, evaluator="faster-coco-eval")
+    gap = max(abs(stats[k] - fast[k]) for k in ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L"))
+    return {"images": n, "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 1), "amp": str(amp_dtype),
+            "eval_images": stats["eval_images"], "AP": stats["AP"], "faster_coco_eval_max_gap": gap,
+            "ok": stats["eval_images"] == n and gap <= 0.1}
 
 
 def section_throughput(device: torch.device, quick: bool) -> dict[str, Any]:

@@ -136,6 +136,22 @@ class TrainConfig:
     :func:`kdsweep.orchestrate.scheduling.placement`).
     ``amp``: mixed precision; ``amp_dtype`` ``auto`` is float16 with a GradScaler on CUDA and
     bfloat16 on the CPU (``float16`` or ``bfloat16`` to choose; KD terms always compute in float32).
+    ``grad_clip``: max total gradient norm, or None (mmdetection's RetinaNet 1x, the papers'
+    reference, has none: ``_base_/schedules/schedule_1x.py``, ``grad_clip=None``).
+
+    The data pipeline (:mod:`kdsweep.data.loader`):
+    ``hflip``: probability of a random horizontal flip of a training image and its boxes (0: off;
+    every paper trains with 0.5). Validation never flips.
+    ``aspect_grouping``: batches hold images of one aspect-ratio bin, torchvision's detection
+    references' ``create_aspect_ratio_groups(k)`` binning (``2 ** linspace(-1, 1, 2k + 1)``);
+    0 turns it off. Less padding per batch, the same number of steps.
+    ``loader_workers``: DataLoader worker processes per Ray Train worker; ``auto`` is the worker's
+    CPUs minus one (``floor(cpus_per_worker) - 1``, so 0 on the CPU presets).
+    ``eval_every``: COCO-evaluate every N epochs; the last epoch always is, and 0 evaluates the
+    last epoch only. A sweep whose scheduler or searcher reads AP at every report evaluates every
+    epoch whatever this says.
+    ``evaluator``: ``pycocotools`` (the reference) or ``faster-coco-eval`` (the same six numbers,
+    8x faster on 5,000 images: ``benchmarks/bench_eval.py``; :mod:`kdsweep.train.evaluation`).
     """
 
     epochs: int = 4
@@ -158,8 +174,23 @@ class TrainConfig:
     eval_batch_size: int = 8
     freeze_backbone: float = 0.0
     placement_strategy: str = "PACK"
+    hflip: float = 0.5
+    aspect_grouping: int = 3
+    loader_workers: int | str = "auto"
+    eval_every: int = 1
+    evaluator: str = "pycocotools"
 
     def __post_init__(self) -> None:
+        if self.evaluator not in ("pycocotools", "faster-coco-eval"):
+            raise ConfigError(f"train.evaluator '{self.evaluator}' is unknown; use pycocotools or faster-coco-eval")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ConfigError(f"train.hflip {self.hflip} is a probability; use a value in [0, 1] (0 turns flipping off)")
+        if self.aspect_grouping < 0:
+            raise ConfigError(f"train.aspect_grouping {self.aspect_grouping} must be >= 0 (0 turns grouping off)")
+        if self.loader_workers != "auto" and (not isinstance(self.loader_workers, int) or self.loader_workers < 0):
+            raise ConfigError(f"train.loader_workers {self.loader_workers!r} must be auto or an integer >= 0")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every {self.eval_every} must be >= 0 (0: the last epoch only)")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD", "auto"):
             raise ConfigError(
                 f"train.placement_strategy '{self.placement_strategy}' is unknown; use PACK, SPREAD, STRICT_PACK, "
@@ -305,6 +336,29 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
         else:
             out[key] = value
     return out
+
+
+HASH_NEUTRAL = {"TrainConfig": ("loader_workers", "eval_every", "evaluator")}
+"""Fields that never change what a run learns (how data is loaded, when it is evaluated): left out
+of :func:`run_hash`, so that a teacher trained with other values is reused."""
+
+LEGACY_VALUES = {"TrainConfig": {"hflip": 0.0, "aspect_grouping": 0}}
+"""Fields added after teachers were first stored, with the value that reproduces the earlier
+behaviour: at that value they are left out of :func:`run_hash`, so that stores of earlier versions
+keep their teachers."""
+
+
+def run_hash_dict(cfg: Any) -> dict[str, Any]:
+    """``to_dict(cfg)`` without the :data:`HASH_NEUTRAL` fields and the :data:`LEGACY_VALUES` at
+    their legacy value (``cfg`` a config dataclass)."""
+    data = to_dict(cfg)
+    name = type(cfg).__name__
+    for key in HASH_NEUTRAL.get(name, ()):
+        data.pop(key, None)
+    for key, legacy in LEGACY_VALUES.get(name, {}).items():
+        if data.get(key) == legacy:
+            data.pop(key)
+    return data
 
 
 def config_hash(cfg: Any) -> str:

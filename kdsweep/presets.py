@@ -25,7 +25,16 @@ class Preset:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_CPU_TRAIN = {"num_workers": 1, "cpus_per_worker": 0.9, "threads_per_worker": 1, "use_gpu": False}
+# The CPU presets train on square synthetic images without flips, as kdsweep always did there:
+# their tables and stored teachers (keyed by config hash) stay what they were. Aspect grouping
+# would be a no-op on square images anyway.
+_CPU_TRAIN = {"num_workers": 1, "cpus_per_worker": 0.9, "threads_per_worker": 1, "use_gpu": False,
+              "hflip": 0.0, "aspect_grouping": 0}
+
+_GPU_TRAIN = {"epochs": 12, "batch_size": 2, "lr": 0.01, "lr_schedule": "step", "warmup_iters": 500, "grad_clip": None,
+              "num_workers": 8, "use_gpu": True, "amp": True, "cpus_per_worker": 4, "threads_per_worker": 4,
+              "placement_strategy": "auto", "hflip": 0.5, "aspect_grouping": 3, "loader_workers": "auto", "eval_every": 0,
+              "evaluator": "faster-coco-eval"}
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
@@ -69,12 +78,13 @@ PRESETS: dict[str, Preset] = {
                         "weights": "torchvision:ResNet50_Weights.IMAGENET1K_V1", "trainable_backbone_layers": 3},
             # the base of the linear scaling rule: 8 workers x 2 images = 16 at lr 0.01 (mmdetection's
             # RetinaNet 1x); --num-workers scales lr with the global batch (kdsweep.orchestrate.scheduling)
-            "teacher_train": {"epochs": 12, "batch_size": 2, "lr": 0.01, "lr_schedule": "step", "warmup_iters": 500,
-                              "num_workers": 8, "use_gpu": True, "amp": True, "cpus_per_worker": 4, "threads_per_worker": 4,
-                              "placement_strategy": "auto"},
-            "train": {"epochs": 12, "batch_size": 2, "lr": 0.01, "lr_schedule": "step", "warmup_iters": 500,
-                      "num_workers": 8, "use_gpu": True, "amp": True, "cpus_per_worker": 4, "threads_per_worker": 4,
-                      "placement_strategy": "auto"},
+            # grad_clip None: mmdetection's retinanet_r50_fpn_1x_coco.py keeps schedule_1x.py's
+            # optimizer_config grad_clip=None. hflip 0.5 and aspect grouping (k=3) as every paper's
+            # and torchvision's references' pipeline; 3 loader processes per GPU (4 CPUs - 1);
+            # COCO-evaluated after the last epoch only (eval_every 0: 5k images, no waiting GPUs), by
+            # faster-coco-eval (pycocotools' numbers, 8x faster: benchmarks/bench_eval.py)
+            "teacher_train": dict(_GPU_TRAIN),
+            "train": dict(_GPU_TRAIN),
         },
         seeds=1,
         max_concurrent_trials="auto",

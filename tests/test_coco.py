@@ -15,7 +15,8 @@ from PIL import Image
 
 from kdsweep.cli import main
 from kdsweep.config import DataConfig
-from kdsweep.data.coco import CocoDetection, DataError, load_validated, resolve_data, validate_coco
+from kdsweep.data.coco import DataError, load_validated, resolve_data, validate_coco
+from kdsweep.data.dataset import CocoDetection
 
 W, H = 160, 128  # not square, so a transposed image or box shows
 COLOURS = {"a.png": (200, 40, 0), "b.png": (0, 90, 250), "c.png": (10, 10, 10)}
@@ -180,9 +181,8 @@ def test_dataset_items_shapes_dtypes_and_labels(root):
     assert ds.label_to_cat_id == {1: 3, 2: 7}
 
     image, target = ds[0]
-    assert image.dtype == torch.float32 and image.shape == (3, H, W)
-    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
-    assert torch.allclose(image[:, 0, 0], torch.tensor(COLOURS["a.png"], dtype=torch.float32) / 255)
+    assert image.dtype == torch.uint8 and image.shape == (3, H, W)  # converted to float on the device
+    assert image[:, 0, 0].tolist() == list(COLOURS["a.png"])
     assert target["image_id"] == 1
     assert target["boxes"].dtype == torch.float32 and target["boxes"].shape == (2, 4)
     assert torch.equal(target["boxes"], torch.tensor([[10, 20, 20, 28], [50.5, 30, 90.5, 70]], dtype=torch.float32))
@@ -246,16 +246,24 @@ def test_resolve_data_errors(tmp_path):
                                 images=str(tmp_path / "missing")))
 
 
-def test_load_validated_remembers_a_clean_result_until_the_file_changes(tmp_path, monkeypatch):
+@pytest.fixture()
+def spied(tmp_path: Path, monkeypatch) -> tuple[Any, Path, list[dict[str, Any]]]:
+    """``(kdsweep.data.coco, a synthetic dataset folder, the keyword arguments of every
+    validate_coco call)``, with KDSWEEP_HOME under tmp_path."""
     import kdsweep.data.coco as coco_mod
     from kdsweep.data.synthetic import generate
 
     monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
     root = tmp_path / "ds"
     generate(root, train=3, val=1, size=64, seed=0, progress=False)
-    calls = []
+    calls: list[dict[str, Any]] = []
     real = coco_mod.validate_coco
-    monkeypatch.setattr(coco_mod, "validate_coco", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(coco_mod, "validate_coco", lambda *a, **k: calls.append(k) or real(*a, **k))
+    return coco_mod, root, calls
+
+
+def test_load_validated_remembers_a_clean_result_until_the_file_changes(spied):
+    coco_mod, root, calls = spied
     first = coco_mod.load_validated(root / "train.json", root / "images")
     again = coco_mod.load_validated(root / "train.json", root / "images")
     assert len(calls) == 1 and again.num_images == first.num_images == 3
@@ -290,3 +298,50 @@ def test_dataset_names_an_unreadable_image_instead_of_a_decoder_traceback(root):
     assert image.is_contiguous()
     with pytest.raises(DataError, match=r"broken\.json: image 2: file_name 'broken\.jpg' is not a readable image"):
         ds[1]
+
+
+def test_the_parallel_check_finds_what_the_serial_one_finds(root, monkeypatch):
+    import kdsweep.data.image_check as image_check
+
+    data = _valid()
+    data["images"][1]["file_name"] = "truncated.jpg"
+    data["images"][2]["file_name"] = "nowhere.png"
+    path = _write(root, "mixed.json", data)
+    serial = validate_coco(path)
+    monkeypatch.setattr(image_check, "SERIAL_BELOW", 1)  # a pool of 2 processes, chunks of 1
+    monkeypatch.setattr(image_check, "CHUNK", 1)
+    seen = []
+    parallel = validate_coco(path, progress=lambda done, total: seen.append((done, total)))
+    assert parallel.problems == serial.problems and len(serial.problems) == 2
+    assert seen[-1] == (3, 3) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_headers_only_checks_existence_and_sizes_but_not_the_whole_file(root):
+    data = _valid()
+    data["images"][1]["file_name"] = "truncated.jpg"  # a cut-off JPEG: its header is intact
+    data["images"][1].update(width=W, height=H)
+    path = _write(root, "cut.json", data)
+    assert "not a readable image" in " ".join(validate_coco(path).problems)  # the full decode catches it
+    assert validate_coco(path, decode=False).ok  # the header says 160x128, as the file does
+    data["images"][0]["width"] = W + 1
+    data["images"][2]["file_name"] = "nowhere.png"
+    problems = " ".join(validate_coco(_write(root, "cut2.json", data), decode=False).problems)
+    assert "a.png' is 160x128 but width/height say 161x128" in problems and "'nowhere.png' not found" in problems
+
+
+def test_a_full_decode_stands_for_a_header_check_not_the_other_way(spied):
+    coco_mod, root, calls = spied
+    coco_mod.load_validated(root / "train.json", root / "images")  # a launch: headers
+    coco_mod.load_validated(root / "train.json", root / "images", decode=True)  # headers do not stand for a decode
+    coco_mod.load_validated(root / "val.json", root / "images", decode=True)
+    coco_mod.load_validated(root / "val.json", root / "images")  # a decode stands for headers
+    assert [k["decode"] for k in calls] == [False, True, True]
+
+
+def test_cli_check_decodes_in_full_unless_told_headers_only(root, capsys):
+    data = _valid()
+    data["images"][1]["file_name"] = "truncated.jpg"
+    path = _write(root, "cut.json", data)
+    assert main(["data", "check", str(path)]) == 1
+    assert "truncated.jpg' is not a readable image" in capsys.readouterr().err
+    assert main(["data", "check", str(path), "--headers-only"]) == 0

@@ -78,3 +78,71 @@ def test_out_of_memory_becomes_a_one_line_trial_reason():
     # what the MLflow failure-reason tag keeps of the worker's traceback
     text = f"Traceback (most recent call last):\n  File x\nkdsweep.train.engine.TrialOutOfMemoryError: {message}\n"
     assert summarize_error(text) == f"kdsweep.train.engine.TrialOutOfMemoryError: {message}"
+
+
+class _LinearDetector(torch.nn.Module):
+    """Eval-mode 'detector': one box per image from a linear layer (so autocast changes its dtype),
+    recording whether autocast was on and in which dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 5)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.copy_(torch.tensor([0.0, 0.0, 4.0, 4.0, 0.9]))
+        self.autocast: list[tuple[bool, torch.dtype]] = []
+        self.outputs: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, images):
+        self.autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        out = self.head(torch.stack([img.mean((1, 2)) for img in images]))
+        self.outputs = [{"boxes": o[None, :4], "scores": o[4:], "labels": torch.ones(1, dtype=torch.int64)}
+                        for o in out]
+        return self.outputs
+
+
+def _val(n: int):
+    return [([torch.zeros(3, 8, 8)], [{"image_id": torch.tensor(i)}]) for i in range(1, n + 1)]
+
+
+def test_predict_without_amp_returns_the_model_outputs_untouched():
+    from kdsweep.train.engine import predict
+
+    model = _LinearDetector()
+    (image_id, out), = predict(model, _val(1), torch.device("cpu"))
+    assert image_id == 1 and model.autocast == [(False, model.autocast[0][1])]
+    assert all(out[k] is model.outputs[0][k] for k in ("boxes", "scores", "labels"))  # no copy, no cast
+    assert out["boxes"].dtype == torch.float32
+
+
+def test_predict_under_amp_autocasts_and_returns_float32_boxes_and_scores():
+    from kdsweep.train.engine import predict
+
+    model = _LinearDetector()
+    (_, out), = predict(model, _val(1), torch.device("cpu"), amp_dtype=torch.bfloat16)
+    assert model.autocast == [(True, torch.bfloat16)]
+    assert model.outputs[0]["boxes"].dtype == torch.bfloat16  # what the autocast forward gave
+    assert out["boxes"].dtype == torch.float32 and out["scores"].dtype == torch.float32
+    assert out["labels"].dtype == torch.int64
+    assert torch.equal(out["boxes"], model.outputs[0]["boxes"].float())
+    assert out["scores"].item() == pytest.approx(0.9, abs=4e-3)  # 0.9 rounded to bfloat16 (8 bits)
+
+
+def test_evaluate_passes_amp_dtype_to_the_forward():
+    from pycocotools.coco import COCO
+
+    from kdsweep.train.engine import evaluate
+
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": i, "width": 8, "height": 8, "file_name": f"{i}.jpg"} for i in (1, 2)],
+        "annotations": [{"id": i, "image_id": i, "category_id": 5, "bbox": [0, 0, 4, 4], "area": 16, "iscrowd": 0}
+                        for i in (1, 2)],
+        "categories": [{"id": 5, "name": "a"}],
+    }
+    gt.createIndex()
+    model = _LinearDetector()
+    stats = evaluate(model, _val(2), device=torch.device("cpu"), coco_gt=gt, label_to_cat_id={1: 5}, image_ids=[1, 2],
+                     amp_dtype=torch.bfloat16)
+    assert model.autocast == [(True, torch.bfloat16)] * 2
+    assert stats["AP"] == pytest.approx(100.0) and stats["eval_images"] == 2

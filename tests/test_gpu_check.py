@@ -31,5 +31,6 @@ def test_cpu_smoke_version_runs_every_section_it_can(tmp_path: Path) -> None:
     assert sections["ssim"]["max_abs_diff"] < 1e-4
     step = sections["paper_step"]
     assert step["trainer_loader"]["ms_per_step"] > 0 and 0 <= step["trainer_loader"]["data_wait_share"] < 1
+    assert step["paper_loader"]["workers"] == 3 and step["paper_loader"]["images_per_s"] > 0
     assert sections["evaluate"]["eval_images"] == sections["evaluate"]["images"]
     assert sections["throughput"]["ok"] and sections["throughput"]["student_params_M"] == pytest.approx(11.55, abs=0.01)

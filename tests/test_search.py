@@ -145,3 +145,22 @@ def test_a_small_optuna_asha_search_whose_best_config_reproduces_its_best_trial(
                if r.data.tags.get("kdsweep.role") == "student"]
     first_epoch = {m.step: m.value for m in client.get_metric_history(best.info.run_id, "AP")}[1]
     assert {m.step: m.value for m in client.get_metric_history(child.info.run_id, "AP")}[1] == first_epoch
+
+
+def test_a_sweep_evaluates_every_epoch_whatever_the_rows_say() -> None:
+    """ASHA and the searchers read the metric at every report: a paper row's eval_every 0 becomes 1,
+    with a note; a row that already evaluates every epoch is left alone."""
+    import argparse
+
+    from kdsweep.orchestrate.launch import add_arguments, prepare
+    from kdsweep.orchestrate.search import evaluate_every_epoch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("space")
+    add_arguments(parser)
+    for preset, changed in (("paper", True), ("smoke", False)):
+        args = parser.parse_args([str(ROOT / "search_spaces" / "tune_ssim.yaml"), "--preset", preset])
+        prepared = prepare(args, with_data=False)
+        notes = evaluate_every_epoch(prepared)
+        assert all(exp.train.eval_every == 1 for exp in prepared.rows.values())
+        assert bool(notes) == changed and all("eval_every 0 -> 1" in n for n in notes)

@@ -3,11 +3,12 @@ values <- seed, built once; validation of every configuration; teacher identity.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from kdsweep.config import ConfigError, teacher_experiment
+from kdsweep.config import ConfigError, ExperimentConfig, from_dict, run_hash_dict, teacher_experiment
 from kdsweep.orchestrate.preflight import preflight
 from kdsweep.orchestrate.space import load_space, parse_space
 from kdsweep.orchestrate.trials import apply_sampled, distinct_teachers, row_configs, teacher_hash, trial_config, variants
@@ -92,3 +93,29 @@ def test_teachers_are_keyed_by_their_own_config():
     assert list(teachers) == [keys["a"], keys["c"]]  # the plain row needs none
     run = teacher_experiment(rows["c"])  # the teacher's own run: the teacher as the student, no KD
     assert run.student == rows["c"].teacher and run.train == rows["c"].teacher_train and run.kd == ()
+
+
+def test_loading_and_evaluation_settings_do_not_change_the_teacher_new_fields_only_when_used():
+    exp = from_dict(ExperimentConfig, PRESET)
+    key = teacher_hash(exp, DATA)
+
+    def with_train(**changes):
+        return dataclasses.replace(exp, teacher_train=dataclasses.replace(exp.teacher_train, **changes))
+
+    # how the data is loaded and when it is evaluated: the same weights, the same teacher
+    assert teacher_hash(with_train(loader_workers=5, eval_every=0), DATA) == key
+    # what is learnt from: another teacher
+    assert teacher_hash(with_train(hflip=0.25), DATA) != key and teacher_hash(with_train(lr=0.5), DATA) != key
+    # a field added later, at the value that reproduces the earlier behaviour, is not in the hash:
+    # a store of an earlier version keeps its teachers (the quick preset's hash did not move)
+    legacy = with_train(hflip=0.0, aspect_grouping=0)
+    assert "hflip" not in run_hash_dict(legacy.teacher_train) and "aspect_grouping" not in run_hash_dict(legacy.teacher_train)
+    assert teacher_hash(with_train(aspect_grouping=3, hflip=0.0), DATA) != teacher_hash(legacy, DATA)
+
+
+def test_the_quick_and_smoke_teachers_keep_the_hash_of_earlier_versions():
+    """Pinned: these hashes name teachers already trained in users' stores (and this repo's
+    measured tables); a change of TrainConfig or ModelConfig must not move them by accident."""
+    data = {"a": "b"}
+    hashes = {name: teacher_hash(from_dict(ExperimentConfig, PRESETS[name].experiment), data) for name in ("smoke", "quick")}
+    assert hashes == {"smoke": "97225667c61c", "quick": "e64c77c8db8f"}

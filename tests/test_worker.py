@@ -153,3 +153,11 @@ def test_resuming_a_kd_run_restores_the_adapters_the_assistant_and_its_own_optim
     run(b, opt_b, 2)
     for pa, pb in zip(a.trainable.parameters(), b.trainable.parameters()):
         assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize(("epochs", "every", "expected"), [(4, 1, [1, 2, 3, 4]), (5, 2, [2, 4, 5]), (12, 0, [12]), (3, 7, [3])])
+def test_evaluated_epochs_follow_eval_every_and_always_include_the_last(epochs, every, expected):
+    from kdsweep.train.worker import evaluates
+
+    cfg = TrainConfig(epochs=epochs, eval_every=every)
+    assert [e for e in range(1, epochs + 1) if evaluates(e, cfg)] == expected

@@ -31,9 +31,10 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from kdsweep.data.coco import validate_coco
+    from kdsweep.data.image_check import printer
 
     ann = Path(args.annotations)
-    report = validate_coco(ann, args.images)
+    report = validate_coco(ann, args.images, decode=not args.headers_only, progress=printer(f"checking {ann.name}"))
     print(f"{ann}: {report.num_images} images, {report.num_annotations} annotations")
     if report.class_counts:
         print("per class: " + ", ".join(f"{k} {v}" for k, v in sorted(report.class_counts.items())))
@@ -82,6 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check = sub.add_parser("check", help="validate a COCO instances file and its images")
     check.add_argument("annotations", help="COCO instances JSON")
     check.add_argument("--images", help="image folder (default: images/ beside the JSON)")
+    check.add_argument("--headers-only", action="store_true",
+                       help="read each image's header (size) instead of decoding it in full, as a launch does: "
+                            "much faster, misses truncated files")
     check.set_defaults(func=_check)
     convert = sub.add_parser("convert", help="convert another format to COCO")
     convert.add_argument("format", choices=["visdrone"])

@@ -14,19 +14,15 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from PIL import Image
+from typing import Any, Callable
 
 from kdsweep import paths as kdsweep_paths
 from kdsweep.config import DataConfig
+from kdsweep.data.image_check import check_images, printer
 from kdsweep.data.synthetic import ensure_synthetic
 
 MAX_LINES_PER_KIND = 20
 SMALL, MEDIUM = 32**2, 96**2
-MIN_BOX_SIDE = 0.01  # px; narrower boxes (after clipping to the image) are left out of targets
 
 
 class DataError(ValueError):
@@ -168,30 +164,28 @@ def _check_records(records: list[Any], kind: str, keys: tuple[str, ...], out: _P
     return by_id
 
 
-def _check_images(images: dict[Any, dict[str, Any]], images_dir: Path | None, out: _Problems) -> None:
+def _check_images(images: dict[Any, dict[str, Any]], images_dir: Path | None, out: _Problems, *, decode: bool,
+                  progress: Callable[[int, int], None] | None) -> None:
+    sized = {}
     for image_id, img in images.items():
         size_ok = _number(img["width"]) and _number(img["height"]) and img["width"] > 0 and img["height"] > 0
         if not size_ok:
             out.add("image-size", f"image {image_id}: width/height {img['width']!r}x{img['height']!r} must be positive numbers")
-        if images_dir is None:
-            continue
-        path = images_dir / str(img["file_name"])
-        if not path.is_file():
+        sized[image_id] = size_ok
+    if images_dir is None:
+        return
+    ids = list(images)
+    results = check_images([str(images_dir / str(images[i]["file_name"])) for i in ids], decode=decode, progress=progress)
+    for image_id, result in zip(ids, results):
+        img = images[image_id]
+        if result == "missing":
             out.add("image-file", f"image {image_id}: file_name '{img['file_name']}' not found in {images_dir}; "
                                   "fix file_name or add the file (or pass --images)")
-            continue
-        try:
-            with Image.open(path) as handle:
-                size = handle.size
-                # verify() alone misses truncated JPEGs; decoding (at 1/8 scale where the format
-                # allows it) reads all the data, so a cut-off file is caught here, not mid-training.
-                handle.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
-                handle.load()
-        except Exception as exc:  # noqa: BLE001 - any decoder error means unreadable
-            out.add("image-file", f"image {image_id}: file_name '{img['file_name']}' is not a readable image ({exc.__class__.__name__})")
-            continue
-        if size_ok and size != (img["width"], img["height"]):
-            out.add("image-dims", f"image {image_id}: file '{img['file_name']}' is {size[0]}x{size[1]} but width/height say {img['width']!r}x{img['height']!r}; fix width/height")
+        elif isinstance(result, str):
+            out.add("image-file", f"image {image_id}: file_name '{img['file_name']}' is not a readable image ({result})")
+        elif sized[image_id] and tuple(result) != (img["width"], img["height"]):
+            out.add("image-dims", f"image {image_id}: file '{img['file_name']}' is {result[0]}x{result[1]} but width/height "
+                                  f"say {img['width']!r}x{img['height']!r}; fix width/height")
 
 
 def _check_annotation(ann: dict[str, Any], images: dict, categories: dict, out: _Problems, report: ValidationReport) -> None:
@@ -222,10 +216,14 @@ def _check_annotation(ann: dict[str, Any], images: dict, categories: dict, out: 
     report.class_counts[name] = report.class_counts.get(name, 0) + 1
 
 
-def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *, check_images: bool = True) -> ValidationReport:
+def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *, check_images: bool = True,
+                  decode: bool = True, progress: Callable[[int, int], None] | None = None) -> ValidationReport:
     """Validate a COCO instances file (and its images); never raises on bad data.
 
-    ``images_dir`` defaults to ``images/`` beside the JSON file.
+    ``images_dir`` defaults to ``images/`` beside the JSON file. Every image file is opened, in
+    parallel over this machine's CPUs (:mod:`kdsweep.data.image_check`): its header must give the
+    file's width and height, and with ``decode`` (the default) the whole file must decode.
+    ``progress(done, total)`` is called as the images are checked.
     """
     path = Path(ann_path)
     report = ValidationReport()
@@ -241,7 +239,7 @@ def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *,
     if directory is not None and not directory.is_dir():
         out.add("image-dir", f"image folder {directory} not found; pass --images")
         directory = None
-    _check_images(images, directory, out)
+    _check_images(images, directory, out, decode=decode, progress=progress)
     for ann in annotations.values():
         _check_annotation(ann, images, categories, out, report)
     report.problems = out.finish()
@@ -250,134 +248,41 @@ def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *,
     return report
 
 
-def _validation_stamp(ann_path: Path, images_dir: str | Path | None) -> Path:
-    """Marker file of a successful validation of this annotation file version and image folder."""
+def _validation_stamp(ann_path: Path, images_dir: str | Path | None, decode: bool) -> Path:
+    """Marker file of a successful validation of this annotation file version and image folder
+    (``<key>.json`` after a full decode, ``<key>-headers.json`` after reading headers)."""
     ann = ann_path.resolve()
     stat = ann.stat()
     folder = Path(images_dir).resolve() if images_dir else ann.parent / "images"
     key = hashlib.sha256(f"{ann}|{stat.st_size}|{stat.st_mtime_ns}|{folder}".encode()).hexdigest()[:20]
-    return kdsweep_paths.home() / "validated" / f"{key}.json"
+    return kdsweep_paths.home() / "validated" / f"{key}{'' if decode else '-headers'}.json"
 
 
-def load_validated(ann_path: str | Path, images_dir: str | Path | None = None, *, use_cache: bool = True) -> ValidationReport:
+def load_validated(ann_path: str | Path, images_dir: str | Path | None = None, *, use_cache: bool = True,
+                   decode: bool = False) -> ValidationReport:
     """Validate like ``kdsweep data check``; raise a one-line :class:`DataError` with the first
     problem and how many there are.
 
+    A launch reads every image's header (``decode=False``: exists, readable, the size the file
+    says), in parallel with progress on stderr; ``kdsweep data check`` decodes every image in full.
     A clean result is remembered under ``KDSWEEP_HOME/validated`` keyed by the annotation file's
-    path, size and modification time and the image folder, so that a large dataset (COCO: every
-    image is decoded) is checked once, not before every sweep. ``use_cache=False`` re-checks.
+    path, size and modification time and the image folder, so that a large dataset is checked
+    once, not before every sweep (a full decode's result also stands for a header check).
+    ``use_cache=False`` re-checks.
     """
     path = Path(ann_path)
-    stamp = _validation_stamp(path, images_dir) if use_cache and path.is_file() else None
-    if stamp is not None and stamp.is_file():
-        return ValidationReport(**json.loads(stamp.read_text()))
-    report = validate_coco(path, images_dir)
+    stamps = [_validation_stamp(path, images_dir, True)] + ([] if decode else [_validation_stamp(path, images_dir, False)]) \
+        if use_cache and path.is_file() else []
+    for stamp in stamps:
+        if stamp.is_file():
+            return ValidationReport(**json.loads(stamp.read_text()))
+    report = validate_coco(path, images_dir, decode=decode, progress=printer(f"kdsweep: validating {path.name}"))
     if report.problems:  # one line: the first problem (it names id, field and fix), then the count
         first = report.problems[0].removeprefix(f"{path.name}: ")
         more = report.num_problems - 1
         rest = f" (and {more} more problem(s); `kdsweep data check {path}` lists them)" if more else ""
         raise DataError(f"{path}: {first}{rest}")
-    if stamp is not None:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(dataclasses.asdict(report)))
+    if stamps:
+        stamps[-1].parent.mkdir(parents=True, exist_ok=True)
+        stamps[-1].write_text(json.dumps(dataclasses.asdict(report)))
     return report
-
-
-def _clipped_xyxy(bbox: list[float], width: float, height: float) -> list[float] | None:
-    """COCO [x, y, w, h] as [x0, y0, x1, y1] clipped to the image; None if (nearly) empty."""
-    x, y, w, h = bbox
-    x0, y0 = max(float(x), 0.0), max(float(y), 0.0)
-    x1, y1 = min(float(x + w), float(width)), min(float(y + h), float(height))
-    if x1 - x0 < MIN_BOX_SIDE or y1 - y0 < MIN_BOX_SIDE:
-        return None
-    return [x0, y0, x1, y1]
-
-
-class CocoDetection(torch.utils.data.Dataset):
-    """A COCO instances file as ``(image, target)`` pairs for torchvision detectors.
-
-    ``image``: float32 (3, H, W) in [0, 1]. ``target``: ``boxes`` float32 (N, 4) xyxy,
-    ``labels`` int64 (N,) in 1..K (category ids sorted, made contiguous; 0 is background),
-    ``image_id`` int. Boxes are clipped to the image; crowd boxes and boxes narrower than
-    MIN_BOX_SIDE after clipping are left out of the targets (crowd ones stay in ``coco_gt``).
-    Images are in id order (``image_ids``); ``max_images`` keeps the first ones.
-    The file is not validated here: call :func:`load_validated` first (training does).
-    """
-
-    def __init__(self, ann_path: str | Path, images_dir: str | Path, *, max_images: int | None = None) -> None:
-        self.ann_path, self.images_dir = Path(ann_path), Path(images_dir)
-        self.dataset = json.loads(self.ann_path.read_text())
-        cats = sorted(self.dataset["categories"], key=lambda c: c["id"])
-        self.categories = [str(c.get("name", c["id"])) for c in cats]
-        self.label_to_cat_id = {i + 1: c["id"] for i, c in enumerate(cats)}
-        cat_to_label = {c: l for l, c in self.label_to_cat_id.items()}
-        images = sorted(self.dataset["images"], key=lambda im: im["id"])
-        if max_images is not None:
-            images = images[:max_images]
-        self.images = images
-        self.image_ids = [im["id"] for im in images]
-        boxes: dict[Any, list[tuple[list[float], int]]] = {im["id"]: [] for im in images}
-        sizes = {im["id"]: (im["width"], im["height"]) for im in images}
-        for ann in self.dataset["annotations"]:
-            if ann["image_id"] not in boxes or ann.get("iscrowd", 0):
-                continue
-            box = _clipped_xyxy(ann["bbox"], *sizes[ann["image_id"]])
-            if box is not None:
-                boxes[ann["image_id"]].append((box, cat_to_label[ann["category_id"]]))
-        self._boxes = boxes
-        self._coco_gt = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.categories)
-
-    @property
-    def coco_gt(self):
-        """A pycocotools COCO index over the (possibly truncated) image set."""
-        if self._coco_gt is None:
-            import contextlib
-            import io
-
-            from pycocotools.coco import COCO
-
-            keep = set(self.image_ids)
-            coco = COCO()
-            coco.dataset = {
-                **{k: v for k, v in self.dataset.items() if k not in ("images", "annotations")},
-                "images": self.images,
-                "annotations": [a for a in self.dataset["annotations"] if a["image_id"] in keep],
-            }
-            for ann in coco.dataset["annotations"]:
-                ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
-                ann.setdefault("iscrowd", 0)
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco.createIndex()
-            self._coco_gt = coco
-        return self._coco_gt
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        info = self.images[index]
-        path = self.images_dir / info["file_name"]
-        try:
-            with Image.open(path) as handle:
-                array = np.array(handle.convert("RGB"), dtype=np.uint8)
-        except Exception as exc:  # noqa: BLE001 - any decoder error means unreadable
-            raise DataError(f"{self.ann_path.name}: image {info['id']}: file_name '{info['file_name']}' "
-                            f"is not a readable image ({exc.__class__.__name__}); run `kdsweep data check`") from None
-        image = torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div_(255.0)
-        items = self._boxes[info["id"]]
-        target = {
-            "boxes": torch.tensor([b for b, _ in items], dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor([l for _, l in items], dtype=torch.int64),
-            "image_id": info["id"],
-        }
-        return image, target
-
-
-def collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Keep images and targets as lists (torchvision detectors take variable sizes)."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)

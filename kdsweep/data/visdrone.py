@@ -23,7 +23,7 @@ What is kept and why:
   ``iscrowd=1``, is per category - a crowd box has one ``category_id`` and pycocotools lets it
   absorb only detections of that category, so a class-agnostic region would need one copy per
   class (10 fake annotations per region), and the training side (torchvision detectors, our
-  :class:`~kdsweep.data.coco.CocoDetection`) has no ignore notion at all: unlabelled objects
+  :class:`~kdsweep.data.dataset.CocoDetection`) has no ignore notion at all: unlabelled objects
   there would be learned as background and, at evaluation, every correct detection of them
   would be a false positive. So the converter **paints each ignored region with the image's
   mean colour** (per channel, computed over the original image) and drops its box: nothing is

@@ -25,6 +25,7 @@ from typing import Any
 
 from kdsweep import paths
 from kdsweep.config import ConfigError, ExperimentConfig, merge, to_dict
+from kdsweep.data.annotations import ensure_compact
 from kdsweep.data.coco import load_validated, resolve_data
 from kdsweep.orchestrate.preflight import RowModels, dataset_classes, describe_row, preflight
 from kdsweep.orchestrate.scheduling import max_concurrent, parse_concurrency, scale_lr
@@ -165,6 +166,7 @@ def prepare(args: argparse.Namespace, with_data: bool = True) -> Prepared:
         data_paths = resolve_data(next(iter(rows.values())).data)
         for ann, images in ((data_paths.train_ann, data_paths.train_images), (data_paths.val_ann, data_paths.val_images)):
             load_validated(ann, images)
+            ensure_compact(ann)  # once, here: the workers memory-map it (kdsweep.data.annotations)
         data = {k: str(v) for k, v in data_paths.__dict__.items()}
     return Prepared(preset, space, rows, models, data, tuple(notes))
 

@@ -122,6 +122,19 @@ def _describe_sampler(path: str, sampler: Any, plan: SearchPlan) -> str:
     return f"  space: {path} ~ {sampler.kind}{list(sampler.args)} ({how})"
 
 
+def evaluate_every_epoch(prepared: Prepared) -> list[str]:
+    """A sweep's trials evaluate every epoch: ASHA's rungs and the searchers read the metric at
+    every report (Tune rejects a report without it), and the best-so-far plot follows it. Sets
+    ``train.eval_every`` to 1 in every row that says otherwise; returns the notes saying so."""
+    notes = []
+    for label, exp in prepared.rows.items():
+        if exp.train.eval_every != 1:
+            notes.append(f"row '{label}': train.eval_every {exp.train.eval_every} -> 1 (a sweep reads "
+                         f"{prepared.space.metric} after every epoch)")
+            prepared.rows[label] = dataclasses.replace(exp, train=dataclasses.replace(exp.train, eval_every=1))
+    return notes
+
+
 # ------------------------------------------------------------------------------------ launcher
 def build_parser(prog: str | None = None, default_space: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="kdsweep sweep: a Ray Tune search over a search-space file")
@@ -140,6 +153,10 @@ def run_sweep(argv: Sequence[str] | None = None, prog: str | None = None, defaul
     args = build_parser(prog, default_space).parse_args(argv)
     try:
         prepared = prepare(args, with_data=not args.dry_run)
+        changed = evaluate_every_epoch(prepared)
+        for line in changed:
+            print(f"kdsweep: {line}", flush=True)
+        prepared = dataclasses.replace(prepared, notes=prepared.notes + tuple(changed))
         seeds = list(range(args.seeds or 1))
         plan = make_plan(prepared.space, args.num_samples, args.max_concurrent, prepared.preset.max_concurrent_trials)
         space_of_tune = param_space(prepared.space, plan, seeds)  # optuna's constraints, before anything starts

@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kdsweep.config import ConfigError, ExperimentConfig, config_hash, from_dict, merge, to_dict
+from kdsweep.config import ConfigError, ExperimentConfig, config_hash, from_dict, merge, run_hash_dict, to_dict
 from kdsweep.methods import TERMS
 from kdsweep.orchestrate.space import Sampler, SearchSpace
 
@@ -114,8 +114,9 @@ def variants(space: SearchSpace, rows: Mapping[str, ExperimentConfig]) -> list[t
 
 def teacher_hash(exp: ExperimentConfig, data: Mapping[str, str]) -> str:
     """The config hash that identifies ``exp``'s teacher: its model, its training and the data
-    files (``data``: the resolved paths). Rows with the same hash share one teacher."""
-    return config_hash({"teacher": to_dict(exp.teacher), "teacher_train": to_dict(exp.teacher_train), "data": dict(data)})
+    files (``data``: the resolved paths). Rows with the same hash share one teacher. How the data
+    is loaded and when it is evaluated do not count (:func:`~kdsweep.config.run_hash_dict`)."""
+    return config_hash({"teacher": to_dict(exp.teacher), "teacher_train": run_hash_dict(exp.teacher_train), "data": dict(data)})
 
 
 def distinct_teachers(rows: Mapping[str, ExperimentConfig], data: Mapping[str, str]) -> dict[str, ExperimentConfig]:

@@ -27,9 +27,17 @@ class TrialOutOfMemoryError(RuntimeError):
     """The device ran out of memory; the trial fails with this reason, the sweep goes on."""
 
 
+def images_to(images: list[Tensor], device: torch.device) -> list[Tensor]:
+    """Images ``(3, H, W)`` on ``device`` as float32 in [0, 1]: uint8 ones (as the loader gives
+    them, a quarter of the bytes to copy) are converted there, ``x / 255``."""
+    out = [img.to(device, non_blocking=True) for img in images]
+    return [img.float().div_(255.0) if img.dtype == torch.uint8 else img for img in out]
+
+
 def move_batch(images: list[Tensor], targets: list[dict[str, Any]], device: torch.device) -> tuple[list[Tensor], list[dict[str, Any]]]:
-    """Move images (list of (3, H, W)) and target dicts to ``device``."""
-    images = [img.to(device, non_blocking=True) for img in images]
+    """Move images (list of (3, H, W), uint8 or float; float32 on ``device``, :func:`images_to`)
+    and target dicts to ``device``."""
+    images = images_to(images, device)
     targets = [{k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets]
     return images, targets
 
@@ -126,14 +134,35 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: Iterable, device: torch.device) -> list[tuple[int, dict[str, Tensor]]]:
+def predict(
+    model: torch.nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+) -> list[tuple[int, dict[str, Tensor]]]:
     """Run ``model`` (a torchvision detector) in eval mode; return ``[(image_id, output), ...]``
-    with the outputs left on ``device``."""
+    with the outputs left on ``device``.
+
+    Args:
+        amp_dtype: run the forward under ``torch.autocast(device.type, dtype=amp_dtype)`` (the
+            training run's AMP dtype, float16 or bfloat16), then convert every floating-point
+            output (``boxes`` (K, 4), ``scores`` (K,)) to float32, so that the rows packed from
+            them (:func:`~kdsweep.train.evaluation.detection_rows`) do not depend on the
+            autocast dtype of the layers that made them. None (the default): no autocast, and the
+            outputs are returned exactly as the model gave them.
+    """
     model.eval()
     results: list[tuple[int, dict[str, Tensor]]] = []
     for images, targets in loader:
-        images = [img.to(device, non_blocking=True) for img in images]
-        outputs = model(images)
+        images = images_to(images, device)
+        if amp_dtype is None:
+            outputs = model(images)
+        else:
+            with torch.autocast(device.type, dtype=amp_dtype):
+                outputs = model(images)
+            outputs = [{k: (v.float() if isinstance(v, Tensor) and v.is_floating_point() else v)
+                        for k, v in out.items()} for out in outputs]
         for out, tgt in zip(outputs, targets):
             results.append((int(tgt["image_id"]), out))
     return results
@@ -147,22 +176,27 @@ def evaluate(
     coco_gt: Any,
     label_to_cat_id: dict[int, int],
     image_ids: list[int],
+    amp_dtype: torch.dtype | None = None,
+    evaluator: str = "pycocotools",
 ) -> dict[str, float]:
-    """COCO-evaluate ``model`` on the whole validation set.
+    """COCO-evaluate ``model`` on the whole validation set (``evaluator``: see
+    :func:`~kdsweep.train.evaluation.coco_stats`).
 
-    Each worker predicts its own shard (``loader``) and packs its detections into rows on the
-    device (:func:`~kdsweep.train.evaluation.detection_rows`); the rows are gathered as tensors and
-    only rank 0 unpacks them and runs COCOeval over ``image_ids`` (the full val set), then broadcasts the numbers as a
-    tensor so that every rank reports the same metrics. ``eval_images`` counts the distinct images
-    evaluated across all workers (it equals ``len(image_ids)`` when nothing was missed).
+    Each worker predicts its own shard (``loader``; under autocast in ``amp_dtype`` when given,
+    see :func:`predict`) and packs its detections into rows on the device
+    (:func:`~kdsweep.train.evaluation.detection_rows`); the rows are gathered as tensors to rank 0
+    only (:func:`~kdsweep.train.collectives.gather_rows`), which unpacks them and runs COCOeval over
+    ``image_ids`` (the full val set), then broadcasts the numbers as a tensor so that every rank
+    reports the same metrics. ``eval_images`` counts the distinct images evaluated across all
+    workers (it equals ``len(image_ids)`` when nothing was missed).
     """
-    local = predict(model, loader, device)
+    local = predict(model, loader, device, amp_dtype=amp_dtype)
     rows = detection_rows(local, device)
     gathered = gather_rows(rows, dst=0)
     values = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64, device=device)
     if gathered is not None:  # rank 0 (or a single worker)
         records, seen = records_from_rows(gathered.cpu(), label_to_cat_id)
-        stats = coco_stats(coco_gt, records, image_ids)
+        stats = coco_stats(coco_gt, records, image_ids, evaluator=evaluator)
         values = torch.tensor([*(stats[n] for n in STAT_NAMES), float(len(seen))], dtype=torch.float64, device=device)
     numbers = broadcast_values(values, src=0).tolist()
     return {**dict(zip(STAT_NAMES, numbers[:-1])), "eval_images": numbers[-1]}

@@ -8,7 +8,7 @@ The loop config::
 
 A teacher's run is ``teacher_experiment(exp)`` (the teacher as the student, no KD terms), so
 nothing here branches on a role. Every epoch it trains, COCO-evaluates the whole val set (sharded,
-gathered), saves a checkpoint (rank 0, :mod:`kdsweep.train.checkpoint`) and calls
+gathered to rank 0) when :func:`evaluates` says so, saves a checkpoint (rank 0, :mod:`kdsweep.train.checkpoint`) and calls
 ``ray.train.report``. A restarted run resumes from the latest checkpoint.
 """
 
@@ -26,10 +26,9 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from kdsweep.config import ExperimentConfig, TrainConfig
-from kdsweep.data.coco import CocoDetection, collate
+from kdsweep.data.loader import build_loaders
 from kdsweep.train import collective_check
 from kdsweep.train.checkpoint import load_checkpoint, read_metrics, save_checkpoint, write_metrics
 from kdsweep.train.collectives import count_distinct
@@ -37,7 +36,7 @@ from kdsweep.train.engine import console, evaluate, train_one_epoch
 from kdsweep.train.model import build_model
 from kdsweep.train.optim import build_optimization
 
-__all__ = ["build_loaders", "seed_everything", "train_fn_per_worker"]
+__all__ = ["evaluates", "seed_everything", "train_fn_per_worker"]
 
 
 def seed_everything(seed: int) -> None:
@@ -47,17 +46,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_loaders(
-    data: Mapping[str, str], exp: ExperimentConfig, train_cfg: TrainConfig, rank: int, world: int
-) -> tuple[DataLoader, DataLoader, DistributedSampler, CocoDetection]:
-    """Train loader with a DistributedSampler; val loader over this rank's shard (no padding)."""
-    train_ds = CocoDetection(data["train_ann"], data["train_images"], max_images=exp.data.max_train_images)
-    val_ds = CocoDetection(data["val_ann"], data["val_images"], max_images=exp.data.max_val_images)
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg.seed, drop_last=True)
-    train_loader = DataLoader(train_ds, batch_size=train_cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=0, drop_last=True)
-    shard = Subset(val_ds, list(range(rank, len(val_ds), world)))
-    val_loader = DataLoader(shard, batch_size=train_cfg.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=0)
-    return train_loader, val_loader, sampler, val_ds
+def evaluates(epoch: int, cfg: TrainConfig) -> bool:
+    """Whether ``epoch`` (1-based) is COCO-evaluated: every ``cfg.eval_every`` epochs, and the
+    last one always (``eval_every`` 0: the last one only)."""
+    return epoch == cfg.epochs or (cfg.eval_every > 0 and epoch % cfg.eval_every == 0)
 
 
 def count_nodes(device: torch.device) -> int:
@@ -88,7 +80,8 @@ def _run_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     log = console(f"{config.get('label', 'run')} r{rank}") if rank == 0 else None
 
-    train_loader, val_loader, sampler, val_ds = build_loaders(config["data"], exp, cfg, rank, world)
+    loaders = build_loaders(config["data"], exp, cfg, rank, world, device)
+    train_loader, val_ds = loaders.train, loaders.val_set
     state = config.get("teacher_state")
     if state is not None and not isinstance(state, Mapping):  # an ObjectRef of the teacher's weights
         state = ray.get(state)
@@ -115,24 +108,27 @@ def _run_worker(config: dict[str, Any]) -> None:
 
     nodes = count_nodes(device)
     for epoch in range(start_epoch, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
+        loaders.sampler.set_epoch(epoch)
         metrics: dict[str, Any] = train_one_epoch(
             distiller, optimization, train_loader, device=device, epoch=epoch, max_iters=cfg.max_iters_per_epoch,
             log=log, step_offset=(epoch - 1) * iters, total_steps=iters * cfg.epochs,
         )
-        metrics.update(
-            evaluate(
-                distiller.student, val_loader, device=device, coco_gt=val_ds.coco_gt,
-                label_to_cat_id=val_ds.label_to_cat_id, image_ids=val_ds.image_ids,
+        if evaluates(epoch, cfg):
+            metrics.update(
+                evaluate(
+                    distiller.student, loaders.val, device=device, coco_gt=val_ds.coco_gt,
+                    label_to_cat_id=val_ds.label_to_cat_id, image_ids=val_ds.image_ids,
+                    amp_dtype=optimization.amp_dtype, evaluator=cfg.evaluator,
+                )
             )
-        )
         metrics["epoch"] = epoch
         metrics["start_epoch"] = start_epoch  # > 1 after a resume from a checkpoint
         metrics["world_size"] = world
         metrics["nodes"] = nodes  # distinct Ray nodes this run's workers are on
         metrics["lr"] = optimization.lr
         if log:
-            log(f"epoch {epoch}/{cfg.epochs} AP {metrics['AP']:.2f} AP_S {metrics['AP_S']:.2f} loss {metrics['loss']:.4f}")
+            scores = f"AP {metrics['AP']:.2f} AP_S {metrics['AP_S']:.2f}" if "AP" in metrics else "not evaluated (eval_every)"
+            log(f"epoch {epoch}/{cfg.epochs} {scores} loss {metrics['loss']:.4f}")
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
