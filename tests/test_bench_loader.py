@@ -21,7 +21,7 @@ def test_quick_version_prints_every_measure(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     for line in ("old: PIL, float32 in the loader", "3 loader process(es)", "waiting for data", "grouped batches of 2",
-                 "full decode, 1 process(es)", "headers only",
+                 "full decode, 1 thread(s)", "headers only",
                  "old dataset built", "new dataset built"):
         assert line in text
     plain = float(re.search(r"plain batches of 2\s+([\d.]+) %", text).group(1))

@@ -308,7 +308,7 @@ def test_the_parallel_check_finds_what_the_serial_one_finds(root, monkeypatch):
     data["images"][2]["file_name"] = "nowhere.png"
     path = _write(root, "mixed.json", data)
     serial = validate_coco(path)
-    monkeypatch.setattr(image_check, "SERIAL_BELOW", 1)  # a pool of 2 processes, chunks of 1
+    monkeypatch.setattr(image_check, "SERIAL_BELOW", 1)  # a pool of threads, chunks of 1
     monkeypatch.setattr(image_check, "CHUNK", 1)
     seen = []
     parallel = validate_coco(path, progress=lambda done, total: seen.append((done, total)))

@@ -46,9 +46,9 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, ann_path: str | Path, images_dir: str | Path, *, max_images: int | None = None,
-                 hflip: float = 0.0, annotations: CompactAnnotations | None = None) -> None:
+                 hflip: float = 0.0) -> None:
         self.ann_path, self.images_dir = Path(ann_path), Path(images_dir)
-        self.annotations = annotations if annotations is not None else load_compact(self.ann_path)
+        self.annotations: CompactAnnotations = load_compact(self.ann_path)
         total = len(self.annotations)
         self.length = total if max_images is None else min(total, max_images)
         self.categories = list(self.annotations.category_names)

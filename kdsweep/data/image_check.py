@@ -1,7 +1,9 @@
 """Checking many image files fast: headers only or a full decode, in parallel, with progress.
 
-This module imports only PIL (not torch), so that the worker processes of the pool start in a
-fraction of a second. The checks per file are those of ``kdsweep data check``:
+The files are checked by a pool of threads: Pillow releases the GIL while it decodes and while the
+file is read, so threads decode in parallel, with no process to start (a process pool re-imports
+the launcher's main module in every process: seconds of torch, Ray and MLflow imports; measured by
+``benchmarks/bench_loader.py``). The checks per file are those of ``kdsweep data check``:
 
 * ``decode=False`` (what a launch does): the file exists and its header gives a size;
 * ``decode=True`` (``kdsweep data check``'s default): the whole file decodes, at 1/8 scale where
@@ -11,7 +13,6 @@ fraction of a second. The checks per file are those of ``kdsweep data check``:
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing
 import os
 import sys
 import time
@@ -19,8 +20,8 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-SERIAL_BELOW = 2000  # images; a pool's start-up costs more than it saves under this
-CHUNK = 256
+SERIAL_BELOW = 2000  # images; fewer are checked on the calling thread
+CHUNK = 64
 
 Result = tuple[int, int] | str
 """``(width, height)`` of a readable image, else the reason (``missing`` or the decoder's error class)."""
@@ -63,8 +64,8 @@ def printer(label: str, every_s: float = 5.0, min_total: int = SERIAL_BELOW) -> 
 
 def check_images(paths: Sequence[str], *, decode: bool, workers: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> list[Result]:
-    """:func:`check_one` of every path, in order. ``workers`` processes (default: every CPU of
-    this machine) share the work in chunks once there are :data:`SERIAL_BELOW` paths or more."""
+    """:func:`check_one` of every path, in order. ``workers`` threads (default: every CPU of this
+    machine) share the work in chunks once there are :data:`SERIAL_BELOW` paths or more."""
     total = len(paths)
     workers = workers or os.cpu_count() or 1
     results: list[Result] = []
@@ -75,8 +76,7 @@ def check_images(paths: Sequence[str], *, decode: bool, workers: int | None = No
                 progress(i + 1, total)
         return results
     chunks = [paths[i:i + CHUNK] for i in range(0, total, CHUNK)]
-    context = multiprocessing.get_context("spawn")  # no fork of a driver that runs threads (Ray, MLflow)
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdsweep-image-check") as pool:
         done = 0
         for part in pool.map(_check_chunk, chunks, [decode] * len(chunks)):
             results.extend(part)

@@ -1,0 +1,179 @@
+"""GPU-hours and wall time of each ``paper`` ablation: a cost model, shown, not a measurement.
+
+No GPU was available to this project's CPU machine, so the table of ``docs/cluster.md`` comes from
+this model. Every input is printed with where it comes from:
+
+* **FLOPs** of every row's student (forward + backward = 3 forwards) and teacher (forward), counted
+  by ``torch.utils.flop_counter`` on the ``meta`` device at the row's input size (COCO's 640x480
+  resized to 800/1333: 800x1067, padded to 800x1088). Backbone, FPN and dense head; the KD terms,
+  adapters and the two-stage detectors' ROI MLPs are left out (a few percent).
+* **Device speed**: ``--ref-images-per-s``, the training images/s of one A100 on the R50 RetinaNet
+  student alone under AMP. An assumption (16: twice a V100's fp32 rate of ~8 img/s in
+  mmdetection's RetinaNet R50 1x training); ``--gpu-check gpu_check.json`` replaces it with the
+  paper step that ``benchmarks/gpu_check.py`` measured on a GPU. Every other model's time
+  scales with its FLOPs.
+* **Padding** (``benchmarks/bench_loader.py``, measured): 14.9 % of the pixels of plain batches of
+  2 after padding to /32, 1.9 % with aspect-ratio grouping.
+* **Decoding on the training thread** (before): ``--decode-ms`` per image (bench_loader's old
+  loader on this machine's CPU), added to every step; after: 0, 3 loader processes per GPU.
+* **Evaluation**: 5,000 val images predicted on the trial's GPUs at the training rate's forward
+  share, then COCOeval on rank 0 while every GPU of the trial waits (``benchmarks/bench_eval.py``
+  on this CPU, 5,000 images x 100 detections: pycocotools 52 s before, faster-coco-eval 6.3 s
+  after). Before: every epoch; after: the last epoch.
+* **Schedule**: 12 epochs of COCO train2017 (118,287 images) at 16 images per step on 8 GPUs;
+  the teacher trains first (alone), then the rows; before, one trial at a time
+  (``max_concurrent_trials=1``); after, ``auto``: GPUs / 8 trials at once.
+
+"Useful share" is the time the GPUs spend on the unpadded images' FLOPs, over the trial's
+time. Host syncs per step (7 before, 1 after) are not modelled: their cost depends on kernel launch
+latency that only a GPU can show, so the "after" figures are conservative on that count.
+
+::
+
+    python benchmarks/cost_model.py [--ref-images-per-s 16] [--gpu-check gpu_check.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from kdsweep.config import ModelConfig
+from kdsweep.models.detectors import build_detector
+from kdsweep.orchestrate.launch import add_arguments, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+ABLATIONS = ("ablation_ssim", "ablation_scalekd", "ablation_mimic", "ablation_mimicdet")
+TRAIN_IMAGES, VAL_IMAGES, EPOCHS, GPUS_PER_TRIAL = 118_287, 5_000, 12, 8
+IMAGE = (480, 640)  # (h, w) of a COCO image (landscape; the portrait one costs the same)
+PAD_BEFORE, PAD_AFTER = 0.149, 0.019  # bench_loader: share of padded pixels, plain / grouped
+
+
+def input_size(cfg: ModelConfig, scale: float = 1.0) -> tuple[int, int]:
+    """``(h, w)`` of IMAGE after torchvision's resize (``min_size``/``max_size``) times ``scale``."""
+    h, w = IMAGE
+    r = min(cfg.min_size / min(h, w), cfg.max_size / max(h, w)) * scale
+    return round(h * r), round(w * r)
+
+
+_cache: dict[tuple, float] = {}
+
+
+def forward_flops(cfg: ModelConfig, size: tuple[int, int]) -> float:
+    """FLOPs of one image through backbone + FPN + head at ``size`` (padded to /32), on ``meta``."""
+    h, w = (math.ceil(s / 32) * 32 for s in size)
+    key = (cfg.arch, cfg.backbone, cfg.fpn_channels, h, w)
+    if key not in _cache:
+        with torch.device("meta"):
+            model = build_detector(ModelConfig(**{**cfg.__dict__, "weights": None}), 80)
+            with FlopCounterMode(display=False) as counter:
+                features = model.backbone(torch.zeros(1, 3, h, w))
+                if hasattr(model, "head"):
+                    model.head(list(features.values()))
+                elif hasattr(model, "rpn"):
+                    model.rpn.head(list(features.values()))
+        _cache[key] = float(counter.get_total_flops())
+    return _cache[key]
+
+
+@dataclass
+class Row:
+    label: str
+    train_flops: float  # per image, unpadded: 3 x student forward (+ teacher forward)
+    eval_flops: float  # per image: the student's forward
+    teacher: bool
+
+
+def rows_of(space: str) -> tuple[list[Row], Row]:
+    """The rows of ``search_spaces/<space>.yaml`` under the paper preset, and its teacher's run."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("space")
+    add_arguments(parser)
+    prepared = prepare(parser.parse_args([str(ROOT / "search_spaces" / f"{space}.yaml"), "--preset", "paper"]), with_data=False)
+    out = []
+    for label, exp in prepared.rows.items():
+        size = input_size(exp.student)
+        student = forward_flops(exp.student, size)
+        teacher = forward_flops(exp.teacher, input_size(exp.student, exp.teacher_scale)) if exp.kd else 0.0
+        out.append(Row(label, 3 * student + teacher, student, bool(exp.kd)))
+    exp = next(iter(prepared.rows.values()))
+    t = forward_flops(exp.teacher, input_size(exp.teacher))
+    return out, Row("teacher", 3 * t, t, False)
+
+
+def trial_hours(row: Row, flops_per_s: float, *, before: bool, decode_ms: float, cocoeval_s: tuple[float, float]) -> float:
+    """Wall hours of one 8-GPU trial of ``row``."""
+    pad = PAD_BEFORE if before else PAD_AFTER
+    per_image = row.train_flops / (1 - pad) / flops_per_s  # GPU seconds per image
+    step = 2 * per_image + (2 * decode_ms / 1000 if before else 0.0)  # 2 images per GPU per step
+    steps = TRAIN_IMAGES // (2 * GPUS_PER_TRIAL)
+    evals = EPOCHS if before else 1
+    predict = VAL_IMAGES / GPUS_PER_TRIAL * row.eval_flops / (1 - pad) / flops_per_s  # forward only, at the training efficiency
+    return (EPOCHS * steps * step + evals * (predict + cocoeval_s[0 if before else 1])) / 3600
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ref-images-per-s", type=float, default=16.0,
+                        help="training images/s of one A100 on the R50 RetinaNet student alone under AMP (assumed: 16)")
+    parser.add_argument("--gpu-check", help="gpu_check.json of a GPU run: its paper_step (SSIM row, R50 <- R101) calibrates the speed")
+    parser.add_argument("--decode-ms", type=float, default=4.1, help="ms per image of the old in-process decode (bench_loader: 4.1)")
+    parser.add_argument("--cocoeval-s", type=float, nargs=2, default=(52.0, 6.3), metavar=("BEFORE", "AFTER"),
+                        help="COCOeval seconds on 5,000 images: pycocotools, faster-coco-eval (bench_eval: 52, 6.3)")
+    parser.add_argument("--gpus", default="8,32,64", help="cluster sizes of the wall-time columns")
+    args = parser.parse_args(argv)
+
+    ref = forward_flops(ModelConfig(arch="retinanet", backbone="resnet50", fpn_channels=256, min_size=800, max_size=1333), input_size(
+        ModelConfig(min_size=800, max_size=1333)))
+    flops_per_s = 3 * ref * args.ref_images_per_s
+    source = f"assumed {args.ref_images_per_s:g} img/s for the R50 student alone"
+    if args.gpu_check:
+        step = json.loads(Path(args.gpu_check).read_text())["sections"]["paper_step"]["paper_loader"]
+        r101 = forward_flops(ModelConfig(arch="retinanet", backbone="resnet101", fpn_channels=256, min_size=800, max_size=1333),
+                             input_size(ModelConfig(min_size=800, max_size=1333)))
+        flops_per_s = (3 * ref + r101) * 2 / (step["ms_per_step"] / 1000)
+        source = f"measured: gpu_check paper_step {step['ms_per_step']} ms per step of 2 images"
+    print(f"device speed: {flops_per_s / 1e12:.1f} effective TFLOP/s per GPU ({source}); R50 RetinaNet forward "
+          f"{ref / 1e9:.0f} GFLOPs at {input_size(ModelConfig(min_size=800, max_size=1333))}")
+    print(f"padding {PAD_BEFORE:.1%} -> {PAD_AFTER:.1%}; decode {args.decode_ms} ms/img on the training thread -> loader processes; "
+          f"COCOeval {args.cocoeval_s[0]:.0f} s x {EPOCHS} epochs -> {args.cocoeval_s[1]:.1f} s x 1\n")
+    sizes = [int(g) for g in args.gpus.split(",")]
+    header = ["ablation", "trials", "GPU-h before", "GPU-h after", "useful share before / after"] + [f"wall {g} GPUs before" for g in sizes[:1]] + \
+        [f"wall {g} GPUs after" for g in sizes]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    totals = [0.0, 0.0]
+    for space in ABLATIONS:
+        rows, teacher = rows_of(space)
+        needs_teacher = any(r.teacher for r in rows)
+        out = []
+        for before in (True, False):
+            hours = [trial_hours(r, flops_per_s, before=before, decode_ms=args.decode_ms, cocoeval_s=args.cocoeval_s) for r in rows]
+            t = trial_hours(teacher, flops_per_s, before=before, decode_ms=args.decode_ms, cocoeval_s=args.cocoeval_s) if needs_teacher else 0.0
+            gpu_h = GPUS_PER_TRIAL * (sum(hours) + t)
+            walls = {}
+            for g in sizes:
+                at_once = 1 if before else max(1, g // GPUS_PER_TRIAL)
+                ordered = sorted(hours, reverse=True)  # longest first; each wave lasts as long as its longest
+                walls[g] = t + sum(ordered[i] for i in range(0, len(ordered), at_once))
+            useful = sum(EPOCHS * (TRAIN_IMAGES // 16) * 16 * r.train_flops / flops_per_s / GPUS_PER_TRIAL / 3600 for r in rows)
+            useful += (EPOCHS * (TRAIN_IMAGES // 16) * 16 * teacher.train_flops / flops_per_s / GPUS_PER_TRIAL / 3600) if needs_teacher else 0.0
+            out.append((gpu_h, walls, GPUS_PER_TRIAL * useful / gpu_h))
+        totals[0] += out[0][0]
+        totals[1] += out[1][0]
+        trials = len(rows) + (1 if needs_teacher else 0)
+        cells = [space, str(trials), f"{out[0][0]:.0f}", f"{out[1][0]:.0f}", f"{out[0][2]:.0%} / {out[1][2]:.0%}",
+                 f"{out[0][1][sizes[0]]:.1f} h"] + \
+            [f"{out[1][1][g]:.1f} h" for g in sizes]
+        print("| " + " | ".join(cells) + " |")
+    print(f"\nall four: {totals[0]:.0f} -> {totals[1]:.0f} GPU-hours ({totals[1] / totals[0]:.0%})")
+
+
+if __name__ == "__main__":
+    main()
