@@ -121,6 +121,24 @@ def test_assistant_has_its_own_optimizer() -> None:
     assert len(main) + len(csa_ids) == sum(1 for p in distiller.trainable.parameters() if p.requires_grad)
 
 
+def test_the_assistant_is_untouched_before_start_then_trains() -> None:
+    """Issue 13: before ``start`` neither the assistant's Adam nor its weight decay may move it."""
+    distiller = scalekd(start=0.5)
+    optimization = build_optimization(distiller.trainable, distiller.student,
+                                      TrainConfig(optimizer="adamw", lr=1e-3, epochs=2, warmup_iters=0, lr_schedule="constant"),
+                                      torch.device("cpu"), steps_per_epoch=2)
+    assistant = list(distiller._inner.terms["csa"].assistant.parameters())
+    before = [p.detach().clone() for p in assistant]
+    head = list(distiller.student.head.parameters())
+    head_before = [p.detach().clone() for p in head]
+    loader = [batch(), batch()]
+    train_one_epoch(distiller, optimization, loader, device=torch.device("cpu"), epoch=1, step_offset=0, total_steps=4)
+    assert all(torch.equal(a, b) for a, b in zip(before, assistant))  # progress 0 and 0.25: bit-identical
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, head))  # the student did train
+    train_one_epoch(distiller, optimization, loader, device=torch.device("cpu"), epoch=2, step_offset=2, total_steps=4)
+    assert any(not torch.equal(a, b) for a, b in zip(before, assistant))  # from 0.5 on it trains
+
+
 def test_frozen_backbone_does_not_move_until_the_fraction_then_moves() -> None:
     distiller = scalekd()
     optimization = build_optimization(distiller.trainable, distiller.student,

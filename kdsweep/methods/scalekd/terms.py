@@ -27,7 +27,8 @@ Both read more of the step than matched FPN maps (their :attr:`~kdsweep.kd.term.
   Before ``start`` (a fraction of training; ScaleKD warms the student up for 30k of 90k
   iterations, ~0.33) all three parts are multiplied by 0: the assistant is still computed, so
   every parameter takes part in every step (DDP needs no ``find_unused_parameters``). The
-  assistant's parameters have their own optimizer (``own_optimizer``: Adam, lr 3e-4, wd 1e-4).
+  assistant's parameters have their own optimizer (``own_optimizer``: Adam, lr 3e-4, wd 1e-4),
+  which steps from ``start`` on (:meth:`CSATerm.steps_at`): before it the assistant is untouched.
   ``csa`` needs a RetinaNet student (its loss supervises the assistant) and every student level.
 """
 
@@ -148,6 +149,14 @@ class CSATerm(KDTerm):
         """The assistant's Adam (lr 3e-4, weight decay 1e-4 by default), at a constant rate."""
         return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr,
                                 weight_decay=self.weight_decay)
+
+    def steps_at(self, progress: float) -> bool:
+        """The assistant's Adam steps from ``start`` on, not before: before it the assistant's losses
+        are multiplied by 0, and a step would still move every weight (Adam's update of a zero
+        gradient with weight decay 1e-4 is about ``lr * sign(w)``: the weights shrink by ~35 % over
+        the quick warm-up, ~93 % over 1,000 steps). The assistant joins as it was initialised, as
+        ScaleKD's warm-up of the student alone implies (30k of 90k iterations before distilling)."""
+        return progress >= self.start
 
     def forward(self, step: KDStep) -> dict[str, Tensor]:
         if step.head_outputs is None or step.anchors is None or step.targets is None:
