@@ -36,6 +36,7 @@ latency that only a GPU can show, so the "after" figures are conservative on tha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ def forward_flops(cfg: ModelConfig, size: tuple[int, int]) -> float:
     key = (cfg.arch, cfg.backbone, cfg.fpn_channels, h, w)
     if key not in _cache:
         with torch.device("meta"):
-            model = build_detector(ModelConfig(**{**cfg.__dict__, "weights": None}), 80)
+            model = build_detector(dataclasses.replace(cfg, weights=None), 80)
             with FlopCounterMode(display=False) as counter:
                 features = model.backbone(torch.zeros(1, 3, h, w))
                 if hasattr(model, "head"):
@@ -129,18 +130,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus", default="8,32,64", help="cluster sizes of the wall-time columns")
     args = parser.parse_args(argv)
 
-    ref = forward_flops(ModelConfig(arch="retinanet", backbone="resnet50", fpn_channels=256, min_size=800, max_size=1333), input_size(
-        ModelConfig(min_size=800, max_size=1333)))
+    r50 = ModelConfig(arch="retinanet", backbone="resnet50", fpn_channels=256, min_size=800, max_size=1333)
+    coco = input_size(r50)
+    ref = forward_flops(r50, coco)
     flops_per_s = 3 * ref * args.ref_images_per_s
     source = f"assumed {args.ref_images_per_s:g} img/s for the R50 student alone"
     if args.gpu_check:
         step = json.loads(Path(args.gpu_check).read_text())["sections"]["paper_step"]["paper_loader"]
-        r101 = forward_flops(ModelConfig(arch="retinanet", backbone="resnet101", fpn_channels=256, min_size=800, max_size=1333),
-                             input_size(ModelConfig(min_size=800, max_size=1333)))
+        r101 = forward_flops(dataclasses.replace(r50, backbone="resnet101"), coco)
         flops_per_s = (3 * ref + r101) * 2 / (step["ms_per_step"] / 1000)
         source = f"measured: gpu_check paper_step {step['ms_per_step']} ms per step of 2 images"
     print(f"device speed: {flops_per_s / 1e12:.1f} effective TFLOP/s per GPU ({source}); R50 RetinaNet forward "
-          f"{ref / 1e9:.0f} GFLOPs at {input_size(ModelConfig(min_size=800, max_size=1333))}")
+          f"{ref / 1e9:.0f} GFLOPs at {coco}")
     print(f"padding {PAD_BEFORE:.1%} -> {PAD_AFTER:.1%}; decode {args.decode_ms} ms/img on the training thread -> loader processes; "
           f"COCOeval {args.cocoeval_s[0]:.0f} s x {EPOCHS} epochs -> {args.cocoeval_s[1]:.1f} s x 1\n")
     sizes = [int(g) for g in args.gpus.split(",")]
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     for space in ABLATIONS:
         rows, teacher = rows_of(space)
         needs_teacher = any(r.teacher for r in rows)
+        trained = rows + ([teacher] if needs_teacher else [])
+        # GPU-hours on the unpadded images' FLOPs alone: the share of the total that is useful work
+        useful_gpu_h = sum(EPOCHS * (TRAIN_IMAGES // 16) * 16 * r.train_flops / flops_per_s / 3600 for r in trained)
         out = []
         for before in (True, False):
             hours = [trial_hours(r, flops_per_s, before=before, decode_ms=args.decode_ms, cocoeval_s=args.cocoeval_s) for r in rows]
@@ -162,12 +166,10 @@ def main(argv: list[str] | None = None) -> None:
                 at_once = 1 if before else max(1, g // GPUS_PER_TRIAL)
                 ordered = sorted(hours, reverse=True)  # longest first; each wave lasts as long as its longest
                 walls[g] = t + sum(ordered[i] for i in range(0, len(ordered), at_once))
-            useful = sum(EPOCHS * (TRAIN_IMAGES // 16) * 16 * r.train_flops / flops_per_s / GPUS_PER_TRIAL / 3600 for r in rows)
-            useful += (EPOCHS * (TRAIN_IMAGES // 16) * 16 * teacher.train_flops / flops_per_s / GPUS_PER_TRIAL / 3600) if needs_teacher else 0.0
-            out.append((gpu_h, walls, GPUS_PER_TRIAL * useful / gpu_h))
+            out.append((gpu_h, walls, useful_gpu_h / gpu_h))
         totals[0] += out[0][0]
         totals[1] += out[1][0]
-        trials = len(rows) + (1 if needs_teacher else 0)
+        trials = len(trained)
         cells = [space, str(trials), f"{out[0][0]:.0f}", f"{out[1][0]:.0f}", f"{out[0][2]:.0%} / {out[1][2]:.0%}",
                  f"{out[0][1][sizes[0]]:.1f} h"] + \
             [f"{out[1][1][g]:.1f} h" for g in sizes]

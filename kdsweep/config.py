@@ -340,11 +340,11 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
 
 HASH_NEUTRAL = {"TrainConfig": ("loader_workers", "eval_every", "evaluator")}
 """Fields that never change what a run learns (how data is loaded, when it is evaluated): left out
-of :func:`run_hash`, so that a teacher trained with other values is reused."""
+of :func:`run_hash_dict`, so that a teacher trained with other values is reused."""
 
 LEGACY_VALUES = {"TrainConfig": {"hflip": 0.0, "aspect_grouping": 0}}
 """Fields added after teachers were first stored, with the value that reproduces the earlier
-behaviour: at that value they are left out of :func:`run_hash`, so that stores of earlier versions
+behaviour: at that value they are left out of :func:`run_hash_dict`, so that stores of earlier versions
 keep their teachers."""
 
 

@@ -6,6 +6,7 @@ artifacts, and Ray storage all live here. Every path returned is absolute (Ray w
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -15,6 +16,15 @@ def home() -> Path:
     root = Path(os.environ.get("KDSWEEP_HOME") or Path.home() / ".kdsweep").expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def file_version_key(path: Path, context: str) -> str:
+    """20 hex digits naming this version of the file at ``path`` (its absolute path, size and
+    modification time) in ``context`` (what else the cached result depends on): the key of the
+    caches derived from a file, so that a new version of the file gets a new entry."""
+    resolved = path.resolve()
+    stat = resolved.stat()
+    return hashlib.sha256(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}|{context}".encode()).hexdigest()[:20]
 
 
 def synth_data_dir(name: str = "synth") -> Path:

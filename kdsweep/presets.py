@@ -31,6 +31,15 @@ class Preset:
 _CPU_TRAIN = {"num_workers": 1, "cpus_per_worker": 0.9, "threads_per_worker": 1, "use_gpu": False,
               "hflip": 0.0, "aspect_grouping": 0}
 
+# The paper presets' training (teacher and students alike):
+# - the base of the linear scaling rule: 8 workers x 2 images = 16 at lr 0.01 (mmdetection's
+#   RetinaNet 1x); --num-workers scales lr with the global batch (kdsweep.orchestrate.scheduling);
+# - grad_clip None: mmdetection's retinanet_r50_fpn_1x_coco.py keeps schedule_1x.py's
+#   optimizer_config grad_clip=None;
+# - hflip 0.5 and aspect grouping (k=3) as every paper's and torchvision's references' pipeline;
+#   3 loader processes per GPU (4 CPUs - 1);
+# - COCO-evaluated after the last epoch only (eval_every 0: 5k images, no waiting GPUs), by
+#   faster-coco-eval (pycocotools' numbers, 8x faster: benchmarks/bench_eval.py).
 _GPU_TRAIN = {"epochs": 12, "batch_size": 2, "lr": 0.01, "lr_schedule": "step", "warmup_iters": 500, "grad_clip": None,
               "num_workers": 8, "use_gpu": True, "amp": True, "cpus_per_worker": 4, "threads_per_worker": 4,
               "placement_strategy": "auto", "hflip": 0.5, "aspect_grouping": 3, "loader_workers": "auto", "eval_every": 0,
@@ -76,13 +85,6 @@ PRESETS: dict[str, Preset] = {
                         "weights": "torchvision:ResNet101_Weights.IMAGENET1K_V1", "trainable_backbone_layers": 3},
             "student": {"arch": "retinanet", "backbone": "resnet50", "fpn_channels": 256, "min_size": 800, "max_size": 1333, "anchor_scale": 4.0,
                         "weights": "torchvision:ResNet50_Weights.IMAGENET1K_V1", "trainable_backbone_layers": 3},
-            # the base of the linear scaling rule: 8 workers x 2 images = 16 at lr 0.01 (mmdetection's
-            # RetinaNet 1x); --num-workers scales lr with the global batch (kdsweep.orchestrate.scheduling)
-            # grad_clip None: mmdetection's retinanet_r50_fpn_1x_coco.py keeps schedule_1x.py's
-            # optimizer_config grad_clip=None. hflip 0.5 and aspect grouping (k=3) as every paper's
-            # and torchvision's references' pipeline; 3 loader processes per GPU (4 CPUs - 1);
-            # COCO-evaluated after the last epoch only (eval_every 0: 5k images, no waiting GPUs), by
-            # faster-coco-eval (pycocotools' numbers, 8x faster: benchmarks/bench_eval.py)
             "teacher_train": dict(_GPU_TRAIN),
             "train": dict(_GPU_TRAIN),
         },

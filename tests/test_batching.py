@@ -64,3 +64,4 @@ def test_grouping_removes_the_padding_of_mixed_orientations():
     assert padding_ratio(sizes, grouped) < 0.01 < 0.1 < padding_ratio(sizes, plain)
     assert padding_ratio([(10, 10), (10, 10)], [[0, 1]]) == 0.0
     assert padding_ratio([(10, 20), (20, 10)], [[0, 1]]) == pytest.approx(0.5)
+    assert padding_ratio([(10, 20), (20, 10)], [[0, 1]], divisor=32) == pytest.approx(1 - 400 / (2 * 32 * 32))

@@ -25,7 +25,6 @@ detectors' targets want; the evaluation ground truth is the JSON itself (``CocoD
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -127,10 +126,7 @@ def convert(dataset: dict[str, Any], path: Path) -> CompactAnnotations:
 def cache_dir(ann_path: Path) -> Path:
     """``KDSWEEP_HOME/compact/<key>``: the key hashes the file's absolute path, size and
     modification time (a new version of the file gets a new folder)."""
-    ann = ann_path.resolve()
-    stat = ann.stat()
-    key = hashlib.sha256(f"{ann}|{stat.st_size}|{stat.st_mtime_ns}|v{FORMAT_VERSION}".encode()).hexdigest()[:20]
-    return kdsweep_paths.home() / "compact" / key
+    return kdsweep_paths.home() / "compact" / kdsweep_paths.file_version_key(ann_path, f"v{FORMAT_VERSION}")
 
 
 def _write(compact: CompactAnnotations, folder: Path, source: Path) -> None:

@@ -10,6 +10,7 @@ written against our dataset, with a tail that keeps the step count of plain batc
 from __future__ import annotations
 
 import bisect
+import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
@@ -58,14 +59,15 @@ class GroupedBatchSampler(Sampler[list[int]]):
         return len(self.sampler) // self.batch_size  # type: ignore[arg-type]
 
 
-def padding_ratio(sizes: Sequence[tuple[int, int]], batches: Sequence[Sequence[int]]) -> float:
-    """Share of the padded pixels that are padding: ``1 - sum(h * w) / sum(batch * max_h * max_w)``
-    over ``batches`` (lists of indices into ``sizes``, ``(height, width)`` of each image as the
-    detector sees it)."""
+def padding_ratio(sizes: Sequence[tuple[int, int]], batches: Sequence[Sequence[int]], divisor: int = 1) -> float:
+    """Share of the padded pixels that are padding: ``1 - sum(h * w) / sum(batch * H * W)`` over
+    ``batches`` (lists of indices into ``sizes``, ``(height, width)`` of each image as the detector
+    sees it), where ``H``, ``W`` are the batch's largest height and width rounded up to a multiple
+    of ``divisor`` (torchvision's detectors pad a batch to a multiple of 32)."""
     real = padded = 0
     for batch in batches:
         hs = [sizes[i][0] for i in batch]
         ws = [sizes[i][1] for i in batch]
         real += sum(h * w for h, w in zip(hs, ws))
-        padded += len(batch) * max(hs) * max(ws)
+        padded += len(batch) * math.ceil(max(hs) / divisor) * divisor * math.ceil(max(ws) / divisor) * divisor
     return 1.0 - real / padded if padded else 0.0

@@ -8,7 +8,6 @@ record id and the field, with a fix. Training calls :func:`load_validated`, whic
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from collections import Counter
@@ -251,10 +250,8 @@ def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *,
 def _validation_stamp(ann_path: Path, images_dir: str | Path | None, decode: bool) -> Path:
     """Marker file of a successful validation of this annotation file version and image folder
     (``<key>.json`` after a full decode, ``<key>-headers.json`` after reading headers)."""
-    ann = ann_path.resolve()
-    stat = ann.stat()
-    folder = Path(images_dir).resolve() if images_dir else ann.parent / "images"
-    key = hashlib.sha256(f"{ann}|{stat.st_size}|{stat.st_mtime_ns}|{folder}".encode()).hexdigest()[:20]
+    folder = Path(images_dir).resolve() if images_dir else ann_path.resolve().parent / "images"
+    key = kdsweep_paths.file_version_key(ann_path, str(folder))
     return kdsweep_paths.home() / "validated" / f"{key}{'' if decode else '-headers'}.json"
 
 
@@ -271,8 +268,8 @@ def load_validated(ann_path: str | Path, images_dir: str | Path | None = None, *
     ``use_cache=False`` re-checks.
     """
     path = Path(ann_path)
-    stamps = [_validation_stamp(path, images_dir, True)] + ([] if decode else [_validation_stamp(path, images_dir, False)]) \
-        if use_cache and path.is_file() else []
+    modes = (True,) if decode else (True, False)  # a full decode's stamp stands for a header check
+    stamps = [_validation_stamp(path, images_dir, mode) for mode in modes] if use_cache and path.is_file() else []
     for stamp in stamps:
         if stamp.is_file():
             return ValidationReport(**json.loads(stamp.read_text()))

@@ -188,7 +188,8 @@ def evaluate(
     only (:func:`~kdsweep.train.collectives.gather_rows`), which unpacks them and runs COCOeval over
     ``image_ids`` (the full val set), then broadcasts the numbers as a tensor so that every rank
     reports the same metrics. ``eval_images`` counts the distinct images evaluated across all
-    workers (it equals ``len(image_ids)`` when nothing was missed).
+    workers (it equals ``len(image_ids)`` when nothing was missed). Only rank 0 reads ``coco_gt``;
+    the other ranks may pass None.
     """
     local = predict(model, loader, device, amp_dtype=amp_dtype)
     rows = detection_rows(local, device)

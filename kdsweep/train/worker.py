@@ -116,7 +116,8 @@ def _run_worker(config: dict[str, Any]) -> None:
         if evaluates(epoch, cfg):
             metrics.update(
                 evaluate(
-                    distiller.student, loaders.val, device=device, coco_gt=val_ds.coco_gt,
+                    # the ground truth is parsed from the JSON on rank 0 only: COCOeval runs there alone
+                    distiller.student, loaders.val, device=device, coco_gt=val_ds.coco_gt if rank == 0 else None,
                     label_to_cat_id=val_ds.label_to_cat_id, image_ids=val_ds.image_ids,
                     amp_dtype=optimization.amp_dtype, evaluator=cfg.evaluator,
                 )
