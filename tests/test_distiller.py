@@ -277,9 +277,11 @@ def _two_workers(rank: int, world: int, port: int, queue) -> None:
 
         watched = ("terms.l2.adapters.0.weight", "terms.csa.assistant.attention.0.q_proj.weight")
 
-        def grads(module) -> dict[str, torch.Tensor]:
+        def grads(module) -> dict:
+            # numpy arrays travel through the queue by value; a tensor would travel as a file
+            # descriptor that the parent must fetch from this process, which may have exited by then
             named = dict(module.named_parameters())
-            return {k: named[k].grad.detach().clone() for k in watched}
+            return {k: named[k].grad.detach().numpy().copy() for k in watched}
 
         ddp = build()
         ddp.wrap(lambda m: DistributedDataParallel(m))
@@ -310,6 +312,9 @@ def test_two_data_parallel_workers_average_the_adapters_and_the_assistants_gradi
     results = dict(queue.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(timeout=60)
+    results = {rank: {k: ({n: torch.from_numpy(a) for n, a in v.items()} if k == "ddp"
+                          else [{n: torch.from_numpy(a) for n, a in g.items()} for g in v])
+                      for k, v in out.items()} for rank, out in results.items()}
     for name, value in results[0]["ddp"].items():
         mean = (results[0]["local"][0][name] + results[0]["local"][1][name]) / 2
         assert not torch.allclose(results[0]["local"][0][name], results[0]["local"][1][name])  # the batches differ
