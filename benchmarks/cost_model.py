@@ -21,7 +21,7 @@ this model. Every input is printed with where it comes from:
   on this CPU, 5,000 images x 100 detections: pycocotools 52 s before, faster-coco-eval 6.3 s
   after). Before: every epoch; after: the last epoch.
 * **Schedule**: 12 epochs of COCO train2017 (118,287 images) at 16 images per step on 8 GPUs;
-  the teacher trains first (alone), then the rows; before, one trial at a time
+  each distinct teacher (its model at its own resolution) trains first, then the rows; before, one trial at a time
   (``max_concurrent_trials=1``); after, ``auto``: GPUs / 8 trials at once.
 
 "Useful share" is the time the GPUs spend on the unpadded images' FLOPs, over the trial's
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdsweep.config import ModelConfig
+from kdsweep.config import ModelConfig, teacher_model, to_dict
 from kdsweep.models.detectors import build_detector
 from kdsweep.orchestrate.launch import add_arguments, prepare
 
@@ -91,8 +91,9 @@ class Row:
     teacher: bool
 
 
-def rows_of(space: str) -> tuple[list[Row], Row]:
-    """The rows of ``search_spaces/<space>.yaml`` under the paper preset, and its teacher's run."""
+def rows_of(space: str) -> tuple[list[Row], list[Row]]:
+    """The rows of ``search_spaces/<space>.yaml`` under the paper preset, and the run of each
+    distinct teacher (each at its own resolution: ScaleKD's 2x teacher is a teacher of its own)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("space")
     add_arguments(parser)
@@ -103,9 +104,13 @@ def rows_of(space: str) -> tuple[list[Row], Row]:
         student = forward_flops(exp.student, size)
         teacher = forward_flops(exp.teacher, input_size(exp.student, exp.teacher_scale)) if exp.kd else 0.0
         out.append(Row(label, 3 * student + teacher, student, bool(exp.kd)))
-    exp = next(iter(prepared.rows.values()))
-    t = forward_flops(exp.teacher, input_size(exp.teacher))
-    return out, Row("teacher", 3 * t, t, False)
+    teachers = {}
+    for exp in prepared.rows.values():
+        if exp.kd:
+            model = teacher_model(exp)
+            teachers.setdefault(json.dumps(to_dict(model), sort_keys=True), model)
+    flops = [forward_flops(m, input_size(m)) for m in teachers.values()]
+    return out, [Row(f"teacher {m.min_size}", 3 * t, t, False) for m, t in zip(teachers.values(), flops)]
 
 
 def trial_hours(row: Row, flops_per_s: float, *, before: bool, decode_ms: float, cocoeval_s: tuple[float, float]) -> float:
@@ -117,6 +122,12 @@ def trial_hours(row: Row, flops_per_s: float, *, before: bool, decode_ms: float,
     evals = EPOCHS if before else 1
     predict = VAL_IMAGES / GPUS_PER_TRIAL * row.eval_flops / (1 - pad) / flops_per_s  # forward only, at the training efficiency
     return (EPOCHS * steps * step + evals * (predict + cocoeval_s[0 if before else 1])) / 3600
+
+
+def waves(hours: list[float], at_once: int) -> float:
+    """Wall hours of trials run ``at_once`` at a time, longest first: each wave lasts as long as its longest."""
+    ordered = sorted(hours, reverse=True)
+    return sum(ordered[i] for i in range(0, len(ordered), at_once))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,21 +162,20 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "---|" * len(header))
     totals = [0.0, 0.0]
     for space in ABLATIONS:
-        rows, teacher = rows_of(space)
-        needs_teacher = any(r.teacher for r in rows)
-        trained = rows + ([teacher] if needs_teacher else [])
+        rows, teachers = rows_of(space)
+        trained = rows + teachers
         # GPU-hours on the unpadded images' FLOPs alone: the share of the total that is useful work
         useful_gpu_h = sum(EPOCHS * (TRAIN_IMAGES // 16) * 16 * r.train_flops / flops_per_s / 3600 for r in trained)
         out = []
         for before in (True, False):
             hours = [trial_hours(r, flops_per_s, before=before, decode_ms=args.decode_ms, cocoeval_s=args.cocoeval_s) for r in rows]
-            t = trial_hours(teacher, flops_per_s, before=before, decode_ms=args.decode_ms, cocoeval_s=args.cocoeval_s) if needs_teacher else 0.0
-            gpu_h = GPUS_PER_TRIAL * (sum(hours) + t)
+            t = [trial_hours(r, flops_per_s, before=before, decode_ms=args.decode_ms, cocoeval_s=args.cocoeval_s)
+                 for r in teachers]
+            gpu_h = GPUS_PER_TRIAL * (sum(hours) + sum(t))
             walls = {}
             for g in sizes:
                 at_once = 1 if before else max(1, g // GPUS_PER_TRIAL)
-                ordered = sorted(hours, reverse=True)  # longest first; each wave lasts as long as its longest
-                walls[g] = t + sum(ordered[i] for i in range(0, len(ordered), at_once))
+                walls[g] = waves(t, at_once) + waves(hours, at_once)  # the teachers first, then the rows
             out.append((gpu_h, walls, useful_gpu_h / gpu_h))
         totals[0] += out[0][0]
         totals[1] += out[1][0]

@@ -219,7 +219,11 @@ class ExperimentConfig:
     """A whole distillation run: data, teacher, student, KD terms and training settings.
 
     ``teacher_scale`` is the teacher's input resolution relative to the student's (ScaleKD's
-    high-resolution teacher uses 2.0); teacher feature maps are resized to the student's.
+    high-resolution teacher uses 2.0; Li et al.'s cross-scale mimic gives the student half the
+    teacher's). The teacher is trained *and* run at that resolution: the student's
+    ``min_size``/``max_size`` times ``teacher_scale`` (:func:`teacher_model`), which replaces the
+    teacher's own sizes; a teacher at 2x is another teacher, with its own config hash. Teacher
+    feature maps are resized to the student's where a term compares maps.
     An empty ``kd`` trains the student alone (the baseline row).
     """
 
@@ -236,10 +240,21 @@ class ExperimentConfig:
             raise ConfigError(f"teacher_scale {self.teacher_scale} must be > 0")
 
 
+def teacher_model(exp: ExperimentConfig) -> ModelConfig:
+    """``exp.teacher`` at the resolution it is trained and run at: the student's ``min_size`` and
+    ``max_size`` times ``exp.teacher_scale`` (rounded). ScaleKD: "the teacher sees a
+    high-resolution input" (Zhu et al. 2023, METHODS.md section 3), so a 2x teacher is trained on
+    2x images, not only fed them. At scale 1 with the student's sizes this is ``exp.teacher``."""
+    scale = exp.teacher_scale
+    return dataclasses.replace(exp.teacher, min_size=max(1, round(exp.student.min_size * scale)),
+                               max_size=max(1, round(exp.student.max_size * scale)))
+
+
 def teacher_experiment(exp: ExperimentConfig) -> ExperimentConfig:
-    """The config of the run that trains ``exp``'s teacher: the teacher as the student, trained
-    with ``exp.teacher_train``, no KD terms. A teacher's run is then a run like any other."""
-    return dataclasses.replace(exp, student=exp.teacher, train=exp.teacher_train, kd=())
+    """The config of the run that trains ``exp``'s teacher: the teacher (:func:`teacher_model`, at
+    its own resolution) as the student, trained with ``exp.teacher_train``, no KD terms, at scale
+    1. A teacher's run is then a run like any other."""
+    return dataclasses.replace(exp, student=teacher_model(exp), train=exp.teacher_train, kd=(), teacher_scale=1.0)
 
 
 def _type_name(tp: Any) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kdsweep.config import ConfigError, ExperimentConfig, from_dict, run_hash_dict, teacher_experiment
+from kdsweep.config import ConfigError, ExperimentConfig, from_dict, run_hash_dict, teacher_experiment, teacher_model
 from kdsweep.orchestrate.preflight import preflight
 from kdsweep.orchestrate.space import load_space, parse_space
 from kdsweep.orchestrate.trials import apply_sampled, distinct_teachers, row_configs, teacher_hash, trial_config, variants
@@ -93,6 +93,52 @@ def test_teachers_are_keyed_by_their_own_config():
     assert list(teachers) == [keys["a"], keys["c"]]  # the plain row needs none
     run = teacher_experiment(rows["c"])  # the teacher's own run: the teacher as the student, no KD
     assert run.student == rows["c"].teacher and run.train == rows["c"].teacher_train and run.kd == ()
+
+
+def test_a_high_resolution_teacher_is_trained_and_run_at_its_resolution_and_is_another_teacher():
+    """ScaleKD: "the teacher sees a high-resolution input". The 2x rows' teacher is trained on 2x
+    images (not a 1x teacher fed 2x images), so it is not the 1x row's teacher."""
+    space = load_space(ROOT / "search_spaces" / "ablation_scalekd.yaml")
+    rows = row_configs(space, PRESETS["quick"].experiment)
+    at_2x, at_1x = rows["sdf shared + csa"], rows["sdf shared + csa, teacher at student resolution"]
+    assert (at_2x.student.min_size, at_2x.teacher_scale, at_1x.teacher_scale) == (128, 2.0, 1.0)
+    trained = teacher_experiment(at_2x)  # the teacher's own run
+    assert (trained.student.min_size, trained.student.max_size, trained.teacher_scale) == (256, 256, 1.0)
+    assert teacher_experiment(at_1x).student.min_size == 128
+    assert teacher_hash(at_2x, DATA) != teacher_hash(at_1x, DATA)
+    assert list(distinct_teachers(rows, DATA)) == [teacher_hash(at_2x, DATA), teacher_hash(at_1x, DATA)]
+    # the 1x teacher is the SSIM ablation's (same preset): trained once, reused across the store
+    ssim = row_configs(load_space(ROOT / "search_spaces" / "ablation_ssim.yaml"), PRESETS["quick"].experiment)["ssim"]
+    assert teacher_hash(ssim, DATA) == teacher_hash(at_1x, DATA)
+    # the distiller runs it at the resolution it was trained at
+    from kdsweep.train.model import build_model
+    import torch
+
+    with torch.device("meta"):
+        teacher = build_model(teacher_experiment(at_2x), 3).student
+        distiller = build_model(at_2x, 3, teacher.state_dict())
+    assert distiller.teacher.transform.min_size == (256,) and distiller.teacher.transform.max_size == 256
+    # Li et al.'s cross-scale mimic: a half-resolution student, a teacher at 2x its resolution, is
+    # the full-resolution rows' teacher
+    mimic = row_configs(load_space(ROOT / "search_spaces" / "ablation_mimic.yaml"), PRESETS["quick"].experiment)
+    assert teacher_model(mimic["cross-scale half-res mimic"]) == teacher_model(mimic["proposal mimic"])
+
+
+@pytest.mark.parametrize("path, sampler", [("teacher_scale", {"choice": [1.0, 2.0]}),
+                                           ("teacher.backbone", {"choice": ["resnet18", "resnet34"]}),
+                                           ("teacher_train.lr", {"loguniform": [0.001, 0.01]}),
+                                           ("student.min_size", {"choice": [96, 128]})])
+def test_a_sampled_value_that_changes_the_teacher_is_rejected_before_anything_starts(path, sampler):
+    """A row's teacher is trained or reused once, before its trials sample: a sampled teacher
+    would be silently the row's. Rows may override the teacher; ``space:`` may not."""
+    space = parse_space({"rows": [{"label": "a", "kd": [{"loss": "l2"}]}], "space": {path: sampler}}, "x.yaml")
+    with pytest.raises(ConfigError, match=rf"x.yaml: space.{path} changes the teacher of row 'a'.*its own row"):
+        variants(space, row_configs(space, PRESET))
+    # a row without a teacher may sample it, and the KD weight never changes the teacher
+    plain = parse_space({"rows": [{"label": "a"}], "space": {path: sampler}}, "x.yaml")
+    assert len(variants(plain, row_configs(plain, PRESET))) >= 1
+    weight = parse_space({"rows": [{"label": "a", "kd": [{"loss": "l2"}]}], "space": {"kd.0.weight": {"choice": [1, 2]}}}, "x.yaml")
+    assert len(variants(weight, row_configs(weight, PRESET))) == 2
 
 
 def test_loading_and_evaluation_settings_do_not_change_the_teacher_new_fields_only_when_used():

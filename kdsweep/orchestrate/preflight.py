@@ -36,7 +36,7 @@ from torch import nn
 from torchvision.models import get_model, get_model_builder, get_model_weights, list_models
 from torchvision.models._api import WeightsEnum
 
-from kdsweep.config import ConfigError, ExperimentConfig, ModelConfig, config_hash, teacher_experiment, to_dict
+from kdsweep.config import ConfigError, ExperimentConfig, ModelConfig, config_hash, teacher_experiment, teacher_model, to_dict
 from kdsweep.data.synthetic import CLASSES
 from kdsweep.models.detectors import TORCHVISION_PREFIX, check_checkpoint, describe
 from kdsweep.train.model import build_model
@@ -176,7 +176,7 @@ def preflight(trials: Sequence[tuple[str, ExperimentConfig]], num_classes: int |
                         exp = dataclasses.replace(exp, student=_classes_unknown_config(exp.student))
                 teacher_line, state = None, None
                 if exp.kd:
-                    key = config_hash({"teacher": to_dict(exp.teacher), "classes": classes})
+                    key = config_hash({"teacher": to_dict(teacher_model(exp)), "classes": classes})
                     if key not in teachers:
                         with _role("teacher"):
                             teachers[key] = build_model(teacher_experiment(exp), classes).student.state_dict()
@@ -184,7 +184,7 @@ def preflight(trials: Sequence[tuple[str, ExperimentConfig]], num_classes: int |
                 with _role("student"):
                     distiller = build_model(exp, classes, state)
                 if distiller.teacher is not None:
-                    teacher_line = _model_line(exp.teacher, distiller.teacher)
+                    teacher_line = _model_line(teacher_model(exp), distiller.teacher)
                 trainable = sum(p.numel() for p in distiller.trainable.parameters() if p.requires_grad)
                 out.append(RowModels(label, teacher_line, _model_line(exp.student, distiller.student), _kd_line(exp), trainable))
             except ConfigError as exc:

@@ -18,7 +18,16 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kdsweep.config import ConfigError, ExperimentConfig, config_hash, from_dict, merge, run_hash_dict, to_dict
+from kdsweep.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_hash,
+    from_dict,
+    merge,
+    run_hash_dict,
+    teacher_model,
+    to_dict,
+)
 from kdsweep.methods import TERMS
 from kdsweep.orchestrate.space import Sampler, SearchSpace
 
@@ -108,15 +117,31 @@ def variants(space: SearchSpace, rows: Mapping[str, ExperimentConfig]) -> list[t
             values = sampler.values() if sampler.kind in ("grid", "choice") else [sampler.representative()]
             combos = [dict(c, **{path: value}) for c in combos for value in values]
         for sampled in combos:
-            out.append((label, apply_sampled(exp, sampled, {}, space.source, f"{space.source}: row '{label}'")))
+            variant = apply_sampled(exp, sampled, {}, space.source, f"{space.source}: row '{label}'")
+            if exp.kd and _teacher_defining(variant) != _teacher_defining(exp):
+                changed = next(p for p in sampled if _teacher_defining(apply_sampled(exp, {p: sampled[p]}, {}))
+                               != _teacher_defining(exp))
+                raise ConfigError(
+                    f"{space.source}: space.{changed} changes the teacher of row '{label}' (its model, resolution, "
+                    "training or data), but a row's teacher is trained or reused once, before its trials sample; "
+                    "give each teacher its own row instead (rows may override teacher, teacher_train and teacher_scale)")
+            out.append((label, variant))
     return out
 
 
+def _teacher_defining(exp: ExperimentConfig) -> dict[str, Any]:
+    """What :func:`teacher_hash` hashes, the data config standing for the resolved files."""
+    return {"teacher": to_dict(teacher_model(exp)), "teacher_train": run_hash_dict(exp.teacher_train),
+            "data": to_dict(exp.data)}
+
+
 def teacher_hash(exp: ExperimentConfig, data: Mapping[str, str]) -> str:
-    """The config hash that identifies ``exp``'s teacher: its model, its training and the data
-    files (``data``: the resolved paths). Rows with the same hash share one teacher. How the data
+    """The config hash that identifies ``exp``'s teacher: its model at the resolution it is trained
+    and run at (:func:`~kdsweep.config.teacher_model`: ``teacher_scale`` counts), its training and
+    the data files (``data``: the resolved paths). Rows with the same hash share one teacher. How the data
     is loaded and when it is evaluated do not count (:func:`~kdsweep.config.run_hash_dict`)."""
-    return config_hash({"teacher": to_dict(exp.teacher), "teacher_train": run_hash_dict(exp.teacher_train), "data": dict(data)})
+    return config_hash({"teacher": to_dict(teacher_model(exp)), "teacher_train": run_hash_dict(exp.teacher_train),
+                        "data": dict(data)})
 
 
 def distinct_teachers(rows: Mapping[str, ExperimentConfig], data: Mapping[str, str]) -> dict[str, ExperimentConfig]:

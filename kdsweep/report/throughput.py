@@ -34,7 +34,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from kdsweep.config import ExperimentConfig, ModelConfig, config_hash, to_dict
+from kdsweep.config import ExperimentConfig, ModelConfig, config_hash, teacher_model, to_dict
 from kdsweep.models.detectors import build_detector
 
 __all__ = ["count_params", "count_inference_params", "measure_configs", "measure_inference", "row_throughput",
@@ -283,8 +283,8 @@ def row_throughput(rows: Mapping[str, ExperimentConfig], num_classes: int, with_
         key = config_hash(to_dict(cfg))
         unique.setdefault(key, cfg)
         label_key[label] = key
-        if with_teacher and "teacher" not in unique:
-            unique["teacher"] = dataclasses.replace(exp.teacher, weights=None)
+        if with_teacher and exp.kd and "teacher" not in unique:  # as it runs: at its own resolution
+            unique["teacher"] = dataclasses.replace(teacher_model(exp), weights=None)
     settings = {"batch": 2, "iters": 2, "rounds": 1} if quick else {"batch": 4, "iters": 5, "rounds": 3}
     measured = measure_configs(unique, num_classes, device=device, **settings)
     out: dict[str, dict[str, float]] = {}

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from kdsweep.config import ExperimentConfig
+from kdsweep.config import ExperimentConfig, teacher_model
 from kdsweep.models.detectors import build_detector, load_state
 from kdsweep.train.distiller import Distiller, build_distiller
 
@@ -22,7 +22,7 @@ __all__ = ["build_model"]
 def build_model(exp: ExperimentConfig, num_classes: int, teacher_state: Mapping[str, Any] | None = None) -> Distiller:
     """The Distiller of ``exp``: the student (built from ``exp.student``, its initial weights
     included) and, when ``exp.kd`` is set, its KD terms and the frozen teacher (built from
-    ``exp.teacher`` without initial weights, then loaded with ``teacher_state``, the trained
+    ``exp.teacher`` at its resolution (:func:`~kdsweep.config.teacher_model`) without initial weights, then loaded with ``teacher_state``, the trained
     teacher's state_dict).
 
     ``num_classes`` is the dataset's class count (a model's own ``num_classes`` wins when set).
@@ -36,6 +36,6 @@ def build_model(exp: ExperimentConfig, num_classes: int, teacher_state: Mapping[
     if exp.kd:
         if teacher_state is None:
             raise ValueError("KD terms are configured but no teacher weights were given")
-        teacher = build_detector(dataclasses.replace(exp.teacher, weights=None), num_classes)
+        teacher = build_detector(dataclasses.replace(teacher_model(exp), weights=None), num_classes)
         load_state(teacher, teacher_state, "teacher weights")
     return build_distiller(exp, num_classes, teacher)
