@@ -23,17 +23,20 @@ def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
 # ----------------------------------------------------------------------------- (a) parameter count
 
 
-def test_shared_param_count_independent_of_dilations() -> None:
+def test_shared_bottleneck_one_flatten_mlp_per_branch_as_the_paper() -> None:
+    """The paper: one set of weights for the dilated branches; "for each branch, a flatten layer
+    (MLP)". So branches add MLPs, not bottlenecks; ``shared_mlp`` keeps one MLP (an option)."""
     one = SDFBranches(8, dilations=(1,), shared=True, **SMALL)
     four = SDFBranches(8, dilations=(1, 2, 3, 4), shared=True, **SMALL)
-    assert _n_params(one) == _n_params(four) > 0
-    sep_one = SDFBranches(8, dilations=(1,), shared=False, **SMALL)
+    block, mlp = _n_params(one.blocks[0]), _n_params(one.mlps[0])
+    assert len(four.blocks) == 1 and len(four.mlps) == 4 and four.shared_mlp is False
+    assert _n_params(four) == block + 4 * mlp
+    all_shared = SDFBranches(8, dilations=(1, 2, 3, 4), shared=True, shared_mlp=True, **SMALL)
+    assert _n_params(all_shared) == _n_params(one) == block + mlp
     sep_four = SDFBranches(8, dilations=(1, 2, 3, 4), shared=False, **SMALL)
-    assert _n_params(sep_one) == _n_params(one)
-    assert _n_params(sep_four) == 4 * _n_params(sep_one)
-    loss_one = SDFLoss(student_channels=8, teacher_channels=8, num_levels=2, dilations=[1], **SMALL)
+    assert _n_params(sep_four) == 4 * (block + mlp)
     loss_four = SDFLoss(student_channels=8, teacher_channels=8, num_levels=2, dilations=[1, 2, 3, 4], **SMALL)
-    assert _n_params(loss_one) == _n_params(loss_four) == 2 * _n_params(one)
+    assert _n_params(loss_four) == 2 * _n_params(four)
 
 
 # ----------------------------------------------------------------------------- (b) dilation really used
@@ -58,10 +61,51 @@ def test_shared_branches_use_their_dilation() -> None:
         torch.testing.assert_close(z, _reference_branch(module, x, d), rtol=1e-5, atol=1e-5)
     # the rates make a difference (otherwise the check above would be vacuous)
     assert not torch.allclose(maps[0], maps[1]) and not torch.allclose(maps[1], maps[2])
-    # forward = concatenation of the shared MLP over the branch maps
-    mlp = module.mlps[0]
-    expected = torch.cat([mlp(z) for z in maps], dim=1)
+    # forward = concatenation of each branch's own MLP over its branch map
+    expected = torch.cat([mlp(z) for mlp, z in zip(module.mlps, maps)], dim=1)
     torch.testing.assert_close(module(x), expected)
+    shared_mlp = SDFBranches(8, dilations=dilations, shared=True, shared_mlp=True, **SMALL)
+    maps = shared_mlp.branch_maps(x)
+    torch.testing.assert_close(shared_mlp(x), torch.cat([shared_mlp.mlps[0](z) for z in maps], dim=1))
+
+
+def test_the_default_term_is_the_papers_bare_sdf_loss_without_an_l2_on_the_embedding() -> None:
+    """A single L2 between the concatenated flatten layers and nothing else (``direct`` 0): a
+    student whose SDF outputs equal the teacher's has zero loss even where its embedding differs."""
+    torch.manual_seed(0)
+    loss = SDFLoss(student_channels=8, teacher_channels=8, num_levels=1, **SMALL)
+    assert loss.direct == 0.0
+    s, t = _randn(2, 8, 6, 6, seed=1).requires_grad_(True), _randn(2, 8, 6, 6, seed=2)
+    sdf = loss.branches[0]
+    torch.testing.assert_close(loss([s], [t]), F.mse_loss(sdf(s), sdf(t).detach()))
+    anchored = SDFLoss(student_channels=8, teacher_channels=8, num_levels=1, direct=0.5, **SMALL)
+    anchored.load_state_dict(loss.state_dict())
+    torch.testing.assert_close(anchored([s], [t]), loss([s], [t]) + 0.5 * F.mse_loss(s, t))
+
+
+def test_pooling_dilutes_a_one_position_bright_spot_by_the_cell_size_and_does_not_erase_it() -> None:
+    """C5 of a 512-px image is 16x16: one small object is one bright position. The flatten MLP's
+    4x4 pooling averages it over a 4x4 cell (1/16), global pooling over the map (1/256). The SDF
+    target moves with the spot (by 7.6 % of its norm at pool 4 with this seed, 2.2 % at pool 1,
+    12.8 % at pool 16), less the coarser the pooling; a pool as large as the map keeps every
+    position."""
+    base = _randn(1, 8, 16, 16, seed=3)
+    spot = base.clone()
+    spot[..., 5, 9] += 3.0  # one position, about three standard deviations
+
+    def moved(pool: int) -> float:
+        torch.manual_seed(0)
+        sdf = SDFBranches(8, dilations=(1,), embed=64, pool=pool, hidden_ratio=2)
+        with torch.no_grad():
+            return (sdf(spot) - sdf(base)).norm().item() / sdf(base).norm().item()
+
+    m1, m4, m16 = moved(1), moved(4), moved(16)
+    assert m4 > 0.03  # the spot moves the target: not averaged away at the default pool 4
+    assert m16 > m4 > m1  # each coarser pooling dilutes it more
+    with torch.no_grad():  # pool = map size: the pooled grid is the map itself
+        sdf = SDFBranches(8, dilations=(1,), embed=4, pool=16, hidden_ratio=2)
+        z = sdf.branch_maps(spot)[0]
+        torch.testing.assert_close(F.adaptive_avg_pool2d(z, 16), z)
 
 
 def test_separate_branches_have_own_weights() -> None:

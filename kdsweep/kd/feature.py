@@ -17,8 +17,9 @@ from torch import Tensor
 
 from kdsweep.config import ConfigError
 from kdsweep.kd.adapters import level_adapters
-from kdsweep.kd.step import KDStep
-from kdsweep.kd.term import KDTerm, TermSpec, keyword_params, reject_unknown
+from kdsweep.kd.step import KDStep, body_channels
+from kdsweep.kd.term import KDTerm, Need, TermSpec, keyword_params, reject_unknown
+from kdsweep.models.taps import resize_teacher
 
 __all__ = ["FeatureTerm", "feature_term", "l1_feature_loss", "l2_feature_loss"]
 
@@ -98,8 +99,10 @@ class FeatureTerm(KDTerm):
     Raises:
         ConfigError: unknown or invalid ``params``; channel mismatch without ``adapter``.
 
-    ``forward(step)`` compares ``step.aligned()`` (the teacher maps resized to the student's);
-    :meth:`compare` takes the two level lists directly.
+    ``forward(step)`` compares ``step.aligned()`` (the teacher maps resized to the student's), or
+    with ``source="body"`` the last backbone stages (C5, one "level"; the teacher's resized to the
+    student's as :func:`~kdsweep.models.taps.resize_teacher` does): ScaleKD's "l2 on C5" control
+    row; :meth:`compare` takes the two level lists directly.
 
     Shape:
         - student, teacher (of :meth:`compare`): sequences of ``num_levels`` tensors; level ``l``
@@ -119,9 +122,13 @@ class FeatureTerm(KDTerm):
         num_levels: int,
         adapter: bool = False,
         name: str | None = None,
+        source: str = "fpn",
         **params: Any,
     ) -> None:
         super().__init__()
+        self.source = source
+        if source == "body":
+            self.needs = frozenset({Need.BODY})
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "loss")
         self.params = dict(params)
@@ -139,6 +146,11 @@ class FeatureTerm(KDTerm):
             raise ConfigError(f"kd.{self.name}.params: {exc}") from None
 
     def forward(self, step: KDStep) -> Tensor:
+        if self.source == "body":
+            if step.student_body is None or step.teacher_out.body is None:
+                raise RuntimeError(f"kd.{self.name}: the backbone embeddings were not captured")
+            s = step.student_body
+            return self.compare([s], [resize_teacher(step.teacher_out.body, tuple(s.shape[-2:]), step.teacher_scale)])
         return self.compare(*step.aligned())
 
     def compare(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
@@ -172,8 +184,16 @@ def feature_term(fn: Callable[..., Tensor]) -> Callable[[TermSpec], FeatureTerm]
     """The registry builder of the feature term of per-pair loss ``fn`` (``l1``, ``l2``, ``ssim``)."""
 
     def build(spec: TermSpec) -> FeatureTerm:
-        return FeatureTerm(fn, student_channels=spec.student_channels, teacher_channels=spec.teacher_channels,
-                           num_levels=spec.num_levels, adapter=spec.adapter, name=spec.loss, **dict(spec.params))
+        params = dict(spec.params)
+        source = params.pop("source", "fpn")
+        if source not in ("fpn", "body"):
+            raise ConfigError(f"kd.{spec.loss}.params.source '{source}' is unknown; use fpn (the FPN levels) or body "
+                              "(the last backbone stage, C5)")
+        channels = (spec.student_channels, spec.teacher_channels, spec.num_levels)
+        if source == "body":
+            channels = (body_channels(spec.student), body_channels(spec.teacher), 1)
+        return FeatureTerm(fn, student_channels=channels[0], teacher_channels=channels[1], num_levels=channels[2],
+                           adapter=spec.adapter, name=spec.loss, source=source, **params)
 
     build.__name__ = build.__qualname__ = f"feature_term_{getattr(fn, '__name__', 'loss')}"
     return build

@@ -5,6 +5,13 @@ one dilation rate per branch) followed by a "flatten MLP" per branch; the flatte
 outputs are concatenated and a single L2 loss matches the student's concatenation to the
 teacher's. The same module is applied to the teacher and to the student embedding.
 
+The paper's sentences this follows (seed 000, in translation): "we only keep one set of weights
+for the three branches" (the dilated convs: ``shared``, default true); "for each branch we use a
+flatten layer, i.e. a multi-layer perceptron, and concatenate the three flatten layers" (one MLP
+per branch: ``shared_mlp``, default false); "a single L2 loss (L_feat) minimises the distance of
+this concatenated flatten layer between teacher and student" (nothing else: ``direct``, a plain
+L2 on the embedding added to it, defaults to 0).
+
 Reference:
     Zhu et al., "ScaleKD: Distilling Scale-Aware Knowledge in Small Object Detector", CVPR 2023
     (Sec. "scale-decoupled feature distillation"; shared vs separate branch weights give equal AP,
@@ -32,7 +39,7 @@ _MAX_DILATION = 64
 
 
 def _check_sdf_params(
-    dilations: Any, shared: Any, embed: Any, pool: Any, hidden_ratio: Any, direct: Any = 0.0
+    dilations: Any, shared: Any, embed: Any, pool: Any, hidden_ratio: Any, direct: Any = 0.0, shared_mlp: Any = False
 ) -> tuple[int, ...]:
     """Validate the SDF hyper-parameters (one-line :class:`ConfigError`); return the dilations."""
 
@@ -51,11 +58,13 @@ def _check_sdf_params(
         )
     if not isinstance(shared, bool):
         raise ConfigError(f"kd.sdf.params.shared: must be true or false, got {shared!r}; e.g. true")
+    if not isinstance(shared_mlp, bool):
+        raise ConfigError(f"kd.sdf.params.shared_mlp: must be true or false, got {shared_mlp!r}; e.g. false")
     for name, value, example in (("embed", embed, 256), ("pool", pool, 4), ("hidden_ratio", hidden_ratio, 4)):
         if not is_int(value) or value < 1:
             raise ConfigError(f"kd.sdf.params.{name}: must be an int >= 1, got {value!r}; e.g. {example}")
     if isinstance(direct, bool) or not isinstance(direct, (int, float)) or not math.isfinite(direct) or direct < 0:
-        raise ConfigError(f"kd.sdf.params.direct: must be a finite number >= 0, got {direct!r}; e.g. 1.0")
+        raise ConfigError(f"kd.sdf.params.direct: must be a finite number >= 0, got {direct!r}; e.g. 0 (the paper's)")
     return tuple(int(d) for d in dilations)
 
 
@@ -101,6 +110,14 @@ class _DilatedBottleneck(nn.Module):
 class _FlattenMLP(nn.Module):
     r"""Resolution-independent flatten MLP: pool to ``p x p``, flatten, two linear layers.
 
+    Why pool: the paper flattens the branch map, which ties the MLP to one input size (and at
+    COCO's 800x1333, C5 is 25x42x2048: 2.2M inputs per branch). Average pooling to a fixed
+    ``p x p`` grid keeps the MLP small and any resolution valid, at a cost: a cell averages
+    ``(H/p) x (W/p)`` C5 positions, so one small object's response (one C5 position: 32 px) is
+    diluted by that factor, not erased (``tests/test_scalekd.py`` checks a one-position bright
+    spot against pooling sizes). ``pool`` is the parameter; ``pool >= max(H, W)`` keeps every
+    position.
+
     .. math::
         m(z) = W_b \operatorname{ReLU}(W_a \operatorname{vec}(\operatorname{AvgPool}_{p \times p}(z)))
 
@@ -137,9 +154,9 @@ class SDFBranches(nn.Module):
     resolution.
 
     With ``shared=True`` (the paper's choice) every branch uses the same bottleneck weights
-    (applied with its own dilation through :func:`torch.nn.functional.conv2d`) and the same MLP,
-    so the parameter count does not depend on ``len(dilations)``; with ``shared=False`` each
-    dilation has its own bottleneck and MLP.
+    (applied with its own dilation through :func:`torch.nn.functional.conv2d`); with
+    ``shared=False`` each dilation has its own bottleneck. Each branch has its own flatten MLP
+    ("for each branch we use a flatten layer", the paper); ``shared_mlp=True`` gives them one.
 
     Normalisation is GroupNorm (up to 32 groups of at least two channels): per-sample statistics, so a batch of one
     and the teacher/student passes behave identically in train and eval mode (BatchNorm would mix
@@ -149,7 +166,8 @@ class SDFBranches(nn.Module):
     Args:
         channels: embedding channels ``C``.
         dilations: dilation rate of each branch (non-empty, ints in ``[1, 63]``).
-        shared: one set of weights for all branches (default) or one per branch.
+        shared: one set of bottleneck weights for all branches (default) or one per branch.
+        shared_mlp: one flatten MLP for all branches, or one per branch (default, the paper's).
         embed: width of the flatten MLP's hidden and output layers.
         pool: side of the adaptive-average-pool grid before flattening.
         hidden_ratio: bottleneck reduction ``r`` (``max(2, C // r)`` hidden channels).
@@ -174,33 +192,33 @@ class SDFBranches(nn.Module):
         embed: int = 256,
         pool: int = 4,
         hidden_ratio: int = 4,
+        shared_mlp: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ConfigError(f"kd.sdf: channels must be an int >= 1, got {channels!r}")
-        self.dilations = _check_sdf_params(dilations, shared, embed, pool, hidden_ratio)
+        self.dilations = _check_sdf_params(dilations, shared, embed, pool, hidden_ratio, shared_mlp=shared_mlp)
         self.channels = channels
         self.shared = shared
+        self.shared_mlp = shared_mlp
         self.embed = embed
-        copies = 1 if shared else len(self.dilations)
-        self.blocks = nn.ModuleList(_DilatedBottleneck(channels, hidden_ratio) for _ in range(copies))
-        self.mlps = nn.ModuleList(_FlattenMLP(channels, embed, pool) for _ in range(copies))
-
-    def _index(self, branch: int) -> int:
-        return 0 if self.shared else branch
+        branches = len(self.dilations)
+        self.blocks = nn.ModuleList(_DilatedBottleneck(channels, hidden_ratio) for _ in range(1 if shared else branches))
+        self.mlps = nn.ModuleList(_FlattenMLP(channels, embed, pool) for _ in range(1 if shared_mlp else branches))
 
     def branch_maps(self, x: Tensor) -> list[Tensor]:
         """Per-branch residual outputs ``x + B_d(x)`` (before the MLP), each ``(N, C, H, W)``."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"kd.sdf: expected (N, {self.channels}, H, W) features, got {tuple(x.shape)}")
-        return [self.blocks[self._index(k)](x, d) for k, d in enumerate(self.dilations)]
+        return [self.blocks[0 if self.shared else k](x, d) for k, d in enumerate(self.dilations)]
 
     def forward(self, x: Tensor) -> Tensor:
         maps = self.branch_maps(x)
-        return torch.cat([self.mlps[self._index(k)](z) for k, z in enumerate(maps)], dim=1)
+        return torch.cat([self.mlps[0 if self.shared_mlp else k](z) for k, z in enumerate(maps)], dim=1)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, dilations={list(self.dilations)}, shared={self.shared}, embed={self.embed}"
+        return (f"channels={self.channels}, dilations={list(self.dilations)}, shared={self.shared}, "
+                f"shared_mlp={self.shared_mlp}, embed={self.embed}")
 
 
 class SDFLoss(nn.Module):
@@ -232,12 +250,11 @@ class SDFLoss(nn.Module):
       teacher_channels``) is trained by both terms; the student is trained by both terms.
     - Collapse: a module trained only to make ``SDF(s)`` match ``sg(SDF(t))`` can reach zero loss
       by mapping everything to a constant (e.g. the last linear layer's weights going to zero),
-      after which the first term carries no signal. The direct term
-      ``direct * MSE(s, t)`` anchors the student to the teacher embedding whatever the module
-      does, so the worst case degenerates to plain L2 feature distillation rather than to no
-      distillation. (An EMA copy of the module for the teacher side was the alternative; the
-      direct anchor is simpler and keeps one module.) ``direct=0`` gives the paper's bare SDF
-      term, collapse risk included.
+      after which the first term carries no signal. The paper's term is the bare SDF loss
+      (``direct=0``, the default), collapse risk included. ``direct > 0`` adds a plain L2
+      between the adapted student and teacher embeddings, an anchor that is *not* in the paper:
+      with it, an "sdf" row is L2 on C5 plus SDF (the ScaleKD ablation's "l2 on C5" row is that
+      anchor alone, for comparison).
     - High-resolution teacher: when the teacher map's spatial size differs from the student's
       (ScaleKD feeds the teacher a larger image), it is resized to the student's ``H x W`` with
       bilinear interpolation (``align_corners=False``) before both terms.
@@ -246,9 +263,10 @@ class SDFLoss(nn.Module):
         student_channels, teacher_channels: feature channels of the two detectors.
         num_levels: number of matched levels ``forward`` receives.
         adapter: learn one 1x1 conv per level; required when the channels differ.
-        dilations, shared, embed, pool: see :class:`SDFBranches`.
+        dilations, shared, shared_mlp, embed, pool: see :class:`SDFBranches`.
         hidden_ratio: bottleneck reduction ``r`` of the branches.
-        direct: weight of the plain L2 anchor between adapted student and teacher maps (>= 0).
+        direct: weight of a plain L2 anchor between adapted student and teacher maps (>= 0;
+            default 0, the paper's bare SDF term).
 
     Raises:
         ConfigError: invalid or unknown parameters; channel mismatch without ``adapter``.
@@ -274,13 +292,15 @@ class SDFLoss(nn.Module):
         embed: int = 256,
         pool: int = 4,
         hidden_ratio: int = 4,
-        direct: float = 1.0,
+        direct: float = 0.0,
+        shared_mlp: bool = False,
         **unknown: Any,
     ) -> None:
         super().__init__()
-        reject_unknown("sdf", unknown, ("adapter", "dilations", "shared", "embed", "pool", "hidden_ratio", "direct"))
+        reject_unknown("sdf", unknown, ("adapter", "dilations", "shared", "shared_mlp", "embed", "pool", "hidden_ratio",
+                                        "direct"))
         check_widths("sdf", student_channels, teacher_channels, num_levels, adapter)
-        _check_sdf_params(dilations, shared, embed, pool, hidden_ratio, direct)
+        _check_sdf_params(dilations, shared, embed, pool, hidden_ratio, direct, shared_mlp)
         self.num_levels = num_levels
         self.direct = float(direct)
         self.adapters = level_adapters("sdf", student_channels, teacher_channels, num_levels, adapter)
@@ -292,6 +312,7 @@ class SDFLoss(nn.Module):
                 embed=embed,
                 pool=pool,
                 hidden_ratio=hidden_ratio,
+                shared_mlp=shared_mlp,
             )
             for _ in range(num_levels)
         )
