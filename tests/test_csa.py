@@ -53,7 +53,7 @@ def _reference_attention(m: MultiScaleCrossAttention, xq: Tensor, xk: Tensor, xv
             heads.append(attn @ vh)
     o = torch.cat(heads, dim=-1)  # (N, HW, C)
     out = o @ m.out_proj.weight[:, :, 0, 0].T + m.out_proj.bias
-    return xq + out.transpose(1, 2).reshape(n, c, h, w)
+    return xv + out.transpose(1, 2).reshape(n, c, h, w)  # the residual: the values' map, the student's in both readings
 
 
 # ----------------------------------------------------------------------------- attention

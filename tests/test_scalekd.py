@@ -79,6 +79,29 @@ def test_sdf_reads_the_last_backbone_stage_of_both_models_at_their_resolutions()
     assert seen["t"] == (2, 512, 4, 4)  # the teacher sees 128 px (teacher_scale 2)
 
 
+def test_the_l2_on_c5_control_row_is_the_plain_l2_of_the_backbone_embeddings() -> None:
+    """The control of the SDF rows: what an ``sdf`` row with ``direct: 1`` added to SDF (weight
+    0.01 x MSE of the adapted C5 maps), alone: ``l2`` with ``source: body``."""
+    torch.manual_seed(0)
+    cfg = ExperimentConfig(student=student_cfg(), kd=(KDTermConfig("l2", weight=0.01, params={"source": "body"}),),
+                           teacher_scale=2.0)
+    distiller = build_distiller(cfg, K, teacher())
+    term = distiller._inner.terms["l2"]
+    assert term.needs == {Need.BODY} and term.num_levels == 1
+    seen = {}
+    hooks = [distiller.student.backbone.body.register_forward_hook(lambda m, i, o: seen.__setitem__("s", list(o.values())[-1])),
+             distiller.teacher.backbone.body.register_forward_hook(lambda m, i, o: seen.__setitem__("t", list(o.values())[-1]))]
+    losses = distiller(*batch())
+    for h in hooks:
+        h.remove()
+    assert seen["t"].shape[-1] == 2 * seen["s"].shape[-1]  # the teacher at 2x
+    t = torch.nn.functional.interpolate(seen["t"], size=seen["s"].shape[-2:], mode="bilinear", align_corners=False)
+    torch.testing.assert_close(losses["kd_l2"], 0.01 * torch.nn.functional.mse_loss(seen["s"], t))
+    with pytest.raises(ConfigError, match="source 'c5' is unknown"):
+        build_distiller(ExperimentConfig(student=student_cfg(), kd=(KDTermConfig("l2", params={"source": "c5"}),)), K,
+                        teacher())
+
+
 def grads_after(loss: Tensor, module: torch.nn.Module) -> dict[str, bool]:
     module.zero_grad(set_to_none=True)
     loss.backward(retain_graph=True)
@@ -157,10 +180,10 @@ def test_frozen_backbone_does_not_move_until_the_fraction_then_moves() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before_body, body))
 
 
-def test_csa_needs_a_retinanet_student_and_every_level() -> None:
+def test_csa_needs_a_dense_one_stage_student_and_every_level() -> None:
     kd = (KDTermConfig("csa"),)
-    with pytest.raises(ConfigError, match="kd.csa needs a RetinaNet student"):
-        build_distiller(ExperimentConfig(student=student_cfg("fcos"), kd=kd), K, teacher())
+    with pytest.raises(ConfigError, match="kd.csa needs a RetinaNet or FCOS student"):
+        build_distiller(ExperimentConfig(student=student_cfg("fasterrcnn"), kd=kd), K, teacher())
     kd = (KDTermConfig("csa", levels=("p3",)),)
     with pytest.raises(ConfigError, match="every student level"):
         build_distiller(ExperimentConfig(student=student_cfg(), kd=kd), K, teacher())
@@ -170,3 +193,90 @@ def test_csa_needs_a_retinanet_student_and_every_level() -> None:
     kd = (KDTermConfig("sdf", params={"source": "head"}),)
     with pytest.raises(ConfigError, match="source 'head' is unknown"):
         build_distiller(ExperimentConfig(student=student_cfg(), kd=kd), K, teacher())
+
+
+# ------------------------------------------------------------------ the two readings of the CSA write-up
+def test_teacher_queries_make_the_attention_weights_independent_of_the_student() -> None:
+    """``query: teacher`` (the prose: "F_T is projected to Q and K, F_S to V"): the attention
+    weights come from the teacher alone, so the output minus its residual is affine in the
+    student's map. The default (the equations: "Q_i = F_S W_i^Q") is not."""
+    from kdsweep.methods.scalekd.csa import MultiScaleCrossAttention
+
+    g = torch.Generator().manual_seed(0)
+    s1, s2, t = torch.randn(1, 8, 4, 4, generator=g), torch.randn(1, 8, 4, 4, generator=g), torch.randn(1, 12, 8, 8, generator=g)
+
+    def residual_part(attn, s):
+        return attn(t if attn.query_dim == 12 else s, t, s) - s
+
+    for query_dim, affine in ((12, True), (None, False)):
+        torch.manual_seed(0)
+        attn = MultiScaleCrossAttention(8, 12, num_heads=2, ratios=[1, 2], query_dim=query_dim).eval()
+        with torch.no_grad():
+            mixed = residual_part(attn, 0.3 * s1 + 0.7 * s2)
+            blend = 0.3 * residual_part(attn, s1) + 0.7 * residual_part(attn, s2)
+        assert torch.allclose(mixed, blend, atol=1e-5) is affine
+
+
+def csa_only(arch: str = "retinanet", **params) -> torch.nn.Module:
+    torch.manual_seed(0)
+    kd = (KDTermConfig("csa", params={"num_heads": 2, "ratios": [1, 2], "start": 0.0, **params}),)
+    return build_distiller(ExperimentConfig(student=student_cfg(arch), kd=kd, teacher_scale=2.0), K, teacher())
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "fcos"])
+def test_an_assistant_that_adds_nothing_through_the_students_head_has_the_students_own_loss(arch: str) -> None:
+    """Oracle of the supervision path, RetinaNet and FCOS (the paper reports both): with the
+    attention's output projection at zero the attended features are the student's, so with the
+    student's head (``head: student``) the assistant's ground-truth loss is the student's own
+    detection loss, L_bbox is 0 and L_cls is the entropy of the student's own scores."""
+    distiller = csa_only(arch, head="student")
+    for attn in distiller._inner.terms["csa"].assistant.attention:
+        torch.nn.init.zeros_(attn.out_proj.weight)
+        torch.nn.init.zeros_(attn.out_proj.bias)
+    losses = distiller(*batch())
+    own = sum(v for k, v in losses.items() if not k.startswith("kd_"))
+    assert set(losses) - {"kd_csa_assist", "kd_csa_cls", "kd_csa_bbox"} == (
+        {"classification", "bbox_regression", "bbox_ctrness"} if arch == "fcos" else {"classification", "bbox_regression"})
+    torch.testing.assert_close(losses["kd_csa_assist"], own)
+    assert losses["kd_csa_bbox"].item() == 0.0 and losses["kd_csa_cls"].item() > 0
+
+
+def test_an_fcos_student_gets_an_fcos_assistant_trained_by_fcos_loss_alone() -> None:
+    from torchvision.models.detection.fcos import FCOSHead
+
+    distiller = csa_only("fcos", head="own")
+    term = distiller._inner.terms["csa"]
+    assert isinstance(term.assistant.head, FCOSHead) and term.detector == "fcos"
+    assert len(term.assistant.head.classification_head.conv) == 2 * 3  # num_convs 2: conv, GroupNorm, ReLU each
+    losses = distiller(*batch())
+    assert all(torch.isfinite(losses[k]) and losses[k].item() > 0 for k in ("kd_csa_assist", "kd_csa_cls", "kd_csa_bbox"))
+    got = grads_after(losses["kd_csa_assist"], distiller._inner)
+    assert any(v for k, v in got.items() if k.startswith("terms.csa.assistant.head"))
+    assert not any(v for k, v in got.items() if k.startswith("student."))
+
+
+def test_the_papers_readings_are_the_defaults_and_the_others_are_options() -> None:
+    term = csa_only()._inner.terms["csa"]
+    assert (term.head, term.assistant.query) == ("student", "student") and term.assistant.head is None
+    assert csa_only(head="own")._inner.terms["csa"].assistant.head is not None
+    teacher_q = csa_only(query="teacher")._inner.terms["csa"]
+    assert teacher_q.assistant.attention[0].q_proj.in_channels == 32  # the teacher's FPN channels
+    with pytest.raises(ConfigError, match="kd.csa.params.query 'both' is unknown"):
+        csa_only(query="both")
+    with pytest.raises(ConfigError, match="kd.csa.params.head 'shared' is unknown"):
+        csa_only(head="shared")
+
+
+def test_the_student_head_reading_predicts_with_the_students_head_and_trains_only_the_attention() -> None:
+    distiller = csa_only()
+    inner = distiller._inner
+    term = inner.terms["csa"]
+    assert term.assistant.head is None  # no head of its own: the attention layers alone
+    assert sum(p.numel() for p in term.parameters()) < sum(p.numel() for p in csa_only(head="own")._inner.terms["csa"].parameters())
+    losses = distiller(*batch())
+    got = grads_after(losses["kd_csa_assist"], inner)
+    assert any(v for k, v in got.items() if k.startswith("terms.csa.assistant.attention"))
+    assert not any(v for k, v in got.items() if k.startswith("student."))  # the student's head is read, not trained
+    got = grads_after(losses["kd_csa_cls"] + losses["kd_csa_bbox"], inner)
+    assert any(v for k, v in got.items() if k.startswith("student.head")) and not any(
+        v for k, v in got.items() if k.startswith("terms.csa"))

@@ -310,16 +310,17 @@ def head_groups(channels: int) -> int:
     return max(g for g in range(1, 33) if channels % g == 0 and channels // g >= 2) if channels >= 2 else 1
 
 
-def _fcos_head(channels: int, classes: int) -> FCOSHead:
-    """torchvision's FCOS head; its GroupNorm(32) is replaced by GroupNorm(:func:`head_groups`)
-    when that differs (FPN widths below 64 or not multiples of 32; the sub-heads take a
-    ``norm_layer``, FCOSHead does not)."""
+def fcos_head(channels: int, classes: int, num_convs: int = 4) -> FCOSHead:
+    """torchvision's FCOS head (``num_convs`` conv-GroupNorm-ReLU blocks per tower, 4 as
+    torchvision); its GroupNorm(32) is replaced by GroupNorm(:func:`head_groups`) when that
+    differs (FPN widths below 64 or not multiples of 32; the sub-heads take a ``norm_layer``,
+    FCOSHead does not). ScaleKD's assistant uses a shorter one on an FCOS student."""
     if head_groups(channels) == 32:
-        return FCOSHead(channels, 1, classes)
+        return FCOSHead(channels, 1, classes, num_convs=num_convs)
     norm = partial(nn.GroupNorm, head_groups(channels))
     head = FCOSHead(32, 1, classes, num_convs=0)  # shell: box coder; both sub-heads replaced
-    head.classification_head = FCOSClassificationHead(channels, 1, classes, norm_layer=norm)
-    head.regression_head = FCOSRegressionHead(channels, 1, norm_layer=norm)
+    head.classification_head = FCOSClassificationHead(channels, 1, classes, num_convs=num_convs, norm_layer=norm)
+    head.regression_head = FCOSRegressionHead(channels, 1, num_convs=num_convs, norm_layer=norm)
     return head
 
 
@@ -327,7 +328,7 @@ def _fcos(backbone: BackboneWithFPN, cfg: ModelConfig, classes: int) -> nn.Modul
     """FCOS (Tian et al., ICCV 2019): one reference box of side (anchor_scale/4)*stride per point."""
     sizes = tuple((cfg.anchor_scale / 4 * s,) for s in _strides("fcos"))
     anchors = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
-    head = _fcos_head(backbone.out_channels, classes)
+    head = fcos_head(backbone.out_channels, classes)
     return FCOS(backbone, classes, min_size=cfg.min_size, max_size=cfg.max_size, anchor_generator=anchors, head=head)
 
 

@@ -23,6 +23,24 @@ Gradient flow (the caller's job, see :class:`CrossScaleAssistant`):
 
 The per-head downsampling ratios ``r_i`` are not given by the sources; they are a parameter
 (default ``(1, 2, 4, 8)``).
+
+Two readings of the write-up (seed 000), each an option, the paper's equations the default:
+
+* **Which features give Q, K and V** (``query``). The equations: "Q_i = F_S W_i^Q,
+  K_i = MSC(F_T, r_i) W_i^K, V_i = MSC(F_S, r_i) W_i^V" (queries and values from the student,
+  keys from the teacher): ``query="student"``, the default. The prose just before them: "F_T is
+  projected to the queries (Q) and keys (K), F_S to the values (V)": ``query="teacher"`` (the
+  teacher map resized to the student's grid, so the output stays on it).
+* **Whose head the assistant predicts with** (``head``). "Besides the distillation and detection
+  losses that optimise the student detector, we also supervise [the CSA] through a *shared
+  detection head*, further ensuring the quality of the instructive representation and its
+  consistency with the student's representation": the student's own head on the attended
+  features, ``head="student"``, the default (the consistency with the student's representation
+  is what a head shared with the student gives). Its weights are detached there: the assistant's
+  ground-truth loss trains the attention only, and the student's head keeps the student's own
+  losses. "The learnable weights of CSA are updated through two independent classification and
+  regression branches supervised by the ground truth" also reads as a head of its own:
+  ``head="own"`` (a RetinaNet or FCOS head with ``num_convs`` blocks, trained with the attention).
 """
 
 from __future__ import annotations
@@ -36,11 +54,17 @@ from torch import Tensor, nn
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from kdsweep.config import ConfigError
+from kdsweep.models.detectors import fcos_head
 
 __all__ = ["CSAHead", "CrossScaleAssistant", "MultiScaleCrossAttention", "csa_distill_losses", "pad_to_multiple"]
 
 _WHERE = "kd.csa.params"
 """Config path named by the error messages."""
+
+QUERIES = ("student", "teacher")
+"""Where the queries come from (the module docstring's first reading)."""
+HEADS = ("own", "student")
+"""Whose head predicts from the attended features (the module docstring's second reading)."""
 
 
 def pad_to_multiple(x: Tensor, ratio: int) -> Tensor:
@@ -108,20 +132,23 @@ class _ScaleBranch(nn.Module):
 
 
 class MultiScaleCrossAttention(nn.Module):
-    r"""Multi-scale cross-attention of ScaleKD's assistant: student queries/values, teacher keys.
+    r"""Multi-scale cross-attention of ScaleKD's assistant: student (or teacher) queries, teacher keys, student values.
 
     The ``num_heads`` heads (head width :math:`d = C / \text{num\_heads}`) are split evenly into
     ``len(ratios)`` groups; group ``i`` sees keys and values aggregated at ratio ``r_i``:
 
     .. math::
-        Q &= W^Q S_q, \qquad
+        Q &= W^Q X_q, \qquad
         K_i = W^K_i\, \mathrm{MSC}(\tilde T, r_i), \qquad
         V_i = W^V_i\, \mathrm{MSC}(S_v, r_i) + P_i\big(W^V_i\, \mathrm{MSC}(S_v, r_i)\big), \\
         O_h &= \operatorname{softmax}\!\big(Q_h K_h^\top / \sqrt{d}\big) V_h
             \quad (h \text{ a head of group } i), \qquad
-        \text{out} = S_q + W^O [O_1; \dots; O_{\text{num\_heads}}]
+        \text{out} = S_v + W^O [O_1; \dots; O_{\text{num\_heads}}]
 
     * ``W^Q``, ``W^K_i``, ``W^V_i``, ``W^O`` are 1x1 convolutions (per-token linears, with bias).
+    * :math:`X_q` is the student map :math:`S_v` (the paper's equations, default) or, with
+      ``query_dim`` set to the teacher's channels, the teacher's map resized like :math:`\tilde T`
+      (the write-up's prose reading; see the module docstring).
     * :math:`\tilde T` is the teacher's key map resized to the student's ``(H, W)`` by adaptive
       average pooling (a 2x teacher: the mean of each 2x2 block), so that keys and values of a
       group are on one token grid. A teacher map already of size ``(H, W)`` is used as is.
@@ -146,12 +173,13 @@ class MultiScaleCrossAttention(nn.Module):
         ratios: one downsampling ratio per head group (integers >= 1); ``num_heads`` must be a
             multiple of ``len(ratios)``.
         dropout: attention dropout probability in ``[0, 1)``.
+        query_dim: channels of the query map (default ``dim``: student queries).
 
     Raises:
         ConfigError: bad ``dim``/``key_dim``/``num_heads``/``ratios``/``dropout`` (one line).
 
     Shape:
-        - query_map: ``(N, C, H, W)`` (student).
+        - query_map: ``(N, C_q, H_q, W_q)`` (student ``(N, C, H, W)``, or teacher, any size).
         - key_map: ``(N, C_t, H_k, W_k)`` (teacher; any size, e.g. ``(2H, 2W)``).
         - value_map: ``(N, C, H, W)`` (student).
         - output: ``(N, C, H, W)``.
@@ -169,10 +197,12 @@ class MultiScaleCrossAttention(nn.Module):
         num_heads: int,
         ratios: Sequence[int],
         dropout: float = 0.0,
+        query_dim: int | None = None,
     ) -> None:
         super().__init__()
         ratios = _check_attention(dim, key_dim, num_heads, ratios, dropout)
         self.dim = dim
+        self.query_dim = dim if query_dim is None else query_dim
         self.key_dim = key_dim
         self.num_heads = num_heads
         self.ratios = ratios
@@ -180,22 +210,27 @@ class MultiScaleCrossAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.heads_per_group = num_heads // len(ratios)
         group_dim = self.heads_per_group * self.head_dim
-        self.q_proj = nn.Conv2d(dim, dim, kernel_size=1)
+        self.q_proj = nn.Conv2d(self.query_dim, dim, kernel_size=1)
         self.branches = nn.ModuleList(_ScaleBranch(dim, key_dim, group_dim, r) for r in ratios)
         self.out_proj = nn.Conv2d(dim, dim, kernel_size=1)
 
     def forward(self, query_map: Tensor, key_map: Tensor, value_map: Tensor) -> Tensor:
-        n, c, h, w = query_map.shape
-        if c != self.dim or value_map.shape != query_map.shape:
-            raise ValueError(
-                f"csa attention: query {tuple(query_map.shape)} and value {tuple(value_map.shape)} must be "
-                f"equal (N, {self.dim}, H, W)"
-            )
+        """``query_map`` is the student's (default) or, with ``query_dim`` the teacher's channels,
+        the teacher's (resized to the value map's grid); the output is on the value map's grid and
+        its residual is the value map (the student's features)."""
+        n, c, h, w = value_map.shape
+        if c != self.dim:
+            raise ValueError(f"csa attention: value map {tuple(value_map.shape)} must be (N, {self.dim}, H, W)")
+        if query_map.dim() != 4 or query_map.shape[:2] != (n, self.query_dim):
+            raise ValueError(f"csa attention: query map {tuple(query_map.shape)} must be (N={n}, {self.query_dim}, H_q, W_q)")
         if key_map.dim() != 4 or key_map.shape[0] != n or key_map.shape[1] != self.key_dim:
             raise ValueError(f"csa attention: key map {tuple(key_map.shape)} must be (N={n}, {self.key_dim}, H_k, W_k)")
         if key_map.shape[-2:] != (h, w):
             key_map = F.adaptive_avg_pool2d(key_map, (h, w))
-        key_map = key_map.to(query_map.dtype)
+        if query_map.shape[-2:] != (h, w):
+            query_map = F.adaptive_avg_pool2d(query_map, (h, w))
+        key_map = key_map.to(value_map.dtype)
+        query_map = query_map.to(value_map.dtype)
 
         g, d = self.heads_per_group, self.head_dim
         q = self.q_proj(query_map).reshape(n, self.num_heads, d, h * w).transpose(-1, -2)  # (N, heads, HW, d)
@@ -207,10 +242,11 @@ class MultiScaleCrossAttention(nn.Module):
             v = v.flatten(2).reshape(n, g, d, -1).transpose(-1, -2)
             outs.append(F.scaled_dot_product_attention(q[:, i * g : (i + 1) * g], k, v, dropout_p=p))
         o = torch.cat(outs, dim=1).transpose(-1, -2).reshape(n, c, h, w)
-        return query_map + self.out_proj(o)
+        return value_map + self.out_proj(o)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, key_dim={self.key_dim}, num_heads={self.num_heads}, ratios={self.ratios}, dropout={self.dropout}"
+        return (f"dim={self.dim}, query_dim={self.query_dim}, key_dim={self.key_dim}, num_heads={self.num_heads}, "
+                f"ratios={self.ratios}, dropout={self.dropout}")
 
 
 class CSAHead(RetinaNetHead):
@@ -275,7 +311,9 @@ class CrossScaleAssistant(nn.Module):
 
     with one :class:`MultiScaleCrossAttention` per pyramid level (queries and values from the
     student level ``S_l``, keys from the teacher level ``T_l``, which may be of higher
-    resolution) and one :class:`CSAHead` shared by all levels, like a RetinaNet head.
+    resolution; ``query="teacher"``: :math:`\mathrm{MSCA}_l(T_l, T_l, S_l)`) and one
+    :class:`CSAHead` shared by all levels, like a RetinaNet head (``own_head=False``: no head
+    here; the caller applies the student's, see :class:`~kdsweep.methods.scalekd.terms.CSATerm`).
 
     Training (the caller's side):
 
@@ -294,6 +332,12 @@ class CrossScaleAssistant(nn.Module):
         num_anchors, num_classes: as the student's head (``A``, ``K``).
         num_heads, ratios, dropout: of each :class:`MultiScaleCrossAttention`.
         num_convs, norm_layer: of the :class:`CSAHead`.
+        query: ``student`` (the paper's equations, default) or ``teacher`` (see the module docstring).
+        own_head: build the assistant's own head (default, the paper's "independent branches"):
+            a :class:`CSAHead` for a RetinaNet student, torchvision's FCOS head with ``num_convs``
+            blocks (:func:`~kdsweep.models.detectors.fcos_head`) for ``detector="fcos"``.
+        detector: the student's kind, ``retinanet`` or ``fcos``: the assistant predicts in its
+            format, so the student's ``compute_loss`` supervises it and its outputs distil it.
 
     Raises:
         ConfigError: bad sizes, heads or ratios (one line).
@@ -320,16 +364,27 @@ class CrossScaleAssistant(nn.Module):
         dropout: float = 0.0,
         num_convs: int = 2,
         norm_layer: Callable[..., nn.Module] | None = None,
+        query: str = "student",
+        own_head: bool = True,
+        detector: str = "retinanet",
     ) -> None:
         super().__init__()
         if num_levels < 1:
             raise ConfigError(f"kd.csa: num_levels must be >= 1, got {num_levels}")
+        if query not in QUERIES:
+            raise ConfigError(f"{_WHERE}.query '{query}' is unknown; use student (the paper's equations) or teacher")
         self.num_levels = num_levels
+        self.query = query
+        query_dim = teacher_channels if query == "teacher" else student_channels
         self.attention = nn.ModuleList(
-            MultiScaleCrossAttention(student_channels, teacher_channels, num_heads, ratios, dropout)
+            MultiScaleCrossAttention(student_channels, teacher_channels, num_heads, ratios, dropout, query_dim=query_dim)
             for _ in range(num_levels)
         )
-        self.head = CSAHead(student_channels, num_anchors, num_classes, num_convs=num_convs, norm_layer=norm_layer)
+        self.head: nn.Module | None = None
+        if own_head and detector == "fcos":  # FCOS's own head (classification, ltrb regression, centerness)
+            self.head = fcos_head(student_channels, num_classes, num_convs=num_convs)
+        elif own_head:
+            self.head = CSAHead(student_channels, num_anchors, num_classes, num_convs=num_convs, norm_layer=norm_layer)
 
     def features(self, student_levels: Sequence[Tensor], teacher_levels: Sequence[Tensor]) -> list[Tensor]:
         """The attended per-level features ``F_l`` (``(N, C, H_l, W_l)`` each)."""
@@ -338,9 +393,13 @@ class CrossScaleAssistant(nn.Module):
                 f"csa: expected {self.num_levels} levels, got {len(student_levels)} student and "
                 f"{len(teacher_levels)} teacher feature maps"
             )
+        if self.query == "teacher":
+            return [attn(t.detach(), t.detach(), s) for attn, s, t in zip(self.attention, student_levels, teacher_levels)]
         return [attn(s, t.detach(), s) for attn, s, t in zip(self.attention, student_levels, teacher_levels)]
 
     def forward(self, student_levels: Sequence[Tensor], teacher_levels: Sequence[Tensor]) -> dict[str, Tensor]:
+        if self.head is None:
+            raise RuntimeError("csa: this assistant has no head of its own (head: student); apply the student's to features()")
         return self.head(self.features(student_levels, teacher_levels))
 
 

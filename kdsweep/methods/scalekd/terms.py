@@ -14,8 +14,10 @@ Both read more of the step than matched FPN maps (their :attr:`~kdsweep.kd.term.
   paper's embedding Z; default) or on the configured FPN levels (``source: fpn``).
 * ``csa`` (:class:`CSATerm`): the cross-scale assistant
   (:class:`~kdsweep.methods.scalekd.csa.CrossScaleAssistant`), one multi-scale cross-attention layer per
-  student level (queries and values from the student, keys from the teacher) with its own
-  RetinaNet-style classification/regression branches. It returns three parts:
+  student level (queries and values from the student, keys from the teacher); the student's own
+  head, shared, predicts from the attended features (``head: own``: a head of the assistant's
+  own; the two readings of the write-up are in :mod:`~kdsweep.methods.scalekd.csa`). It returns
+  three parts:
 
   - ``assist``: the assistant's detection loss against ground truth, computed by the student's
     own ``compute_loss`` (same anchors, matcher and focal/L1 losses). The student maps are
@@ -29,7 +31,8 @@ Both read more of the step than matched FPN maps (their :attr:`~kdsweep.kd.term.
   every parameter takes part in every step (DDP needs no ``find_unused_parameters``). The
   assistant's parameters have their own optimizer (``own_optimizer``: Adam, lr 3e-4, wd 1e-4),
   which steps from ``start`` on (:meth:`CSATerm.steps_at`): before it the assistant is untouched.
-  ``csa`` needs a RetinaNet student (its loss supervises the assistant) and every student level.
+  ``csa`` needs a RetinaNet or FCOS student (its loss supervises the assistant; the paper reports
+  both) and every student level.
 """
 
 from __future__ import annotations
@@ -38,12 +41,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import RetinaNet
+from torchvision.models.detection import FCOS, RetinaNet
 
 from kdsweep.config import ConfigError
 from kdsweep.kd.step import KDStep, body_channels
 from kdsweep.kd.term import KDTerm, Need, TermSpec, reject_unknown
-from kdsweep.methods.scalekd.csa import CrossScaleAssistant, csa_distill_losses
+from kdsweep.methods.scalekd.csa import HEADS, CrossScaleAssistant, csa_distill_losses
 from kdsweep.methods.scalekd.sdf import SDFLoss
 
 SCALEKD_DEFAULTS: dict[str, dict[str, float]] = {
@@ -104,6 +107,12 @@ class CSATerm(KDTerm):
         start: fraction of training before the assistant joins.
         lr, weight_decay: the assistant's Adam (:meth:`own_optimizer`).
         num_convs: conv layers in each of the assistant's branches.
+        query: ``student`` (default: "Q_i = F_S W_i^Q", the paper's equations) or ``teacher`` (the
+            write-up's prose: "F_T is projected to Q and K"); see :mod:`~kdsweep.methods.scalekd.csa`.
+        head: ``student`` (default: "we also supervise [the CSA] through a shared detection head"):
+            the student's head, its weights detached, predicts from the attended features, so the
+            assistant is the attention layers alone; or ``own``: "two independent classification
+            and regression branches supervised by the ground truth", a head of its own.
 
     Shape:
         ``forward(step)`` reads ``step.aligned()`` (levels (N, C, H_l, W_l)), ``step.head_outputs``,
@@ -129,8 +138,13 @@ class CSATerm(KDTerm):
         lr: float = 3e-4,
         weight_decay: float = 1e-4,
         num_convs: int = 2,
+        query: str = "student",
+        head: str = "student",
+        detector: str = "retinanet",
     ) -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ConfigError(f"kd.csa.params.head '{head}' is unknown; use own (the paper's independent branches) or student")
         for key, value in (("beta", beta), ("gamma", gamma), ("lr", lr), ("weight_decay", weight_decay)):
             if not value >= 0:
                 raise ConfigError(f"kd.csa.params.{key} {value} must be >= 0")
@@ -140,8 +154,10 @@ class CSATerm(KDTerm):
             raise ConfigError(f"kd.csa.params.temperature {temperature} must be > 0")
         self.assistant = CrossScaleAssistant(
             student_channels, teacher_channels, num_levels, num_anchors, num_classes,
-            num_heads=num_heads, ratios=tuple(ratios), num_convs=num_convs,
+            num_heads=num_heads, ratios=tuple(ratios), num_convs=num_convs, query=query, own_head=head == "own",
+            detector=detector,
         )
+        self.head, self.detector = head, detector
         self.beta, self.gamma, self.temperature, self.start = float(beta), float(gamma), float(temperature), float(start)
         self.lr, self.weight_decay = float(lr), float(weight_decay)
 
@@ -162,8 +178,18 @@ class CSATerm(KDTerm):
         if step.head_outputs is None or step.anchors is None or step.targets is None:
             raise RuntimeError("kd.csa: the student's head outputs, anchors and targets were not captured")
         students, teachers = step.aligned()
-        assist_out = self.assistant([s.detach() for s in students], teachers)
-        det = step.student.compute_loss(step.targets, assist_out, step.anchors)
+        if self.head == "own":
+            assist_out = self.assistant([s.detach() for s in students], teachers)
+        else:  # the student's head on the attended features, its weights detached: it trains the attention only
+            head = step.student.head
+            frozen = {name: p.detach() for name, p in head.named_parameters()}
+            features = self.assistant.features([s.detach() for s in students], teachers)
+            assist_out = torch.func.functional_call(head, frozen, (features,))
+        if self.detector == "fcos":  # FCOS's loss also takes the points per level (one per position)
+            per_level = [s.shape[-2] * s.shape[-1] for s in students]
+            det = step.student.compute_loss(step.targets, assist_out, step.anchors, per_level)
+        else:
+            det = step.student.compute_loss(step.targets, assist_out, step.anchors)
         loss_cls, loss_box = csa_distill_losses(step.head_outputs, assist_out, temperature=self.temperature)
         join = 1.0 if step.progress >= self.start else 0.0
         return {
@@ -176,15 +202,15 @@ class CSATerm(KDTerm):
 def build_csa(spec: TermSpec) -> CSATerm:
     """Registry builder of ``csa`` (``adapter`` is not used: attention projects channels itself)."""
     student = spec.student
-    if not isinstance(student, RetinaNet):
-        raise ConfigError(f"kd.csa needs a RetinaNet student (its loss supervises the assistant), got "
-                          f"{type(student).__name__}; use student.arch: retinanet")
+    if not isinstance(student, (RetinaNet, FCOS)):
+        raise ConfigError(f"kd.csa needs a RetinaNet or FCOS student (its loss supervises the assistant), got "
+                          f"{type(student).__name__}; use student.arch: retinanet or fcos")
     levels = len(student.anchor_generator.sizes)
     if spec.num_levels != levels:
         raise ConfigError(f"kd.csa uses every student level ({levels}); drop kd.csa.levels")
     defaults = SCALEKD_DEFAULTS[detector_kind(student)]
     params = dict(spec.params)
-    known = sorted({"num_heads", "ratios", "temperature", "start", "lr", "weight_decay", "num_convs"})
+    known = sorted({"num_heads", "ratios", "temperature", "start", "lr", "weight_decay", "num_convs", "query", "head"})
     reject_unknown("csa", params, ("beta", "gamma", *known))
     beta, gamma = params.pop("beta", None), params.pop("gamma", None)
     return CSATerm(
@@ -192,7 +218,7 @@ def build_csa(spec: TermSpec) -> CSATerm:
         num_anchors=student.anchor_generator.num_anchors_per_location()[0],
         num_classes=student.head.classification_head.num_classes,
         beta=defaults["beta"] if beta is None else beta, gamma=defaults["gamma"] if gamma is None else gamma,
-        **params,
+        detector="fcos" if isinstance(student, FCOS) else "retinanet", **params,
     )
 
 
