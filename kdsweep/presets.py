@@ -1,6 +1,9 @@
 """Named experiment presets: ``smoke`` (CI, < 5 min on 2 CPU cores), ``quick`` (< 30 min on
-2 CPU cores, the baseline reaches a meaningful AP) and ``paper`` (the COCO setting of the papers,
-for a GPU cluster; documented, not run here).
+2 CPU cores, the baseline reaches a meaningful AP) and ``paper`` (COCO on a GPU cluster: de Rijk &
+Schneider's RetinaNet R101 -> R50 1x setting; documented, not run here). Each ablation's YAML
+states its own paper's setting on top of it in its ``presets:`` block (ScaleKD's freeze, Li et
+al.'s from-scratch student) and the paper's number it should reproduce
+(:mod:`kdsweep.orchestrate.space`).
 
 A preset is an ExperimentConfig override dict (data only) plus run settings for the launcher.
 """

@@ -137,7 +137,8 @@ def test_dry_run_of_each_ablation_launcher(name: str, no_services: Path, capsys:
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{space.source} [paper]: valid; {2 * len(space.labels)} trial(s): {len(space.labels)} row(s) x 2 seed(s), as many at once as the cluster holds (auto)"
     assert out[1].startswith("  data: synthetic")
-    assert [line.split(":")[0].strip() for line in out[2:]] == space.labels  # one line per row
+    assert [line.split(":")[0].strip() for line in out[2:-1]] == space.labels  # one line per row
+    assert out[-1].startswith("  the paper reports (paper setting): ")  # then the paper's number
     assert not (no_services / "mlflow").exists() and not (no_services / "ray_results").exists()
 
 

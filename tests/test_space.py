@@ -73,3 +73,50 @@ def test_yaml_tags_are_not_executed(tmp_path):
     bad.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_space(bad)
+
+
+# ------------------------------------------------------------------- each ablation's own paper setting
+def _prepared(space: str, preset: str):
+    import argparse
+
+    from kdsweep.orchestrate.launch import add_arguments, prepare
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("space")
+    add_arguments(parser)
+    root = Path(__file__).resolve().parents[1]
+    return prepare(parser.parse_args([str(root / "search_spaces" / f"{space}.yaml"), "--preset", preset]), with_data=False)
+
+
+def test_each_ablation_states_its_papers_setting_and_number_beside_its_rows():
+    scalekd = _prepared("ablation_scalekd", "paper")
+    # ScaleKD: the backbone frozen for 10k and the assistant joining at 30k of 90k iterations
+    assert {exp.train.freeze_backbone for exp in scalekd.rows.values()} == {0.11}
+    assert {t.params["start"] for exp in scalekd.rows.values() for t in exp.kd if t.loss == "csa"} == {0.33}
+    assert "37.4 AP / 20.0 AP_S" in scalekd.space.reproduces("paper")
+    quick = _prepared("ablation_scalekd", "quick")  # the file's paper setting stays in paper
+    assert {exp.train.freeze_backbone for exp in quick.rows.values()} == {0.0} and quick.space.reproduces("quick") == ""
+    mimic = _prepared("ablation_mimic", "paper")  # Li et al.: the small network from random initialisation
+    assert {(exp.student.weights, exp.student.trainable_backbone_layers) for exp in mimic.rows.values()} == {(None, 5)}
+    assert _prepared("ablation_ssim", "paper").rows["ssim"].student.weights.startswith("torchvision:ResNet50")
+    for space in ("ablation_ssim", "ablation_scalekd", "ablation_mimic", "ablation_mimicdet"):
+        assert load_space(Path(__file__).resolve().parents[1] / "search_spaces" / f"{space}.yaml").reproduces("paper")
+
+
+@pytest.mark.parametrize("presets, fragment", [
+    ({"papr": {}}, "presets.papr is not a preset; use one of smoke, quick, paper"),
+    ({"paper": {"experiment": {}, "note": 1}}, "presets.paper.note is unknown; known keys: reproduces, experiment"),
+    ({"paper": {"experiment": [1]}}, "presets.paper.experiment must be a mapping"),
+    ({"paper": {"reproduces": 40.1}}, "presets.paper.reproduces must be a string"),
+])
+def test_bad_presets_blocks_fail_with_one_line(presets, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_space({"rows": [{"label": "a"}], "presets": presets}, "x.yaml")
+
+
+def test_the_dry_run_prints_the_papers_number_of_the_preset(capsys):
+    from kdsweep.orchestrate.ablation import run_ablation
+
+    root = Path(__file__).resolve().parents[1]
+    assert run_ablation(root / "search_spaces" / "ablation_ssim.yaml", ["--preset", "paper", "--dry-run"]) == 0
+    assert "the paper reports (paper setting): COCO 2017 1x, RetinaNet R101 -> R50: baseline 36.4 AP" in capsys.readouterr().out

@@ -53,6 +53,9 @@ def run_ablation(default_space: str | Path, argv: Sequence[str] | None = None, p
             print_dry_run(prepared, f"{prepared.source} [{prepared.preset.name}]: valid; {rows * seeds} trial(s): "
                                     f"{rows} row(s) x {seeds} seed(s), "
                                     f"{prepared.concurrency(args.max_concurrent)[1]}")
+            paper = prepared.space.reproduces(prepared.preset.name)
+            if paper:
+                print(f"  the paper reports ({prepared.preset.name} setting): {paper}")
             return 0
         prepared = prepare(args)
         seeds = list(range(args.seeds or prepared.preset.seeds))
@@ -103,6 +106,9 @@ def _body(args: argparse.Namespace, prepared: Prepared, session: Session, seeds:
                            extra=extra)
     title = f"{prepared.space.name} [{prepared.preset.name}], {len(seeds)} seed(s)"
     markdown = to_markdown(table, title)
+    paper = prepared.space.reproduces(prepared.preset.name)
+    if paper:  # the paper's number, next to the result (the table, its MLflow artifact, the parent's tag)
+        markdown += f"\nThe paper reports ({prepared.preset.name} setting): {paper}\n"
     folder = write_temp(markdown, "ablation.md").parent
     tracker = session.tracker
     tracker.log_artifact(session.parent, folder / "ablation.md")

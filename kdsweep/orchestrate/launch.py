@@ -148,10 +148,11 @@ def prepare(args: argparse.Namespace, with_data: bool = True) -> Prepared:
     space = load_space(path.resolve() if path.exists() else args.space)
     if args.rows:
         space = space.with_rows([r.strip() for r in args.rows.split(",") if r.strip()])
-    rows = row_configs(space, merge(preset.experiment, cli_overrides(args)))
+    experiment = merge(preset.experiment, space.preset_experiment(preset.name))  # the file's own setting of the preset
+    rows = row_configs(space, merge(experiment, cli_overrides(args)))
     notes: list[str] = []
     if args.num_workers:  # the linear scaling rule, against the same rows without --num-workers
-        bases = row_configs(space, merge(preset.experiment, cli_overrides(argparse.Namespace(**{**vars(args), "num_workers": None}))))
+        bases = row_configs(space, merge(experiment, cli_overrides(argparse.Namespace(**{**vars(args), "num_workers": None}))))
         changes: dict[str, None] = {}  # each distinct change once, in row order
         for label in rows:
             rows[label], changed = scale_lr(rows[label], bases[label])
@@ -235,7 +236,8 @@ def open_session(args: argparse.Namespace, prepared: Prepared, *, role: str, tit
         tracker.client.set_tag(run.info.run_id, "kdsweep.resumed", "true")
         session = Session(tracker, run.info.run_id, run.data.tags[TAG_TUNE], True, storage_path(args))
     else:
-        parent = tracker.start_run(title, tags=tags)
+        paper = space.reproduces(prepared.preset.name)
+        parent = tracker.start_run(title, tags={**tags, **({"kdsweep.reproduces": paper} if paper else {})})
         tune_name = f"{space.name}-{prepared.preset.name}-{parent[:8]}"
         tracker.client.set_tag(parent, TAG_TUNE, tune_name)
         tracker.log_params(parent, params)

@@ -20,6 +20,14 @@ A file looks like::
       algorithm: random   # random | optuna
       scheduler: fifo     # fifo | asha
       num_samples: 1
+    presets:              # optional: this file's own setting of a named preset
+      paper:
+        reproduces: "COCO 1x, RetinaNet R101 -> R50: baseline 36.4, SSIM 40.1 AP"
+        experiment: {train: {freeze_backbone: 0.11}}   # merged over the preset, under base
+
+``presets.<name>.experiment`` is merged over the named preset (``kdsweep.presets``) before
+``base`` and the rows: each ablation states its own paper's setting beside its rows, and
+``reproduces`` is the paper's number the launcher prints next to the result.
 
 Samplers: ``grid: [v, ...]``, ``choice: [v, ...]``, ``uniform: [lo, hi]``,
 ``loguniform: [lo, hi]``, ``randint: [lo, hi]`` (hi exclusive). Every problem raises
@@ -42,7 +50,8 @@ import yaml
 from kdsweep.config import ConfigError
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
-TOP_KEYS = ("name", "description", "metric", "mode", "baseline", "base", "rows", "space", "search")
+TOP_KEYS = ("name", "description", "metric", "mode", "baseline", "base", "rows", "space", "search", "presets")
+PRESET_KEYS = ("reproduces", "experiment")
 SEARCH_KEYS = ("algorithm", "scheduler", "num_samples", "max_concurrent_trials", "grace_period", "reduction_factor", "seed")
 
 
@@ -113,6 +122,15 @@ class SearchSpace:
     rows: tuple[Row, ...] = ()
     space: Mapping[str, Sampler] = field(default_factory=dict)
     search: Mapping[str, Any] = field(default_factory=dict)
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def preset_experiment(self, preset: str) -> Mapping[str, Any]:
+        """This file's overrides of preset ``preset`` (``presets.<name>.experiment``; empty if none)."""
+        return (self.presets.get(preset) or {}).get("experiment") or {}
+
+    def reproduces(self, preset: str) -> str:
+        """The paper's number this file's rows should reproduce under ``preset`` ("" if none)."""
+        return str((self.presets.get(preset) or {}).get("reproduces") or "")
 
     @property
     def labels(self) -> list[str]:
@@ -215,6 +233,7 @@ def parse_space(data: Any, source: str) -> SearchSpace:
     base = data.get("base") or {}
     if not isinstance(base, Mapping):
         raise ConfigError(f"{source}: base must be a mapping of config overrides")
+    presets = _parse_presets(source, data.get("presets") or {})
     return SearchSpace(
         name=str(data.get("name") or Path(source).stem),
         source=source,
@@ -226,7 +245,32 @@ def parse_space(data: Any, source: str) -> SearchSpace:
         rows=_parse_rows(source, data.get("rows") or []),
         space=space,
         search=search,
+        presets=presets,
     )
+
+
+def _parse_presets(source: str, presets: Any) -> dict[str, dict[str, Any]]:
+    """``presets:``: known preset names, each ``{reproduces: str, experiment: mapping}``."""
+    from kdsweep.presets import PRESETS  # data only; here to keep the file format's imports small
+
+    if not isinstance(presets, Mapping):
+        raise ConfigError(f"{source}: presets must map preset names ({', '.join(PRESETS)}) to {{reproduces, experiment}}")
+    out = {}
+    for name, spec in presets.items():
+        where = f"{source}: presets.{name}"
+        if name not in PRESETS:
+            raise ConfigError(f"{where} is not a preset; use one of {', '.join(PRESETS)}")
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where} must be a mapping with keys {', '.join(PRESET_KEYS)}")
+        bad = [k for k in spec if k not in PRESET_KEYS]
+        if bad:
+            raise ConfigError(f"{where}.{bad[0]} is unknown; known keys: {', '.join(PRESET_KEYS)}")
+        if not isinstance(spec.get("experiment") or {}, Mapping):
+            raise ConfigError(f"{where}.experiment must be a mapping of config overrides")
+        if not isinstance(spec.get("reproduces", ""), str):
+            raise ConfigError(f"{where}.reproduces must be a string: the paper's number, e.g. \"36.4 -> 40.1 AP\"")
+        out[str(name)] = dict(spec)
+    return out
 
 
 def load_space(path: str | Path) -> SearchSpace:
