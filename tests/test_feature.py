@@ -112,7 +112,7 @@ def test_unknown_param_raises_one_line() -> None:
     assert str(info.value) == (
         "kd.ssim.params.alfa is unknown; known: alpha, beta, gamma, window_size, sigma, normalize, k1, k2"
     )
-    with pytest.raises(ConfigError, match=r"kd\.l2\.params\.beta is unknown; known: \(none\)"):
+    with pytest.raises(ConfigError, match=r"kd\.l2\.params\.beta is unknown; known: normalize"):
         _build("l2", 8, 8, 1, beta=1.0)
 
 
@@ -128,3 +128,23 @@ def test_feature_term_checks_levels_and_shapes() -> None:
         term.compare(_levels(4, sizes=(8,)), _levels(4, sizes=(8,)))
     with pytest.raises(ValueError, match="align resolution"):
         term.compare(_levels(4, sizes=(8, 4)), _levels(4, sizes=(8, 2)))
+
+
+@pytest.mark.parametrize("fn", [l1_feature_loss, l2_feature_loss])
+def test_lp_losses_can_take_ssims_min_max_normalisation_so_a_table_isolates_the_loss(fn) -> None:
+    """de Rijk & Schneider normalise before any loss: with ``normalize="minmax"`` the Lp loss sees
+    what SSIM sees (each sample mapped to [0, 1]), so it ignores a per-sample affine change of
+    scale that the raw loss counts; the default stays raw."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
+    scaled = 5.0 * t + 2.0  # a teacher with another scale: the same structure
+    assert fn(s, scaled, normalize="minmax").item() == pytest.approx(fn(s, t, normalize="minmax").item(), rel=1e-5)
+    assert fn(s, scaled).item() != pytest.approx(fn(s, t).item(), rel=1e-2)
+    from kdsweep.methods.ssim import minmax_normalize
+
+    expected = fn(minmax_normalize(s), minmax_normalize(t))
+    torch.testing.assert_close(fn(s, t, normalize="minmax"), expected)
+    term = _build(fn.__name__[:2], 4, 4, 1, normalize="minmax")
+    torch.testing.assert_close(term.compare([s], [t]), expected)
+    with pytest.raises(ConfigError, match="normalize must be 'minmax' or None"):
+        _build("l2", 4, 4, 1, normalize="z")

@@ -30,8 +30,10 @@ def _configs(space, preset: str):
 def test_every_preset_builds_every_row_of_every_shipped_space(path: Path, preset: str) -> None:
     from kdsweep.orchestrate.preflight import preflight
 
-    space = load_space(path)
-    experiment = PRESETS[preset].experiment
+    from kdsweep.config import merge
+
+    space = load_space(path).for_preset(preset)  # as the launchers: the rows of this preset, the file's setting of it
+    experiment = merge(PRESETS[preset].experiment, space.preset_experiment(preset))
     trials = variants(space, row_configs(space, experiment))
     rows = preflight(trials, COCO_CLASSES, space.source)
     assert [r.label for r in rows] == [label for label, _ in trials]

@@ -120,3 +120,15 @@ def test_the_dry_run_prints_the_papers_number_of_the_preset(capsys):
     root = Path(__file__).resolve().parents[1]
     assert run_ablation(root / "search_spaces" / "ablation_ssim.yaml", ["--preset", "paper", "--dry-run"]) == 0
     assert "the paper reports (paper setting): COCO 2017 1x, RetinaNet R101 -> R50: baseline 36.4 AP" in capsys.readouterr().out
+
+
+def test_a_row_may_exist_in_named_presets_only():
+    """The SSIM write-up's adapter-off row needs equal FPN widths: the paper setting has them, the
+    CPU presets' students are narrower than their teachers."""
+    ssim = _prepared("ablation_ssim", "paper")
+    assert "ssim, no adapter" in ssim.rows and not ssim.rows["ssim, no adapter"].kd[0].adapter
+    assert ssim.rows["ssim, no adapter"].student.fpn_channels == ssim.rows["ssim, no adapter"].teacher.fpn_channels
+    assert "ssim, no adapter" not in _prepared("ablation_ssim", "quick").rows
+    assert {t.params.get("normalize") for exp in ssim.rows.values() for t in exp.kd if t.loss in ("l1", "l2")} == {"minmax"}
+    with pytest.raises(ConfigError, match=r"rows\[0\] \('a'\) presets must be a non-empty list of smoke, quick, paper"):
+        parse_space({"rows": [{"label": "a", "presets": ["big"]}]}, "x.yaml")

@@ -3,7 +3,12 @@
 Reference:
     de Rijk & Schneider, "Structural Knowledge Distillation for Object Detection", NeurIPS 2022.
     The paper compares its SSIM loss with these Lp feature losses on every FPN level (COCO,
-    RetinaNet R101 -> R50: L1 38.7, L2 39.0, SSIM 40.1 AP).
+    RetinaNet R50 student: L1 38.7, L2 36.8, SSIM 40.1 AP in the seed's table; METHODS.md's
+    summary says L2 39.0). The
+    write-up min-max normalises the features "before any loss": ``normalize="minmax"`` gives the
+    Lp losses SSIM's normalisation (:func:`~kdsweep.methods.ssim.minmax_normalize`), so that an
+    ablation's rows differ in the loss alone; the default ``None`` compares raw features (the
+    usual Lp feature distillation, and ScaleKD's "l2 on C5" control).
 """
 
 from __future__ import annotations
@@ -24,7 +29,19 @@ from kdsweep.models.taps import resize_teacher
 __all__ = ["FeatureTerm", "feature_term", "l1_feature_loss", "l2_feature_loss"]
 
 
-def l2_feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
+def _normalized(student: Tensor, teacher: Tensor, normalize: str | None, name: str) -> tuple[Tensor, Tensor]:
+    """Both maps min-max normalised per sample (``normalize="minmax"``), or as they are (None)."""
+    if normalize not in ("minmax", None):
+        raise ValueError(f"{name}: normalize must be 'minmax' or None, got {normalize!r}")
+    if normalize is None:
+        return student, teacher
+    # SSIM's own normalisation; imported here, as kdsweep.methods imports this module
+    from kdsweep.methods.ssim import minmax_normalize
+
+    return minmax_normalize(student), minmax_normalize(teacher.to(student.dtype))
+
+
+def l2_feature_loss(student: Tensor, teacher: Tensor, *, normalize: str | None = None) -> Tensor:
     r"""Mean squared error between student and teacher features.
 
     .. math::
@@ -33,6 +50,8 @@ def l2_feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
     Args:
         student: student features ``x``; gradients flow to it.
         teacher: teacher features ``y`` (normally detached), same shape.
+        normalize: ``"minmax"``: ``x`` and ``y`` min-max normalised per sample first, as SSIM's
+            inputs (de Rijk & Schneider normalise before any loss); None: raw features.
 
     Shape:
         - student, teacher: ``(N, C, H, W)`` (any equal shapes).
@@ -43,10 +62,11 @@ def l2_feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
         (the L2 baseline).
     """
     _check_pair(student, teacher, "l2")
+    student, teacher = _normalized(student, teacher, normalize, "l2")
     return F.mse_loss(student, teacher.to(student.dtype))
 
 
-def l1_feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
+def l1_feature_loss(student: Tensor, teacher: Tensor, *, normalize: str | None = None) -> Tensor:
     r"""Mean absolute error between student and teacher features.
 
     .. math::
@@ -57,6 +77,7 @@ def l1_feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
     Args:
         student: student features ``x``; gradients flow to it.
         teacher: teacher features ``y`` (normally detached), same shape.
+        normalize: as :func:`l2_feature_loss`.
 
     Shape:
         - student, teacher: ``(N, C, H, W)`` (any equal shapes).
@@ -67,6 +88,7 @@ def l1_feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
         (the L1 baseline).
     """
     _check_pair(student, teacher, "l1")
+    student, teacher = _normalized(student, teacher, normalize, "l1")
     return F.l1_loss(student, teacher.to(student.dtype))
 
 

@@ -145,7 +145,7 @@ def prepare(args: argparse.Namespace, with_data: bool = True) -> Prepared:
     """
     preset = get_preset(args.preset)
     path = Path(args.space).expanduser()
-    space = load_space(path.resolve() if path.exists() else args.space)
+    space = load_space(path.resolve() if path.exists() else args.space).for_preset(preset.name)
     if args.rows:
         space = space.with_rows([r.strip() for r in args.rows.split(",") if r.strip()])
     experiment = merge(preset.experiment, space.preset_experiment(preset.name))  # the file's own setting of the preset

@@ -14,6 +14,9 @@ A file looks like::
         kd: []
       - label: ssim
         kd: [{loss: ssim, weight: 2.0}]
+      - label: ssim, no adapter
+        presets: [paper]  # optional: the presets this row exists in (here: equal FPN widths)
+        kd: [{loss: ssim, weight: 2.0}]
     space:                # optional samplers over dotted config paths, crossed with the rows
       kd.0.weight: {grid: [1, 2, 4]}
     search:               # optional: how Tune explores ``space``
@@ -106,6 +109,7 @@ class Row:
 
     label: str
     overrides: Mapping[str, Any]
+    presets: tuple[str, ...] | None = None  # the presets this row exists in (None: every preset)
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,11 @@ class SearchSpace:
     def is_grid(self) -> bool:
         """True when every sampler is a grid (an ablation, no random search)."""
         return all(s.kind == "grid" for s in self.space.values())
+
+    def for_preset(self, preset: str) -> "SearchSpace":
+        """This space without the rows that name other presets (a row's ``presets: [paper]``: e.g.
+        an adapter-off row that needs the paper's equal FPN widths)."""
+        return dataclasses.replace(self, rows=tuple(r for r in self.rows if r.presets is None or preset in r.presets))
 
     def with_rows(self, wanted: list[str]) -> "SearchSpace":
         """This space restricted to the rows labelled ``wanted`` (``--rows``), in file order.
@@ -193,10 +202,18 @@ def _parse_rows(source: str, rows: Any) -> tuple[Row, ...]:
     for i, item in enumerate(rows):
         if not isinstance(item, Mapping) or not isinstance(item.get("label"), str) or not item["label"]:
             raise ConfigError(f"{source}: rows[{i}] needs a non-empty 'label'")
-        overrides = {k: v for k, v in item.items() if k != "label"}
+        overrides = {k: v for k, v in item.items() if k not in ("label", "presets")}
         if any(r.label == item["label"] for r in parsed):
             raise ConfigError(f"{source}: rows[{i}] label '{item['label']}' is used twice; labels must be unique")
-        parsed.append(Row(item["label"], overrides))
+        presets = item.get("presets")
+        if presets is not None:
+            from kdsweep.presets import PRESETS
+
+            if not isinstance(presets, list) or not presets or any(p not in PRESETS for p in presets):
+                raise ConfigError(f"{source}: rows[{i}] ('{item['label']}') presets must be a non-empty list of "
+                                  f"{', '.join(PRESETS)}, got {presets!r}")
+            presets = tuple(presets)
+        parsed.append(Row(item["label"], overrides, presets))
     return tuple(parsed)
 
 
