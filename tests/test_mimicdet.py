@@ -86,7 +86,6 @@ def test_shapes_through_every_head() -> None:
     rec = Recorder()
     for name in ("backbone", "refine", "s_head", "t_head"):
         rec.output(name, getattr(model, name))
-    rec.output("mimic_proj", model.s_head.mimic_proj)
     losses = model(images, targets)
     rec.remove()
     assert set(losses) == LOSS_KEYS
@@ -106,12 +105,11 @@ def test_shapes_through_every_head() -> None:
         assert deltas[level].shape == (n, 4 * a, *sizes[k])
         assert cls[level].shape == (n, a * (K + 1), *sizes[k])  # softmax S-head: background + K
         assert reg[level].shape == (n, 4 * a, *sizes[k])
-        assert reg_feats[level].shape == (n, C, *sizes[k])
+        assert reg_feats[level].shape == (n, a * HIDDEN, *sizes[k])  # each anchor's own t_hidden-d feature
     logits, t_deltas, t_feat = rec.out["t_head"]
     rois = logits.shape[0]
     assert 0 < rois <= n * 32
     assert logits.shape == (rois, K + 1) and t_deltas.shape == (rois, 4) and t_feat.shape == (rois, HIDDEN)
-    assert rec.out["mimic_proj"].shape == (n * 16, a * HIDDEN)
 
 
 def test_shapes_with_several_anchors_and_sigmoid_head() -> None:
@@ -278,7 +276,7 @@ def test_mimic_gradients_reach_the_s_head_not_the_t_head(similarity: str) -> Non
     for name, param in [("cls_logits", head.cls_logits.weight), ("reg_tower", head.reg_tower[0].weight),
                         ("cls_tower", head.cls_tower[0].weight), ("dconv3", head.dconv3.weight),
                         ("dconv5", head.dconv5.weight), ("offset5", head.offset5.weight),
-                        ("mimic_proj", head.mimic_proj.weight),
+                        ("reg_fc", head.reg_fc.weight),
                         ("backbone p3", model.backbone.fpn.layer_blocks[1][0].weight)]:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     # the T-head side is the (detached) target; the refinement guidance is detached too
@@ -295,7 +293,7 @@ def test_each_mimic_path_trains_its_own_branch(path: str) -> None:
     cls_grad = head.cls_tower[0].weight.grad
     reg_grad = head.reg_tower[0].weight.grad
     if path == "cls":
-        assert head.mimic_proj is None and reg_grad is None and cls_grad.abs().sum() > 0
+        assert reg_grad is None and cls_grad.abs().sum() > 0
     else:  # the cls branch is in the graph only through a zero-weighted start value
         assert (cls_grad is None or cls_grad.abs().sum() == 0) and reg_grad.abs().sum() > 0
 
@@ -398,3 +396,43 @@ def test_kdsweep_level_names_and_feature_tap_see_p3_to_p7() -> None:
     with FeatureTap(model, levels=("p3", "p7")) as tap:  # training mode: P2 stays out of the dict
         model(images, targets)
     assert set(tap.pop()) == {"p3", "p7"}
+
+
+def test_the_regression_mimic_shapes_the_feature_the_s_head_predicts_from() -> None:
+    """MimicDet mimics "the 1024-d feature" of the regression path: the S-head's own, the one its
+    box deltas come from. So every S-head weight the reg-path mimic trains also runs at inference
+    (no training-only projection that could absorb the mimic), and the deltas are a per-anchor
+    linear map of the mimicked feature."""
+    model = tiny(mimic_paths=("reg",))
+    images, targets = batch()
+    model(images, targets)["mimic"].backward()
+    trained = {name for name, p in model.s_head.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"reg_fc.weight", "bbox_reg.weight"} & trained == {"reg_fc.weight"}  # the feature, upstream of the deltas
+    ran: set[str] = set()
+    named = {m: n for n, m in model.s_head.named_modules()}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: ran.add(named[mod])) for m in named]
+    model.eval()
+    with torch.no_grad():
+        model(images)
+    for h in hooks:
+        h.remove()
+    assert {name.rsplit(".", 1)[0] for name in trained} <= ran  # all of it runs at inference
+    feats = [torch.randn(1, C, 4, 4)] * 5
+    guides = [torch.zeros(1, 4 * model.num_anchors, 4, 4)] * 5
+    with torch.no_grad():
+        _, reg, reg_feats = model.s_head(feats, guides)
+        torch.testing.assert_close(reg[0], model.s_head.bbox_reg(reg_feats[0]))
+    assert reg_feats[0].shape[1] == model.num_anchors * model.t_hidden
+
+
+def test_the_no_mimic_control_trains_the_t_head_and_mimics_nothing() -> None:
+    """The "T-head trained, no mimic" row (``mimic_paths: []``): the T-head's own loss reaches
+    the shared backbone, there is no mimic term, so the row separates the mimic's effect from the
+    extra supervision's."""
+    model = tiny(mimic_paths=())
+    images, targets = batch()
+    losses = model(images, targets)
+    assert set(losses) == LOSS_KEYS - {"mimic"}
+    (losses["t_cls"] + losses["t_reg"]).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.t_head.parameters())
+    assert model.backbone.fpn.layer_blocks[1][0].weight.grad.abs().sum() > 0  # the shared backbone learns from it

@@ -59,7 +59,7 @@ def test_external_mode_builds_no_t_head_and_records_the_mimic_inputs(monkeypatch
     assert isinstance(model, MimicDet) and model.external_teacher
     assert model.t_head is None and not model.backbone.with_p2
     assert len(model.backbone.fpn.inner_blocks) == 3  # C3..C5 laterals only: no P2 path
-    assert model.s_head.mimic_proj.out_features == model.num_anchors * REPR
+    assert model.s_head.reg_fc.out_channels == model.num_anchors * REPR  # the S-head's own regression feature
     sampled = {}
     original = model.sample_rois
 
@@ -109,7 +109,7 @@ def test_one_step_gives_a_kd_loss_whose_gradients_reach_the_s_head_only() -> Non
     kd.backward()
     head = d.student.s_head
     for name, param in [("cls_logits", head.cls_logits.weight), ("cls_tower", head.cls_tower[0].weight),
-                        ("reg_tower", head.reg_tower[0].weight), ("mimic_proj", head.mimic_proj.weight),
+                        ("reg_tower", head.reg_tower[0].weight), ("reg_fc", head.reg_fc.weight),
                         ("dconv3", head.dconv3.weight), ("fpn p3", d.student.backbone.fpn.layer_blocks[0][0].weight)]:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in d.teacher.parameters())
@@ -157,7 +157,6 @@ def test_cls_path_only_with_l2_needs_no_matching_t_hidden() -> None:
     d = distiller(student_cfg(t_hidden=32, mimic_paths=("cls",), s_cls_loss="sigmoid"), params={"similarity": "l2"})
     term = d._inner.terms["mimicdet_teacher"]
     assert isinstance(term, ExternalTeacherMimic) and term.paths == ("cls",) and term.similarity == "l2"
-    assert d.student.s_head.mimic_proj is None
     kd = d(*batch())["kd_mimicdet_teacher"]
     assert torch.isfinite(kd) and kd.item() > 0
     kd.backward()

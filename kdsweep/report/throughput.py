@@ -4,8 +4,8 @@
 * :func:`count_inference_params`: only the parameters that take part in an eval-mode forward.
   For torchvision's RetinaNet / FCOS / Faster R-CNN this equals :func:`count_params`; for
   :class:`~kdsweep.methods.mimicdet.model.MimicDet` it leaves out the training-only parts (the T-head,
-  the P2 path of the FPN, ``fpn.inner_blocks[0]`` / ``fpn.layer_blocks[0]``, and the S-head's
-  ``mimic_proj``), which are built and trained but never run at inference.
+  the P2 path of the FPN, ``fpn.inner_blocks[0]`` / ``fpn.layer_blocks[0]``), which are built and
+  trained but never run at inference.
 * :func:`measure_inference`: images/s and ms/image of one model.
 * :func:`measure_configs`: several configs measured interleaved (round-robin), so that noise from
   other jobs on the machine hits all of them alike; the median over rounds is reported.
@@ -110,7 +110,7 @@ def count_inference_params(model: nn.Module, size: int | tuple[int, int] | None 
     under ``torch.inference_mode`` with a forward pre-hook on every submodule; the parameters
     owned directly (``recurse=False``) by the modules that were called are counted, each once.
     Training-only modules that are never called in eval (MimicDet's T-head, P2 lateral/output
-    convs and mimic projection) are thereby left out; for torchvision's detectors every module
+    convs) are thereby left out; for torchvision's detectors every module
     runs and the count equals :func:`count_params`. (A parameter read directly off a module whose
     ``forward`` is never called would be missed; neither torchvision's detectors nor MimicDet do
     that.) Training flags of all submodules are restored; BatchNorm statistics are untouched.

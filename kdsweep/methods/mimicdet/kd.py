@@ -29,8 +29,8 @@ and returns :meth:`MimicDet.mimic_from <kdsweep.methods.mimicdet.model.MimicDet.
 student side against those targets: the same per-path similarity (default the student's
 ``similarity``), the same sigmoid-S-head handling and the same paths (default the student's
 ``mimic_paths``) as the own T-head's mimic. The loss is unweighted: the ``kd`` entry's ``weight``
-is lambda (the student's ``mimic_weight`` is not used in this mode). Gradients reach the S-head,
-its ``mimic_proj`` and the shared backbone; never the teacher.
+is lambda (the student's ``mimic_weight`` is not used in this mode). Gradients reach the S-head
+(its own regression feature among them) and the shared backbone; never the teacher.
 """
 
 from __future__ import annotations

@@ -93,13 +93,13 @@ Design (choices the paper leaves open are marked *choice*):
   with the softmax S-head, S-head logits (K + 1) vs T-head logits (K + 1) directly (the paper's
   logits-as-target); with the sigmoid S-head, S class probabilities ``sigmoid(K)`` vs the T-head's
   softmax probabilities of the K foreground classes (*choice*: compare in probability space).
-  Regression path: the S-head regression feature at that position (``reg_tower`` output, the
-  feature before ``bbox_reg``), projected by ``s_head.mimic_proj`` (a linear map C -> A x
-  ``t_hidden``, the anchor's slice taken) vs the T-head's ``reg_fc`` output (``t_hidden``-d).
+  Regression path: the S-head's own ``t_hidden``-d regression feature of that anchor (``reg_fc``
+  output, the feature its ``bbox_reg`` predicts the deltas from) vs the T-head's ``reg_fc`` output
+  (``t_hidden``-d): "the 1024-d feature" of the paper's regression path, on both sides.
   ``similarity="cosine"``: mean of ``1 - cos``; ``"l2"``: mean squared error. The T-head side
   is the target and is **detached** (*choice*; the paper trains both heads jointly, detaching the
-  teacher side is the usual mimic choice): mimic gradients reach the S-head, its projection and
-  the shared backbone, never the T-head.
+  teacher side is the usual mimic choice): mimic gradients reach the S-head and the shared
+  backbone, never the T-head.
 * **External teacher** (``t_head="external"``): no T-head and no P2 are built (``staggered`` is
   then moot). A training forward still samples the T-samples exactly as for the own T-head
   (:meth:`MimicDet.sample_rois`: same candidates, same sampler) and draws the random mimic subset
@@ -107,14 +107,12 @@ Design (choices the paper leaves open are marked *choice*):
   ``model.last_mimic_inputs``: per image the sampled RoIs (clipped refined anchors, in the model's
   input coordinates, i.e. after its transform's resize, before batch padding) and their anchor
   indices, the subset ``pick``, the image sizes, and the S-side of the mimic for the subset rows
-  (``s_cls``: S-head logits; ``s_reg``: the ``mimic_proj``-projected regression feature, ``t_hidden``
-  wide). ``last_mimic_inputs`` is reset to ``None`` at the start of every forward (eval included),
+  (``s_cls``: S-head logits; ``s_reg``: the S-head's regression feature, ``t_hidden`` wide). ``last_mimic_inputs`` is reset to ``None`` at the start of every forward (eval included),
   so it always belongs to the latest training step; the tensors are attached to that step's graph.
   The KD term computes the teacher's targets on ``MimicInputs.mimic_rois`` and calls
   :meth:`MimicDet.mimic_from` (same detaching, sigmoid/softmax handling and similarity as the own
   T-head's mimic). ``t_hidden`` must then equal the teacher's box-head representation size (1024
   for torchvision's ``TwoMLPHead``). ``mimic_weight`` is not used (lambda is the KD term's weight).
-  Without that KD term ``mimic_proj`` gets no gradient (DDP would need ``find_unused_parameters``).
 * **Inference**: only P3..P7 (no P2), the refinement module and the S-head run. Scores are the
   S-head class probabilities of anchors passing the easy-negative filter; per level the top
   ``topk_candidates`` (1000) above ``score_thresh`` (0.05), decoded against the refined anchors,
@@ -123,7 +121,7 @@ Design (choices the paper leaves open are marked *choice*):
 
 Every parameter takes part in every training step (losses over empty selections are zero sums
 still attached to the graph), so DDP needs no ``find_unused_parameters``; parts an option turns
-off (T-head, P2 lateral, mimic projection) are not built.
+off (T-head, P2 lateral) are not built.
 """
 
 from __future__ import annotations
@@ -290,15 +288,20 @@ class SHead(nn.Module):
     the others).
 
     Modules: ``offset3`` / ``offset5`` (1x1 conv, 4A -> 2*k*k offsets), ``dconv3`` / ``dconv5``
-    (``DeformConv2d``), ``cls_tower`` -> ``cls_logits`` (A*C' ch), ``reg_tower`` -> ``bbox_reg``
-    (4A ch), and ``mimic_proj`` (Linear C -> A*mimic_dim) when ``mimic_dim`` is given.
-    ``forward(feats, guides)`` -> (cls maps, reg maps, regression-branch feature maps).
+    (``DeformConv2d``), ``cls_tower`` -> ``cls_logits`` (A*C' ch), and the regression branch
+    ``reg_tower`` -> ``reg_fc`` (1x1 conv C -> A*reg_hidden, ReLU: each anchor's own
+    ``reg_hidden``-d feature, the counterpart of the T-head's fc1024) -> ``bbox_reg`` (1x1 conv
+    grouped per anchor, A*reg_hidden -> 4A). MimicDet mimics "the 1024-d feature" of the
+    regression path in both heads: here that feature is the one ``bbox_reg`` predicts from, so the
+    mimic shapes the S-head's own prediction path (no training-only projection to absorb it).
+    ``forward(feats, guides)`` -> (cls maps, reg maps, per-anchor regression-feature maps
+    ``(N, A*reg_hidden, H, W)``).
     """
 
     def __init__(
         self, channels: int, num_anchors: int, num_outputs: int, depth: int = 2,
         kernels: Sequence[int] = (3, 5, 5, 5, 5), cls_prior: float | None = None,
-        mimic_dim: int | None = None,
+        reg_hidden: int = 1024,
     ) -> None:
         super().__init__()
         if any(k not in (3, 5) for k in kernels):
@@ -313,13 +316,14 @@ class SHead(nn.Module):
         self.cls_tower = _conv_tower(channels, depth)
         self.reg_tower = _conv_tower(channels, depth)
         self.cls_logits = nn.Conv2d(channels, num_anchors * num_outputs, 3, padding=1)
-        self.bbox_reg = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
+        self.reg_hidden = reg_hidden
+        self.reg_fc = nn.Conv2d(channels, num_anchors * reg_hidden, 1)
+        self.bbox_reg = nn.Conv2d(num_anchors * reg_hidden, num_anchors * 4, 1, groups=num_anchors)
         _init_normal(self)
         for off in (self.offset3, self.offset5):  # Guided Anchoring's feature-adaption init
             nn.init.normal_(off.weight, std=0.1)
         if cls_prior is not None:
             nn.init.constant_(self.cls_logits.bias, _prior_bias(cls_prior))
-        self.mimic_proj = nn.Linear(channels, num_anchors * mimic_dim) if mimic_dim else None
 
     def offsets(self, guide: Tensor, kernel: int) -> Tensor:
         """DeformConv2d offsets (N, 2*k*k, H, W) from a refinement delta map (N, 4A, H, W)."""
@@ -334,7 +338,7 @@ class SHead(nn.Module):
             with autocast_off(f.device.type):  # float32, as torchvision's CUDA autocast runs it;
                 # its CPU kernel has no bfloat16/float16 at all
                 x = F.relu((self.dconv3 if k == 3 else self.dconv5)(f.float(), offsets.float()))
-            rf = self.reg_tower(x)
+            rf = F.relu(self.reg_fc(self.reg_tower(x)))  # (N, A*reg_hidden, H, W)
             cls.append(self.cls_logits(self.cls_tower(x)))
             reg.append(self.bbox_reg(rf))
             reg_feats.append(rf)
@@ -570,7 +574,7 @@ class MimicDet(nn.Module):
         self.s_head = SHead(
             c, a, s_out, s_convs, kernels=(3,) + (5,) * (len(S_LEVELS) - 1),
             cls_prior=0.01 if s_cls_loss == "sigmoid" else None,
-            mimic_dim=t_hidden if "reg" in self.mimic_paths else None,
+            reg_hidden=t_hidden,
         )
         canonical = anchor_scale * 2 ** (4 + (1 if staggered else 0))
         self.t_head = THead(c, num_classes + 1, t_levels, canonical, t_hidden) if own_t_head else None
@@ -791,11 +795,9 @@ class MimicDet(nn.Module):
         s_cls = s_reg = None
         if "cls" in self.mimic_paths:
             s_cls = out.cls[img, anc]
-        if "reg" in self.mimic_paths:
-            proj = self.s_head.mimic_proj
-            assert proj is not None
-            flat = torch.cat([f.flatten(2) for f in out.reg_feats], 2).transpose(1, 2)  # (N, positions, C)
-            s = proj(flat[img, out.loc[anc]]).view(anc.numel(), self.num_anchors, -1)
+        if "reg" in self.mimic_paths:  # the S-head's own per-anchor regression feature (t_hidden wide)
+            flat = torch.cat([f.flatten(2) for f in out.reg_feats], 2).transpose(1, 2)  # (N, positions, A*t_hidden)
+            s = flat[img, out.loc[anc]].view(anc.numel(), self.num_anchors, -1)
             s_reg = s[torch.arange(anc.numel(), device=anc.device), out.slot[anc]]
         return MimicInputs(index=list(index), pick=picks, s_cls=s_cls, s_reg=s_reg, zero=out.cls.sum() * 0.0,
                            rois=list(rois or []), image_sizes=list(image_sizes or []))
