@@ -10,7 +10,9 @@ reports:
   training memory that grows with the number of branches;
 * peak = parameters' training footprint + saved activations.
 
-Printed: both variants and the ratios separate / shared. Example::
+Variants: ``shared`` (one set of bottleneck weights, a flatten MLP per branch: the paper's),
+``separate`` (a bottleneck per branch) and ``one MLP`` (shared bottleneck and one MLP for all
+branches, ``shared_mlp``). Printed: the three and the ratios. Example::
 
     python benchmarks/bench_sdf_memory.py --channels 512 --size 16 --dilations 1,2,3
 """
@@ -28,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kdsweep.methods.scalekd.sdf import SDFLoss  # noqa: E402
 
 
-def measure(shared: bool, channels: int, size: int, batch: int, dilations: list[int], embed: int) -> dict[str, float]:
+def measure(shared: bool, channels: int, size: int, batch: int, dilations: list[int], embed: int,
+            shared_mlp: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     loss_fn = SDFLoss(student_channels=channels, teacher_channels=channels, num_levels=1,
-                      dilations=dilations, shared=shared, embed=embed)
+                      dilations=dilations, shared=shared, embed=embed, shared_mlp=shared_mlp)
     params = sum(p.numel() for p in loss_fn.parameters())
     student = torch.randn(batch, channels, size, size, requires_grad=True)
     teacher = torch.randn(batch, channels, size, size)
@@ -59,8 +62,9 @@ def main() -> None:
     parser.add_argument("--embed", type=int, default=256)
     args = parser.parse_args()
     dilations = [int(d) for d in args.dilations.split(",")]
-    rows = {name: measure(name == "shared", args.channels, args.size, args.batch, dilations, args.embed)
-            for name in ("shared", "separate")}
+    variants = {"shared": (True, False), "separate": (False, False), "one MLP": (True, True)}
+    rows = {name: measure(shared, args.channels, args.size, args.batch, dilations, args.embed, shared_mlp=one_mlp)
+            for name, (shared, one_mlp) in variants.items()}
     mib = 2**20
     print(f"SDF on {args.batch}x{args.channels}x{args.size}x{args.size}, dilations {dilations}, embed {args.embed}")
     print(f"{'':10s}{'params':>12s}{'params+grads+Adam MiB':>24s}{'saved activations MiB':>24s}{'peak MiB':>11s}")
@@ -69,6 +73,9 @@ def main() -> None:
     s, p = rows["separate"], rows["shared"]
     print(f"separate / shared: params {s['params'] / p['params']:.2f}x, saved activations {s['saved'] / p['saved']:.2f}x, "
           f"peak {s['peak'] / p['peak']:.2f}x")
+    o = rows["one MLP"]
+    print(f"shared (an MLP per branch, the paper's) / one MLP for all branches: params {p['params'] / o['params']:.2f}x, "
+          f"peak {p['peak'] / o['peak']:.2f}x")
 
 
 if __name__ == "__main__":
