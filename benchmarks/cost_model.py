@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdsweep.config import ModelConfig, teacher_model, to_dict
+from kdsweep.config import ModelConfig, student_model, teacher_model, to_dict
 from kdsweep.models.detectors import build_detector
 from kdsweep.orchestrate.launch import add_arguments, prepare
 
@@ -69,7 +69,7 @@ _cache: dict[tuple, float] = {}
 def forward_flops(cfg: ModelConfig, size: tuple[int, int]) -> float:
     """FLOPs of one image through backbone + FPN + head at ``size`` (padded to /32), on ``meta``."""
     h, w = (math.ceil(s / 32) * 32 for s in size)
-    key = (cfg.arch, cfg.backbone, cfg.fpn_channels, h, w)
+    key = (cfg.arch, cfg.backbone, cfg.fpn_channels, cfg.upsample, h, w)
     if key not in _cache:
         with torch.device("meta"):
             model = build_detector(dataclasses.replace(cfg, weights=None), 80)
@@ -100,9 +100,9 @@ def rows_of(space: str) -> tuple[list[Row], list[Row]]:
     prepared = prepare(parser.parse_args([str(ROOT / "search_spaces" / f"{space}.yaml"), "--preset", "paper"]), with_data=False)
     out = []
     for label, exp in prepared.rows.items():
-        size = input_size(exp.student)
-        student = forward_flops(exp.student, size)
-        teacher = forward_flops(exp.teacher, input_size(exp.student, exp.teacher_scale)) if exp.kd else 0.0
+        model = student_model(exp)  # at its resolution
+        student = forward_flops(model, input_size(model))
+        teacher = forward_flops(teacher_model(exp), input_size(teacher_model(exp))) if exp.kd else 0.0
         out.append(Row(label, 3 * student + teacher, student, bool(exp.kd)))
     teachers = {}
     for exp in prepared.rows.values():

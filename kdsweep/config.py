@@ -72,6 +72,9 @@ class ModelConfig:
     2.3x faster on CPU than the defaults.
     ``options``: arch-specific settings, only for ``mimicdet`` (``staggered``, ``t_head``,
     ``mimic_weight``, ``similarity``, ``mimic_paths``, ... see :func:`kdsweep.methods.mimicdet.model.build_mimicdet`).
+    ``upsample`` (1, 2, 4, ...): Li et al.'s cross-scale student: a learned deconvolution
+    upsamples every FPN map by this factor as part of the network, in training and at inference
+    (:mod:`kdsweep.models.cross_scale`); anchors shrink by the same factor. 1: none.
     """
 
     arch: str = "retinanet"
@@ -87,8 +90,13 @@ class ModelConfig:
     rpn_proposals: int | None = None
     roi_samples: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    upsample: int = 1
 
     def __post_init__(self) -> None:
+        if self.upsample < 1 or self.upsample & (self.upsample - 1):
+            raise ConfigError(f"model.upsample {self.upsample} must be 1 (none) or a power of 2 (e.g. 2: Li et al.'s deconvolution)")
+        if self.upsample > 1 and self.arch == "mimicdet":
+            raise ConfigError("model.upsample applies to retinanet, fcos and fasterrcnn, not mimicdet; use 1")
         if self.arch not in ARCHS:
             raise ConfigError(f"model.arch '{self.arch}' is unknown; use one of {', '.join(ARCHS)}")
         if self.backbone not in BACKBONES:
@@ -224,6 +232,10 @@ class ExperimentConfig:
     ``min_size``/``max_size`` times ``teacher_scale`` (:func:`teacher_model`), which replaces the
     teacher's own sizes; a teacher at 2x is another teacher, with its own config hash. Teacher
     feature maps are resized to the student's where a term compares maps.
+    ``student_scale`` shrinks (or grows) the student's input: it runs at its ``min_size`` /
+    ``max_size`` times this (:func:`student_model`), so a half-resolution row is half of every
+    preset's resolution (Li et al.'s cross-scale student: 0.5, with ``teacher_scale`` 2 for a
+    teacher at the preset's resolution).
     An empty ``kd`` trains the student alone (the baseline row).
     """
 
@@ -234,27 +246,42 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher_train: TrainConfig = field(default_factory=TrainConfig)
     teacher_scale: float = 1.0
+    student_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.teacher_scale <= 0:
             raise ConfigError(f"teacher_scale {self.teacher_scale} must be > 0")
+        if self.student_scale <= 0:
+            raise ConfigError(f"student_scale {self.student_scale} must be > 0 (0.5: half the student's min_size/max_size)")
+
+
+def _scaled(model: ModelConfig, base: ModelConfig, scale: float) -> ModelConfig:
+    """``model`` at ``base``'s ``min_size``/``max_size`` times ``scale`` (rounded, at least 1)."""
+    if scale == 1.0 and (model.min_size, model.max_size) == (base.min_size, base.max_size):
+        return model
+    return dataclasses.replace(model, min_size=max(1, round(base.min_size * scale)), max_size=max(1, round(base.max_size * scale)))
+
+
+def student_model(exp: ExperimentConfig) -> ModelConfig:
+    """``exp.student`` at the resolution it is trained and run at: its sizes times ``student_scale``."""
+    return _scaled(exp.student, exp.student, exp.student_scale)
 
 
 def teacher_model(exp: ExperimentConfig) -> ModelConfig:
     """``exp.teacher`` at the resolution it is trained and run at: the student's ``min_size`` and
-    ``max_size`` times ``exp.teacher_scale`` (rounded). ScaleKD: "the teacher sees a
+    ``max_size`` times ``student_scale * teacher_scale`` (rounded once, so a half-resolution
+    student's 2x teacher is exactly the full-resolution one). ScaleKD: "the teacher sees a
     high-resolution input" (Zhu et al. 2023, METHODS.md section 3), so a 2x teacher is trained on
     2x images, not only fed them. At scale 1 with the student's sizes this is ``exp.teacher``."""
-    scale = exp.teacher_scale
-    return dataclasses.replace(exp.teacher, min_size=max(1, round(exp.student.min_size * scale)),
-                               max_size=max(1, round(exp.student.max_size * scale)))
+    return _scaled(exp.teacher, exp.student, exp.student_scale * exp.teacher_scale)
 
 
 def teacher_experiment(exp: ExperimentConfig) -> ExperimentConfig:
     """The config of the run that trains ``exp``'s teacher: the teacher (:func:`teacher_model`, at
     its own resolution) as the student, trained with ``exp.teacher_train``, no KD terms, at scale
     1. A teacher's run is then a run like any other."""
-    return dataclasses.replace(exp, student=teacher_model(exp), train=exp.teacher_train, kd=(), teacher_scale=1.0)
+    return dataclasses.replace(exp, student=teacher_model(exp), train=exp.teacher_train, kd=(), teacher_scale=1.0,
+                               student_scale=1.0)
 
 
 def _type_name(tp: Any) -> str:
@@ -357,7 +384,7 @@ HASH_NEUTRAL = {"TrainConfig": ("loader_workers", "eval_every", "evaluator")}
 """Fields that never change what a run learns (how data is loaded, when it is evaluated): left out
 of :func:`run_hash_dict`, so that a teacher trained with other values is reused."""
 
-LEGACY_VALUES = {"TrainConfig": {"hflip": 0.0, "aspect_grouping": 0}}
+LEGACY_VALUES = {"TrainConfig": {"hflip": 0.0, "aspect_grouping": 0}, "ModelConfig": {"upsample": 1}}
 """Fields added after teachers were first stored, with the value that reproduces the earlier
 behaviour: at that value they are left out of :func:`run_hash_dict`, so that stores of earlier versions
 keep their teachers."""

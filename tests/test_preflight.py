@@ -169,6 +169,6 @@ def test_the_mimicdet_paper_launch_validates(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "launch" / "ablation_mimicdet.py"), "--preset", "paper", "--dry-run"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "6 trial(s)" in out.stdout
+    assert "7 trial(s)" in out.stdout
     assert "student mimicdet resnet50 fpn256 800x1333 torchvision:ResNet50_Weights.IMAGENET1K_V1" in out.stdout
     assert "Traceback" not in out.stderr

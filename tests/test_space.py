@@ -97,7 +97,10 @@ def test_each_ablation_states_its_papers_setting_and_number_beside_its_rows():
     quick = _prepared("ablation_scalekd", "quick")  # the file's paper setting stays in paper
     assert {exp.train.freeze_backbone for exp in quick.rows.values()} == {0.0} and quick.space.reproduces("quick") == ""
     mimic = _prepared("ablation_mimic", "paper")  # Li et al.: the small network from random initialisation
-    assert {(exp.student.weights, exp.student.trainable_backbone_layers) for exp in mimic.rows.values()} == {(None, 5)}
+    scratch = {label: (exp.student.weights, exp.student.trainable_backbone_layers) for label, exp in mimic.rows.items()}
+    assert scratch.pop("baseline, ImageNet backbone")[0].startswith("torchvision:ResNet50")  # and its ImageNet baseline
+    assert set(scratch.values()) == {(None, 5)}
+    assert "baseline, ImageNet backbone" not in _prepared("ablation_mimic", "quick").rows  # nothing to download there
     assert _prepared("ablation_ssim", "paper").rows["ssim"].student.weights.startswith("torchvision:ResNet50")
     for space in ("ablation_ssim", "ablation_scalekd", "ablation_mimic", "ablation_mimicdet"):
         assert load_space(Path(__file__).resolve().parents[1] / "search_spaces" / f"{space}.yaml").reproduces("paper")

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from kdsweep.kd.term import Need
+from kdsweep.models.cross_scale import feature_upsample
 from kdsweep.models.detectors import level_names
 from kdsweep.models.taps import align_to, extract_features
 
@@ -60,7 +61,8 @@ class KDStep:
         student_feats: canonical level -> (N, C_s, H_l, W_l) student FPN maps (attached to autograd).
         teacher_out: the teacher's maps and sizes (:class:`TeacherOutputs`).
         levels: the levels this term was configured for (student order).
-        teacher_scale: teacher resolution / student resolution.
+        teacher_scale: teacher input resolution / student input resolution (the maps' ratio is
+            this over the student's :func:`~kdsweep.models.cross_scale.feature_upsample`).
         progress: fraction of training done before this step, in [0, 1] (for schedules).
         targets: per image ``boxes`` (n, 4) xyxy and ``labels`` (n,), in the student's input
             coordinates (after its transform's resize), or None (:attr:`Need.TARGETS`).
@@ -94,7 +96,10 @@ class KDStep:
     def aligned(self, levels: Sequence[str] | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """Matched (student, teacher) map lists for ``levels`` (default: the term's), teacher
         maps resized to the student's (see :func:`kdsweep.models.taps.align_to`)."""
-        return align_to(self.student_feats, self.teacher_feats, tuple(levels or self.levels), self.teacher_scale)
+        scale = self.teacher_scale
+        if scale is not None:  # a student whose maps a deconvolution upsampled: the maps' own ratio
+            scale = scale / feature_upsample(self.student)
+        return align_to(self.student_feats, self.teacher_feats, tuple(levels or self.levels), scale)
 
     def teacher_rois(self, boxes: Sequence[Tensor], student_sizes: Sequence[tuple[int, int]] | None = None,
                      ) -> tuple[list[Tensor], list[tuple[int, int]]]:

@@ -46,13 +46,19 @@ modules run under ``no_grad``, so gradients reach only the student and the terms
   input coordinates; L2 between class logits and between box-regression outputs. Only the head
   part: list ``mimic`` too for the paper's full two-stage mimic (each term samples its own
   proposals from the same distribution).
-* Cross-scale mimic (``deconv: true`` on ``mimic`` / ``mimic_full``): the student sees the image
-  at ``1/deconv_scale`` (2) of the teacher's resolution (``teacher_scale: 2``); a
-  :class:`DeconvAdapter` per level upsamples the student map to the teacher's map size, and the
-  teacher map is used at its own resolution (cropped/padded at the bottom/right to exactly
-  ``deconv_scale`` x the student's size, as :func:`kdsweep.models.taps._crop_or_pad`) instead of
-  being resized down. Regions are then cut in teacher-map cells (stride ``2**k / deconv_scale``).
-  The deconvolution maps channels too, so ``adapter`` is not needed (and not used) with it.
+* Cross-scale mimic, the paper's form: the student sees the image at half the teacher's
+  resolution (``student_scale: 0.5``, ``teacher_scale: 2``) and its own deconvolution
+  (``student.upsample: 2``, :mod:`kdsweep.models.cross_scale`) upsamples its FPN maps, in training
+  and at inference: the heads detect on the finer maps, and the parameters and speed columns
+  count it. Its maps are then the teacher's size; regions are cut in cells of ``2**k / 2``
+  student input pixels. A 1x1 ``adapter`` maps the channels when the widths differ.
+* Cross-scale mimic, training-only alternative (``deconv: true`` on ``mimic`` / ``mimic_full``):
+  a :class:`DeconvAdapter` per level upsamples the student map to the teacher's map size for the
+  loss only (the student's heads keep its coarse maps), and the teacher map is used at its own
+  resolution (cropped/padded at the bottom/right to exactly ``deconv_scale`` x the student's size,
+  as :func:`kdsweep.models.taps._crop_or_pad`) instead of being resized down. Regions are then cut
+  in teacher-map cells (stride ``2**k / deconv_scale``). The deconvolution maps channels too, so
+  ``adapter`` is not needed (and not used) with it.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ from kdsweep.config import ConfigError
 from kdsweep.kd.adapters import check_widths, level_adapters
 from kdsweep.kd.step import KDStep, roi_levels
 from kdsweep.kd.term import KDTerm, Need, TermSpec, reject_unknown
+from kdsweep.models.cross_scale import Deconv, feature_upsample
 from kdsweep.models.detectors import level_names
 from kdsweep.models.taps import _crop_or_pad
 
@@ -347,26 +354,8 @@ def _zero_on(tensors: Sequence[Tensor]) -> Tensor:
 
 
 # -------------------------------------------------------------------------------------- adapters
-class DeconvAdapter(nn.Sequential):
-    """Cross-scale adapter: ``log2(scale)`` ConvTranspose2d(kernel 4, stride 2, padding 1) layers.
-
-    Each layer doubles the map exactly (``(H-1)*2 - 2 + 4 = 2H``); the first maps
-    ``in_channels -> out_channels``, the others keep ``out_channels``; no activation between them
-    (a linear transform, like the 1x1 adapter).
-
-    Shape: (N, in_channels, H, W) -> (N, out_channels, scale*H, scale*W).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, scale: int = 2) -> None:
-        if scale < 2 or scale & (scale - 1):
-            raise ValueError(f"DeconvAdapter: scale {scale} must be a power of 2 >= 2")
-        steps = int(math.log2(scale))
-        super().__init__(*(
-            nn.ConvTranspose2d(in_channels if i == 0 else out_channels, out_channels,
-                               kernel_size=4, stride=2, padding=1)
-            for i in range(steps)
-        ))
-        self.scale = scale
+DeconvAdapter = Deconv
+"""The training-only cross-scale adapter of ``deconv: true``: :class:`kdsweep.models.cross_scale.Deconv`."""
 
 
 class _MapTerm(KDTerm):
@@ -418,10 +407,11 @@ class _MapTerm(KDTerm):
                 out.append((level, s, t, 2 ** _level_k(level) / self.deconv_scale))
         else:
             students, teachers = step.aligned(levels)
+            finer = feature_upsample(step.student)  # Li et al.'s student with its deconvolution: P_k at 2**k / finer
             for i, (level, s, t) in enumerate(zip(levels, students, teachers)):
                 if self.adapters is not None:
                     s = self.adapters[i](s)
-                out.append((level, s, t.detach(), float(2 ** _level_k(level))))
+                out.append((level, s, t.detach(), float(2 ** _level_k(level)) / finer))
         for level, s, t, _ in out:
             if s.shape != t.shape:
                 raise ValueError(f"kd.{self.name}: level {level}: student {tuple(s.shape)} vs teacher "

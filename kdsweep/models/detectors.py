@@ -31,6 +31,7 @@ Conventions:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import weakref
@@ -61,6 +62,7 @@ from torchvision.ops.feature_pyramid_network import (
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from kdsweep.config import ConfigError, ModelConfig
+from kdsweep.models.cross_scale import UpsampledBackbone, feature_upsample
 
 # Pyramid levels k (stride 2**k) of each arch: backbone levels C_k, then the extra block's.
 PYRAMID: dict[str, tuple[int, ...]] = {
@@ -381,7 +383,13 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if arch is None:
         raise ConfigError(f"model.arch '{cfg.arch}' is unknown; use one of {', '.join(ARCH_BUILDERS)}, mimicdet")
     source = parse_weights(cfg)
-    model = arch(build_backbone(cfg, source), cfg, classes + 1)
+    if cfg.upsample > 1:  # Li et al.'s cross-scale student: anchors keep their size per stride
+        backbone = build_backbone(cfg, source)
+        names = list(_probe(backbone))
+        model = arch(UpsampledBackbone(backbone, cfg.upsample, names),
+                     dataclasses.replace(cfg, anchor_scale=cfg.anchor_scale / cfg.upsample), classes + 1)
+    else:
+        model = arch(build_backbone(cfg, source), cfg, classes + 1)
     if source.checkpoint is not None:
         load_checkpoint(model, source.checkpoint, describe(cfg))
     elif source.detector is not None:  # needs internet; never used in tests
@@ -448,9 +456,10 @@ def _levels(model: nn.Module) -> dict[str, tuple[str, int]]:
     backbone = model.backbone
     if backbone not in _LEVEL_CACHE:
         levels: dict[str, tuple[str, int]] = {}
+        factor = feature_upsample(model)  # an upsampled P_k keeps its name p<k>, at stride 2**k / factor
         for key, stride in _probe(backbone).items():
-            k = int(math.log2(stride))
-            if 2**k != stride or any(name == f"p{k}" for name, _ in levels.values()):
+            k = int(math.log2(stride * factor))
+            if 2**k != stride * factor or any(name == f"p{k}" for name, _ in levels.values()):
                 raise ValueError(f"backbone output '{key}' has stride {stride}: not a distinct power of 2")
             levels[key] = (f"p{k}", stride)
         _LEVEL_CACHE[backbone] = levels

@@ -36,7 +36,7 @@ from torch import nn
 from torchvision.models import get_model, get_model_builder, get_model_weights, list_models
 from torchvision.models._api import WeightsEnum
 
-from kdsweep.config import ConfigError, ExperimentConfig, ModelConfig, config_hash, teacher_experiment, teacher_model, to_dict
+from kdsweep.config import ConfigError, ExperimentConfig, ModelConfig, config_hash, student_model, teacher_experiment, teacher_model, to_dict
 from kdsweep.data.synthetic import CLASSES
 from kdsweep.models.detectors import TORCHVISION_PREFIX, check_checkpoint, describe
 from kdsweep.train.model import build_model
@@ -117,7 +117,8 @@ def _model_line(cfg: ModelConfig, model: nn.Module) -> str:
     if cfg.weights and not cfg.weights.startswith(TORCHVISION_PREFIX):
         weights = Path(cfg.weights).name
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return f"{describe(cfg)} fpn{cfg.fpn_channels} {cfg.min_size}x{cfg.max_size} {weights} ({params:.1f}M params)"
+    deconv = f" + deconv x{cfg.upsample}" if cfg.upsample > 1 else ""
+    return f"{describe(cfg)} fpn{cfg.fpn_channels}{deconv} {cfg.min_size}x{cfg.max_size} {weights} ({params:.1f}M params)"
 
 
 def _kd_line(exp: ExperimentConfig) -> str:
@@ -186,7 +187,7 @@ def preflight(trials: Sequence[tuple[str, ExperimentConfig]], num_classes: int |
                 if distiller.teacher is not None:
                     teacher_line = _model_line(teacher_model(exp), distiller.teacher)
                 trainable = sum(p.numel() for p in distiller.trainable.parameters() if p.requires_grad)
-                out.append(RowModels(label, teacher_line, _model_line(exp.student, distiller.student), _kd_line(exp), trainable))
+                out.append(RowModels(label, teacher_line, _model_line(student_model(exp), distiller.student), _kd_line(exp), trainable))
             except ConfigError as exc:
                 where = f"{source}: " if source else ""
                 raise ConfigError(f"{where}row '{label}': {exc}") from None

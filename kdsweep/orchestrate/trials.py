@@ -131,7 +131,7 @@ def variants(space: SearchSpace, rows: Mapping[str, ExperimentConfig]) -> list[t
 
 def _teacher_defining(exp: ExperimentConfig) -> dict[str, Any]:
     """What :func:`teacher_hash` hashes, the data config standing for the resolved files."""
-    return {"teacher": to_dict(teacher_model(exp)), "teacher_train": run_hash_dict(exp.teacher_train),
+    return {"teacher": run_hash_dict(teacher_model(exp)), "teacher_train": run_hash_dict(exp.teacher_train),
             "data": to_dict(exp.data)}
 
 
@@ -140,7 +140,7 @@ def teacher_hash(exp: ExperimentConfig, data: Mapping[str, str]) -> str:
     and run at (:func:`~kdsweep.config.teacher_model`: ``teacher_scale`` counts), its training and
     the data files (``data``: the resolved paths). Rows with the same hash share one teacher. How the data
     is loaded and when it is evaluated do not count (:func:`~kdsweep.config.run_hash_dict`)."""
-    return config_hash({"teacher": to_dict(teacher_model(exp)), "teacher_train": run_hash_dict(exp.teacher_train),
+    return config_hash({"teacher": run_hash_dict(teacher_model(exp)), "teacher_train": run_hash_dict(exp.teacher_train),
                         "data": dict(data)})
 
 

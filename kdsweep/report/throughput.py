@@ -34,7 +34,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from kdsweep.config import ExperimentConfig, ModelConfig, config_hash, teacher_model, to_dict
+from kdsweep.config import ExperimentConfig, ModelConfig, config_hash, student_model, teacher_model, to_dict
 from kdsweep.models.detectors import build_detector
 
 __all__ = ["count_params", "count_inference_params", "measure_configs", "measure_inference", "row_throughput",
@@ -279,7 +279,7 @@ def row_throughput(rows: Mapping[str, ExperimentConfig], num_classes: int, with_
     unique: dict[str, Any] = {}
     label_key: dict[str, str] = {}
     for label, exp in rows.items():
-        cfg = dataclasses.replace(exp.student, weights=None)
+        cfg = dataclasses.replace(student_model(exp), weights=None)  # at its resolution, its deconvolution included
         key = config_hash(to_dict(cfg))
         unique.setdefault(key, cfg)
         label_key[label] = key

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
+from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig, student_model, teacher_model
 from kdsweep.kd.precision import autocast_off, to_float32
 from kdsweep.kd.step import KDStep, StepTap, TeacherOutputs, teacher_outputs
 from kdsweep.kd.term import KDTerm, Need
@@ -291,28 +291,29 @@ def term_names(kd: Sequence[KDTermConfig]) -> list[str]:
     return names
 
 
-def set_teacher_resolution(teacher: nn.Module, student: ModelConfig, scale: float) -> None:
-    """Teacher transform sizes = student ``min_size``/``max_size`` x ``scale`` (in place)."""
-    teacher.transform.min_size = (round(student.min_size * scale),)
-    teacher.transform.max_size = round(student.max_size * scale)
+def set_teacher_resolution(teacher: nn.Module, model: ModelConfig) -> None:
+    """Teacher transform sizes = ``model``'s (:func:`~kdsweep.config.teacher_model`), in place."""
+    teacher.transform.min_size = (model.min_size,)
+    teacher.transform.max_size = model.max_size
 
 
 def build_distiller(cfg: ExperimentConfig, num_classes: int, teacher: nn.Module | None) -> Distiller:
-    """Student from ``cfg.student``, KD terms from ``cfg.kd`` via :func:`kdsweep.methods.build_term`.
+    """Student from ``cfg.student`` at its resolution (:func:`~kdsweep.config.student_model`), KD
+    terms from ``cfg.kd`` via :func:`kdsweep.methods.build_term`.
 
     The teacher (already built and loaded by the caller) gets its transform resolution set to the
-    student's times ``cfg.teacher_scale`` (in place). Empty ``cfg.kd``: a plain student (the
+    one it was trained at (:func:`~kdsweep.config.teacher_model`; in place). Empty ``cfg.kd``: a plain student (the
     teacher, if given, is not kept and never run).
 
     Raises:
         ConfigError: kd terms without a teacher, or levels not shared by both models.
     """
-    student = build_detector(cfg.student, num_classes)
+    student = build_detector(student_model(cfg), num_classes)
     if not cfg.kd:
         return Distiller(student)
     if teacher is None:
         raise ConfigError("kd terms need a teacher; give one or drop the kd terms")
-    set_teacher_resolution(teacher, cfg.student, cfg.teacher_scale)
+    set_teacher_resolution(teacher, teacher_model(cfg))
     names = term_names(cfg.kd)
     shared = _shared_levels(student, teacher)
     levels = _resolve_levels(dict.fromkeys(names), {n: t.levels for n, t in zip(names, cfg.kd)}, shared)
