@@ -119,6 +119,6 @@ def test_half_resolution_rows_are_half_of_every_presets_resolution_with_the_pres
     quick = row_configs(load_space(ROOT / "search_spaces" / "ablation_mimic.yaml").for_preset("quick"),
                         PRESETS["quick"].experiment)
     assert student_model(quick["cross-scale half-res baseline"]).min_size == 64
-    assert quick["cross-scale half-res + deconv, no mimic"].student.upsample == 2
+    assert quick["cross-scale half-res + deconv only"].student.upsample == 2
     with pytest.raises(Exception, match="student_scale 0.0 must be > 0"):
         from_dict(ExperimentConfig, {"student_scale": 0})

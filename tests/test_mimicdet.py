@@ -426,7 +426,7 @@ def test_the_regression_mimic_shapes_the_feature_the_s_head_predicts_from() -> N
 
 
 def test_the_no_mimic_control_trains_the_t_head_and_mimics_nothing() -> None:
-    """The "T-head trained, no mimic" row (``mimic_paths: []``): the T-head's own loss reaches
+    """The "T-head trained without mimic" row (``mimic_paths: []``): the T-head's own loss reaches
     the shared backbone, there is no mimic term, so the row separates the mimic's effect from the
     extra supervision's."""
     model = tiny(mimic_paths=())

@@ -98,9 +98,9 @@ def test_each_ablation_states_its_papers_setting_and_number_beside_its_rows():
     assert {exp.train.freeze_backbone for exp in quick.rows.values()} == {0.0} and quick.space.reproduces("quick") == ""
     mimic = _prepared("ablation_mimic", "paper")  # Li et al.: the small network from random initialisation
     scratch = {label: (exp.student.weights, exp.student.trainable_backbone_layers) for label, exp in mimic.rows.items()}
-    assert scratch.pop("baseline, ImageNet backbone")[0].startswith("torchvision:ResNet50")  # and its ImageNet baseline
+    assert scratch.pop("baseline from ImageNet backbone")[0].startswith("torchvision:ResNet50")  # and its ImageNet baseline
     assert set(scratch.values()) == {(None, 5)}
-    assert "baseline, ImageNet backbone" not in _prepared("ablation_mimic", "quick").rows  # nothing to download there
+    assert "baseline from ImageNet backbone" not in _prepared("ablation_mimic", "quick").rows  # nothing to download there
     assert _prepared("ablation_ssim", "paper").rows["ssim"].student.weights.startswith("torchvision:ResNet50")
     for space in ("ablation_ssim", "ablation_scalekd", "ablation_mimic", "ablation_mimicdet"):
         assert load_space(Path(__file__).resolve().parents[1] / "search_spaces" / f"{space}.yaml").reproduces("paper")
@@ -129,9 +129,9 @@ def test_a_row_may_exist_in_named_presets_only():
     """The SSIM write-up's adapter-off row needs equal FPN widths: the paper setting has them, the
     CPU presets' students are narrower than their teachers."""
     ssim = _prepared("ablation_ssim", "paper")
-    assert "ssim, no adapter" in ssim.rows and not ssim.rows["ssim, no adapter"].kd[0].adapter
-    assert ssim.rows["ssim, no adapter"].student.fpn_channels == ssim.rows["ssim, no adapter"].teacher.fpn_channels
-    assert "ssim, no adapter" not in _prepared("ablation_ssim", "quick").rows
+    assert "ssim without adapter" in ssim.rows and not ssim.rows["ssim without adapter"].kd[0].adapter
+    assert ssim.rows["ssim without adapter"].student.fpn_channels == ssim.rows["ssim without adapter"].teacher.fpn_channels
+    assert "ssim without adapter" not in _prepared("ablation_ssim", "quick").rows
     assert {t.params.get("normalize") for exp in ssim.rows.values() for t in exp.kd if t.loss in ("l1", "l2")} == {"minmax"}
     with pytest.raises(ConfigError, match=r"rows\[0\] \('a'\) presets must be a non-empty list of smoke, quick, paper"):
         parse_space({"rows": [{"label": "a", "presets": ["big"]}]}, "x.yaml")

@@ -14,7 +14,7 @@ A file looks like::
         kd: []
       - label: ssim
         kd: [{loss: ssim, weight: 2.0}]
-      - label: ssim, no adapter
+      - label: ssim without adapter
         presets: [paper]  # optional: the presets this row exists in (here: equal FPN widths)
         kd: [{loss: ssim, weight: 2.0}]
     space:                # optional samplers over dotted config paths, crossed with the rows

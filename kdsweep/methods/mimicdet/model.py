@@ -892,7 +892,7 @@ def build_mimicdet(
         staggered: T-head on P2..P6 (True) or P3..P7 (False, the ablation).
         mimic_weight: lambda of ``L_mimic`` (the ``mimic`` entry is already multiplied by it).
         similarity: ``"cosine"`` (``1 - cos``) or ``"l2"`` (mean squared error).
-        mimic_paths: any of ``("cls", "reg")``; empty: T-head trained, no mimic.
+        mimic_paths: any of ``("cls", "reg")``; empty: T-head trained without mimic.
         t_head: True: own T-head on the shared backbone; False builds no T-head, no P2 and no
             mimic (the "S-head only" row); ``"external"`` builds no T-head and no P2 but records
             the mimic's student side for a separately trained teacher (KD term
