@@ -97,6 +97,10 @@ class ModelConfig:
             raise ConfigError(f"model.upsample {self.upsample} must be 1 (none) or a power of 2 (e.g. 2: Li et al.'s deconvolution)")
         if self.upsample > 1 and self.arch == "mimicdet":
             raise ConfigError("model.upsample applies to retinanet, fcos and fasterrcnn, not mimicdet; use 1")
+        finest = 4 if self.arch == "fasterrcnn" else 8  # the stride of the finest FPN level
+        if self.upsample > finest // 2:
+            raise ConfigError(f"model.upsample {self.upsample}: {self.arch}'s finest level has stride {finest}; "
+                              f"use at most {finest // 2}")
         if self.arch not in ARCHS:
             raise ConfigError(f"model.arch '{self.arch}' is unknown; use one of {', '.join(ARCHS)}")
         if self.backbone not in BACKBONES:
@@ -229,8 +233,10 @@ class ExperimentConfig:
     ``teacher_scale`` is the teacher's input resolution relative to the student's (ScaleKD's
     high-resolution teacher uses 2.0; Li et al.'s cross-scale mimic gives the student half the
     teacher's). The teacher is trained *and* run at that resolution: the student's
-    ``min_size``/``max_size`` times ``teacher_scale`` (:func:`teacher_model`), which replaces the
-    teacher's own sizes; a teacher at 2x is another teacher, with its own config hash. Teacher
+    ``min_size``/``max_size`` times ``student_scale`` times ``teacher_scale``
+    (:func:`teacher_model`), which replaces the teacher's own ``min_size``/``max_size`` (the
+    launcher says so when they differ); a teacher at 2x is another teacher, with its own config
+    hash. Teacher
     feature maps are resized to the student's where a term compares maps.
     ``student_scale`` shrinks (or grows) the student's input: it runs at its ``min_size`` /
     ``max_size`` times this (:func:`student_model`), so a half-resolution row is half of every
@@ -253,6 +259,9 @@ class ExperimentConfig:
             raise ConfigError(f"teacher_scale {self.teacher_scale} must be > 0")
         if self.student_scale <= 0:
             raise ConfigError(f"student_scale {self.student_scale} must be > 0 (0.5: half the student's min_size/max_size)")
+        if self.kd and self.teacher.upsample != 1:
+            raise ConfigError("teacher.upsample: a teacher's maps are compared at its own strides; use 1 (upsample is "
+                              "for Li et al.'s half-resolution student)")
 
 
 def _scaled(model: ModelConfig, base: ModelConfig, scale: float) -> ModelConfig:

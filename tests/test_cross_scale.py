@@ -122,3 +122,52 @@ def test_half_resolution_rows_are_half_of_every_presets_resolution_with_the_pres
     assert quick["cross-scale half-res + deconv only"].student.upsample == 2
     with pytest.raises(Exception, match="student_scale 0.0 must be > 0"):
         from_dict(ExperimentConfig, {"student_scale": 0})
+
+
+def test_conflicting_cross_scale_settings_fail_with_one_line() -> None:
+    from kdsweep.config import ConfigError
+
+    with pytest.raises(ConfigError, match="the student already upsamples its maps"):
+        build_distiller(ExperimentConfig(student=frcnn(128, upsample=2), teacher=frcnn(128, fpn=32), student_scale=0.5,
+                                         teacher_scale=2.0, kd=(KDTermConfig("mimic", params={"deconv": True}),)),
+                        K, build_detector(frcnn(128, fpn=32), K))
+    with pytest.raises(ConfigError, match="teacher.upsample"):
+        ExperimentConfig(teacher=frcnn(128, upsample=2), kd=(KDTermConfig("mimic"),))
+    with pytest.raises(ConfigError, match="model.upsample 8: fasterrcnn's finest level has stride 4; use at most 2"):
+        frcnn(64, upsample=8)
+
+
+def test_a_region_is_mimicked_where_the_upsampled_students_rcnn_pools_it() -> None:
+    """The student's RoI pooler reads its scales off the maps: with upsample 2 a 112 px box of the
+    half-resolution input pools from p4 (as the 224 px box of the full-resolution teacher does)."""
+    from kdsweep.methods.mimic import assign_levels
+
+    model = build_detector(frcnn(128, upsample=2), K)
+    feats = model.backbone(torch.zeros(1, 3, 128, 128))
+    marked = {key: torch.full_like(m, float(i)) for i, (key, m) in enumerate(feats.items())}  # each map holds its index
+    box = torch.tensor([[8.0, 8.0, 120.0, 120.0]])  # 112 px
+    index = int(model.roi_heads.box_roi_pool(marked, [box], [(128, 128)]).flatten()[0])
+    pooled = list(level_names(model).values())[index]
+    assert pooled == "p4"
+    levels = ["p2", "p3", "p4", "p5"]
+    assert levels[int(assign_levels(box * feature_upsample(model), levels)[0])] == pooled
+
+
+def test_the_mimic_term_assigns_regions_as_the_upsampled_students_pooler_does(monkeypatch) -> None:
+    import kdsweep.methods.mimic as mimic
+
+    seen = {}
+    original_assign, original_regions = mimic.assign_levels, mimic.MimicTerm.regions
+    def assign(boxes, levels):
+        seen.setdefault("assigned", boxes)
+        return original_assign(boxes, levels)
+
+    monkeypatch.setattr(mimic, "assign_levels", assign)
+    monkeypatch.setattr(mimic.MimicTerm, "regions", lambda self, step: seen.setdefault("regions", original_regions(self, step)))
+    torch.manual_seed(1)
+    teacher = build_detector(frcnn(128, fpn=32), K)
+    torch.manual_seed(0)
+    cfg = ExperimentConfig(student=frcnn(128, upsample=2), teacher=frcnn(128, fpn=32), student_scale=0.5, teacher_scale=2.0,
+                           kd=(KDTermConfig("mimic", adapter=True, params={"num_rois": 8}),))
+    build_distiller(cfg, K, teacher)(*batch(128))
+    torch.testing.assert_close(seen["assigned"], 2 * torch.cat(seen["regions"]))  # in the finer maps' own scale

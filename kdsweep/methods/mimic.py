@@ -391,7 +391,8 @@ class _MapTerm(KDTerm):
 
     def maps(self, step: KDStep) -> list[tuple[str, Tensor, Tensor, float]]:
         """Per level ``(name, r(student), teacher (detached), cell)``, ``cell`` = the maps' stride
-        in student input pixels (``2**k``, or ``2**k / deconv_scale`` with the deconvolution)."""
+        in student input pixels (``2**k``; ``2**k / deconv_scale`` with the deconvolution adapter;
+        ``2**k / upsample`` for a student whose own deconvolution upsamples its maps)."""
         levels = tuple(step.levels)
         if len(levels) != self.num_levels:
             raise ValueError(f"kd.{self.name}: expected {self.num_levels} levels, got {len(levels)}")
@@ -507,7 +508,11 @@ class MimicTerm(_MapTerm, _Sampling):
                 cells = torch.cat([rois[:, :1], rois[:, 1:] / cell], 1)
                 losses.append(region_mimic_loss(s, t, cells, pooled=self.pooled))
             return zero + torch.stack(losses).mean()
-        which = assign_levels(rois[:, 1:], [level for level, _, _, _ in maps])
+        # where the student's R-CNN pools each region: a student whose maps a deconvolution made
+        # `finer` x finer pools a box from the level named as a `finer` x larger box's (its RoI
+        # pooler reads the scales off the maps); the adapter path keeps the student's own levels
+        finer = 1 if self.deconv else feature_upsample(step.student)
+        which = assign_levels(rois[:, 1:] * finer, [level for level, _, _, _ in maps])
         errors = []
         for i, (_, s, t, cell) in enumerate(maps):
             mine = rois[which == i]
@@ -672,9 +677,18 @@ FULL_PARAMS = ("deconv", "deconv_scale")
 HEAD_PARAMS = ("num_rois", "positive_fraction", "iou_threshold")
 
 
+def _one_deconvolution(spec: TermSpec) -> None:
+    """``deconv: true`` upsamples the student's maps for the loss; a student that already upsamples
+    its own (``student.upsample``) would be upsampled twice."""
+    if spec.params.get("deconv") and feature_upsample(spec.student) > 1:
+        raise ConfigError(f"kd.{spec.loss}.params.deconv: the student already upsamples its maps (student.upsample "
+                          f"{feature_upsample(spec.student)}); drop deconv")
+
+
 def build_mimic(spec: TermSpec) -> MimicTerm:
     """Registry builder of ``mimic`` (params: :data:`MIMIC_PARAMS`, see :class:`MimicTerm`)."""
     reject_unknown("mimic", spec.params, sorted(MIMIC_PARAMS))
+    _one_deconvolution(spec)
     return MimicTerm(student_channels=spec.student_channels, teacher_channels=spec.teacher_channels,
                      num_levels=spec.num_levels, adapter=spec.adapter, two_stage=_is_two_stage(spec.student),
                      **dict(spec.params))
@@ -683,6 +697,7 @@ def build_mimic(spec: TermSpec) -> MimicTerm:
 def build_mimic_full(spec: TermSpec) -> FullMapMimicTerm:
     """Registry builder of ``mimic_full`` (params: ``deconv``, ``deconv_scale``)."""
     reject_unknown("mimic_full", spec.params, sorted(FULL_PARAMS))
+    _one_deconvolution(spec)
     return FullMapMimicTerm(student_channels=spec.student_channels, teacher_channels=spec.teacher_channels,
                             num_levels=spec.num_levels, adapter=spec.adapter, **dict(spec.params))
 

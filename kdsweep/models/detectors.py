@@ -12,7 +12,8 @@ Conventions:
   So labels and predictions mean the same thing for all three archs.
 * **Levels.** RetinaNet and FCOS use P3..P7 (P6/P7 by ``LastLevelP6P7`` on the P5 *output*, as in
   torchvision's RetinaNet v1 and FCOS); Faster R-CNN uses P2..P6 (P6 = ``LastLevelMaxPool``).
-  :func:`level_names` gives the canonical name ``p<k>`` (stride ``2**k``) of each torchvision key.
+  :func:`level_names` gives the canonical name ``p<k>`` (stride ``2**k``; ``2**k / upsample`` for
+  a student whose deconvolution upsamples its maps, ``ModelConfig.upsample``) of each torchvision key.
 * **Anchors** (``a = cfg.anchor_scale``, ``s`` = level stride): RetinaNet sizes
   ``a*s * (1, 2^(1/3), 2^(2/3))`` x ratios (0.5, 1, 2) as torchvision (a=4 gives its 32 px at P3);
   Faster R-CNN RPN one size ``a*s`` x 3 ratios; FCOS one reference box of side ``(a/4)*s``, so the
@@ -477,5 +478,6 @@ def level_names(model: nn.Module) -> dict[str, str]:
 
 
 def level_strides(model: nn.Module) -> dict[str, int]:
-    """Canonical level name -> stride in input pixels, e.g. ``{'p3': 8, ..., 'p7': 128}``."""
+    """Canonical level name -> stride in input pixels, e.g. ``{'p3': 8, ..., 'p7': 128}`` (halved
+    for a student with ``upsample: 2``)."""
     return {name: stride for name, stride in _levels(model).values()}

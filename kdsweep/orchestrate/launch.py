@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kdsweep import paths
-from kdsweep.config import ConfigError, ExperimentConfig, merge, to_dict
+from kdsweep.config import ConfigError, ExperimentConfig, merge, teacher_model, to_dict
 from kdsweep.data.annotations import ensure_compact
 from kdsweep.data.coco import load_validated, resolve_data
 from kdsweep.orchestrate.preflight import RowModels, dataset_classes, describe_row, preflight
@@ -160,6 +160,18 @@ def prepare(args: argparse.Namespace, with_data: bool = True) -> Prepared:
             changes.update(dict.fromkeys(changed))
         for line in changes:
             print(f"kdsweep: --num-workers {args.num_workers}: {line}", flush=True)
+    replaced: dict[str, None] = {}  # the teacher's resolution follows the student's (config.teacher_model)
+    for label, exp in rows.items():
+        ran = teacher_model(exp)
+        # a teacher configured at the student's sizes follows them (the presets do); others are told
+        if exp.kd and (exp.teacher.min_size, exp.teacher.max_size) not in (
+                (exp.student.min_size, exp.student.max_size), (ran.min_size, ran.max_size)):
+            line = (f"teacher.min_size/max_size {exp.teacher.min_size}/{exp.teacher.max_size} are not used: the teacher "
+                    f"runs at the student's x student_scale x teacher_scale, {ran.min_size}/{ran.max_size}")
+            notes.append(f"row '{label}': {line}")
+            replaced[line] = None
+    for line in replaced:
+        print(f"kdsweep: note: {line}", flush=True)
     configs = variants(space, rows)
     models = preflight(configs, dataset_classes(configs[0][1]), space.source)
     data: dict[str, str] = {}

@@ -272,7 +272,8 @@ def throughput_device(rows: Mapping[str, ExperimentConfig], cluster: Mapping[str
 
 def row_throughput(rows: Mapping[str, ExperimentConfig], num_classes: int, with_teacher: bool,
                    quick: bool = False, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """The throughput columns of an ablation table, per row label (and ``teacher``): ``params_M``
+    """The throughput columns of an ablation table, per row label (and ``teacher``: the first
+    distilling row's, at its resolution; a table with several teachers shows that one): ``params_M``
     (inference parameters, millions), ``infer_img_s`` (images/s on ``device``, the models
     measured interleaved by :func:`measure_configs`) and ``infer_speedup`` (vs the teacher). Rows
     with the same student config share one measurement; ``quick``: a short measurement."""

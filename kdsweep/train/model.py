@@ -20,7 +20,8 @@ __all__ = ["build_model"]
 
 
 def build_model(exp: ExperimentConfig, num_classes: int, teacher_state: Mapping[str, Any] | None = None) -> Distiller:
-    """The Distiller of ``exp``: the student (built from ``exp.student``, its initial weights
+    """The Distiller of ``exp``: the student (built from ``exp.student`` at its resolution,
+    :func:`~kdsweep.config.student_model`, its initial weights
     included) and, when ``exp.kd`` is set, its KD terms and the frozen teacher (built from
     ``exp.teacher`` at its resolution (:func:`~kdsweep.config.teacher_model`) without initial weights, then loaded with ``teacher_state``, the trained
     teacher's state_dict).

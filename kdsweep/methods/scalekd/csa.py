@@ -4,8 +4,9 @@ Reference:
     Zhu et al., "ScaleKD: Distilling Scale-Aware Knowledge in Small Object Detector", CVPR 2023.
     The teacher sees a high-resolution input. Instead of distilling the student from the raw
     teacher predictions, an *assistant* attends from the student's FPN features (queries,
-    values) to the teacher's (keys), predicts boxes with its own classification and regression
-    branches (trained on the ground truth) and serves as the student's distillation target:
+    values) to the teacher's (keys), predicts boxes through classification and regression
+    branches (the student's shared head by default, or its own; supervised by the ground truth)
+    and serves as the student's distillation target:
 
     .. math::
         L = L_{det} + \alpha L_{feat} + \beta L_{cls} + \gamma L_{bbox}
@@ -333,7 +334,8 @@ class CrossScaleAssistant(nn.Module):
         num_heads, ratios, dropout: of each :class:`MultiScaleCrossAttention`.
         num_convs, norm_layer: of the :class:`CSAHead`.
         query: ``student`` (the paper's equations, default) or ``teacher`` (see the module docstring).
-        own_head: build the assistant's own head (default, the paper's "independent branches"):
+        own_head: build the assistant's own head (``head: own``; the default ``head: student`` of
+            :class:`~kdsweep.methods.scalekd.terms.CSATerm` builds none):
             a :class:`CSAHead` for a RetinaNet student, torchvision's FCOS head with ``num_convs``
             blocks (:func:`~kdsweep.models.detectors.fcos_head`) for ``detector="fcos"``.
         detector: the student's kind, ``retinanet`` or ``fcos``: the assistant predicts in its

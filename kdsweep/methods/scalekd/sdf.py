@@ -247,7 +247,8 @@ class SDFLoss(nn.Module):
     - The teacher pass runs on the detached teacher map and its output is detached as the target,
       so no gradient reaches the teacher; the module's weights are trained only through the
       student path, by this loss. The optional 1x1 adapter ``A_l`` (``student_channels ->
-      teacher_channels``) is trained by both terms; the student is trained by both terms.
+      teacher_channels``) and the student are trained by the SDF term (and by the ``direct``
+      anchor when it is on).
     - Collapse: a module trained only to make ``SDF(s)`` match ``sg(SDF(t))`` can reach zero loss
       by mapping everything to a constant (e.g. the last linear layer's weights going to zero),
       after which the first term carries no signal. The paper's term is the bare SDF loss

@@ -100,7 +100,7 @@ class CSATerm(KDTerm):
 
     Args:
         student_channels, teacher_channels, num_levels: FPN channels; every student level.
-        num_anchors, num_classes: of the student's RetinaNet head (the assistant's head matches).
+        num_anchors, num_classes: of the student's RetinaNet or FCOS head (the assistant's head matches).
         num_heads, ratios: attention heads, grouped by key/value downsample ratio.
         beta, gamma: weights of ``L_cls`` and ``L_bbox`` (default: :data:`SCALEKD_DEFAULTS`).
         temperature: of the classification distillation.
