@@ -121,7 +121,7 @@ def test_a_high_resolution_teacher_is_trained_and_run_at_its_resolution_and_is_a
     # Li et al.'s cross-scale mimic: a half-resolution student, a teacher at 2x its resolution, is
     # the full-resolution rows' teacher
     mimic = row_configs(load_space(ROOT / "search_spaces" / "ablation_mimic.yaml"), PRESETS["quick"].experiment)
-    assert teacher_model(mimic["cross-scale half-res mimic"]) == teacher_model(mimic["proposal mimic"])
+    assert teacher_model(mimic["cross-scale half-res + deconv mimic"]) == teacher_model(mimic["proposal mimic"])
 
 
 @pytest.mark.parametrize("path, sampler", [("teacher_scale", {"choice": [1.0, 2.0]}),
