@@ -1,6 +1,6 @@
 """MimicDet's dual-path mimic with a separately trained teacher: ``mimicdet_teacher`` (registry key).
 
-The ablation row "mimic, separate teacher backbone" of MimicDet (Lu et al., ECCV 2020; see
+The ablation row "mimic, separate teacher of the same depth" of MimicDet (Lu et al., ECCV 2020; see
 ``/work/shared/METHODS.md`` section 2 and :mod:`kdsweep.methods.mimicdet.model`): instead of the T-head
 that shares the student's backbone, a separately trained, frozen two-stage detector (a torchvision
 Faster R-CNN, the Distiller's teacher) provides the T-side targets of the dual-path mimic.

@@ -18,7 +18,7 @@ returns a dict of scalar losses whose plain sum is the total loss
 * ``mimic``: ``mimic_weight`` x (sum of the enabled paths' similarity losses), already weighted
   (only with ``t_head=True`` and at least one mimic path).
 
-With ``t_head="external"`` (the ablation row "mimic, separate teacher backbone") the dict has only
+With ``t_head="external"`` (the ablation row "mimic, separate teacher of the same depth") the dict has only
 ``refine_*`` and ``s_*``: the T-side of the mimic is a separately trained, frozen two-stage teacher
 run by a KD term (``kdsweep.methods.mimicdet.kd``, registry key ``mimicdet_teacher``), which reads
 the step's :class:`MimicInputs` from ``model.last_mimic_inputs`` (see "External teacher" below).
@@ -898,7 +898,7 @@ def build_mimicdet(
         t_head: True: own T-head on the shared backbone; False builds no T-head, no P2 and no
             mimic (the "S-head only" row); ``"external"`` builds no T-head and no P2 but records
             the mimic's student side for a separately trained teacher (KD term
-            ``mimicdet_teacher``; the "separate teacher backbone" row; ``t_hidden`` must then be
+            ``mimicdet_teacher``; the "separate teacher of the same depth" row; ``t_hidden`` must then be
             the teacher's box-head width, 1024 for torchvision's Faster R-CNN).
         mimic_samples: mimicked RoIs per image (random subset of the T-head's samples).
         t_samples: RoIs per image sampled for the T-head (or the external teacher); t_hidden: the
