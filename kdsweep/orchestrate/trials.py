@@ -140,8 +140,7 @@ def teacher_hash(exp: ExperimentConfig, data: Mapping[str, str]) -> str:
     and run at (:func:`~kdsweep.config.teacher_model`: ``teacher_scale`` counts), its training and
     the data files (``data``: the resolved paths). Rows with the same hash share one teacher. How the data
     is loaded and when it is evaluated do not count (:func:`~kdsweep.config.run_hash_dict`)."""
-    return config_hash({"teacher": run_hash_dict(teacher_model(exp)), "teacher_train": run_hash_dict(exp.teacher_train),
-                        "data": dict(data)})
+    return config_hash({**_teacher_defining(exp), "data": dict(data)})
 
 
 def distinct_teachers(rows: Mapping[str, ExperimentConfig], data: Mapping[str, str]) -> dict[str, ExperimentConfig]:
