@@ -203,6 +203,11 @@ def section_amp(device: torch.device, quick: bool) -> dict[str, Any]:
         "mimic_head": (frcnn_s, frcnn_t, KDTermConfig("mimic_head")),
         "mimicdet_teacher": (model_cfg("mimicdet", "resnet18", 16 if quick else 64, size, **external),
                              model_cfg("fasterrcnn", "resnet18", 16 if quick else 64, size), KDTermConfig("mimicdet_teacher")),
+        "pkd": (retina_s, retina_t, KDTermConfig("pkd", weight=10.0, adapter=True)),
+        "cwd": (retina_s, retina_t, KDTermConfig("cwd", weight=5.0, adapter=True)),
+        "mgd": (retina_s, retina_t, KDTermConfig("mgd", weight=2e-5, adapter=True)),
+        "fgd": (retina_s, retina_t, KDTermConfig("fgd", adapter=True)),
+        "crosskd": (retina_s, retina_t, KDTermConfig("crosskd", adapter=True)),
     }
     missing = sorted(set(TERMS) - set(cases))
     # float16 with a GradScaler on CUDA, as the paper preset trains; the CPU smoke version uses

@@ -55,6 +55,11 @@ CASES: dict[str, tuple[ModelConfig, ModelConfig, KDTermConfig]] = {
     "mimic_logits": (_model("retinanet"), _model("retinanet", fpn=32), KDTermConfig("mimic_logits")),
     "mimic_head": (_model("fasterrcnn"), _model("fasterrcnn", fpn=32), KDTermConfig("mimic_head")),
     "mimicdet_teacher": (_model("mimicdet", **MIMICDET_EXTERNAL), _model("fasterrcnn"), KDTermConfig("mimicdet_teacher")),
+    "pkd": (_model("retinanet"), _model("retinanet", fpn=32), KDTermConfig("pkd", adapter=True)),
+    "cwd": (_model("retinanet"), _model("retinanet", fpn=32), KDTermConfig("cwd", adapter=True)),
+    "mgd": (_model("retinanet"), _model("retinanet", fpn=32), KDTermConfig("mgd", adapter=True)),
+    "fgd": (_model("retinanet"), _model("retinanet", fpn=32), KDTermConfig("fgd", adapter=True)),
+    "crosskd": (_model("retinanet"), _model("retinanet", fpn=32), KDTermConfig("crosskd", adapter=True)),
 }
 
 
@@ -66,7 +71,7 @@ def _distiller(key: str):
     student, teacher_cfg, term = CASES[key]
     torch.manual_seed(1)
     teacher = build_detector(teacher_cfg, K)
-    if key == "mimic_logits":  # untrained heads share the focal-loss prior bias, so their logits differ
+    if key in ("mimic_logits", "crosskd"):  # untrained heads share the focal-loss prior bias, so their logits differ
         # by little: bfloat16 spacing at that bias (1/32) would decide the loss. A teacher that
         # disagrees with the student, as a trained one does, makes the comparison meaningful
         teacher.head.classification_head.cls_logits.bias.data.zero_()
@@ -176,7 +181,9 @@ def test_each_term_computes_in_float32_under_autocast(key: str) -> None:
     value_error = float(abs(value16 - value32) / abs(value32))
     grad_error = float((grad16 - grad32).norm() / grad32.norm())
     assert 0 < value_error <= VALUE_RTOL, value_error  # > 0: the inputs did change
-    assert grad_error <= GRAD_RTOL, grad_error
+    # crosskd re-standardises each level's head feature per channel over (N, H, W): on P7 (1x1) of
+    # a 2-image batch that is over 2 values, which magnifies the rounding of its inputs
+    assert grad_error <= (2 * GRAD_RTOL if key == "crosskd" else GRAD_RTOL), grad_error
 
 
 def _fit(dtype: torch.dtype, scaler: torch.amp.GradScaler | None) -> tuple[dict[str, float], float]:

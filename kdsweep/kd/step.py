@@ -73,6 +73,7 @@ class KDStep:
         anchors: per image (sum_l H_l W_l A, 4) anchors of the dense head.
         proposals: per image (P, 4) RPN proposals of a two-stage student (detached by torchvision)
             (:attr:`Need.PROPOSALS`).
+        module_outputs: student submodule path -> its outputs in call order (:attr:`Need.MODULE_OUTPUTS`).
     """
 
     student: nn.Module
@@ -88,6 +89,7 @@ class KDStep:
     head_outputs: dict[str, Tensor] | None = None
     anchors: list[Tensor] | None = None
     proposals: list[Tensor] | None = None
+    module_outputs: dict[str, list[Tensor]] | None = None
 
     @property
     def teacher_feats(self) -> dict[str, Tensor]:
@@ -157,7 +159,7 @@ class StepTap:
     nothing (outputs are unchanged).
     """
 
-    def __init__(self, model: nn.Module, needs: Collection[Need]) -> None:
+    def __init__(self, model: nn.Module, needs: Collection[Need], taps: Collection[str] = ()) -> None:
         self.seen: dict[str, Any] = {}
         self._handles = []
         hooks: dict[str, Any] = {}
@@ -174,6 +176,15 @@ class StepTap:
             module = _get(model, path)
             if module is not None:
                 self._handles.append(module.register_forward_hook(hook))
+        if Need.MODULE_OUTPUTS in needs and taps:
+            outputs: dict[str, list[Tensor]] = {path: [] for path in taps}
+            self.seen["module_outputs"] = outputs
+            for path in taps:
+                module = _get(model, path)
+                if module is None:
+                    raise ValueError(f"{type(model).__name__} has no submodule '{path}' to tap")
+                self._handles.append(module.register_forward_hook(
+                    lambda m, i, out, store=outputs[path]: store.append(out.clone())))
 
     def _on_transform(self, module: nn.Module, inputs: Any, output: Any) -> None:
         image_list, targets = output

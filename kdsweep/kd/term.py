@@ -6,7 +6,8 @@ A KD term is an ``nn.Module`` subclass of :class:`KDTerm`:
   unweighted term (a dict gives named parts, each logged and weighted alike). ``step`` is what the
   term may look at of one training step (:class:`~kdsweep.kd.step.KDStep`): matched FPN maps
   (``step.aligned()``) and, when the term declares them, more;
-* **a declaration of what it needs** (:attr:`KDTerm.needs`, a set of :class:`Need`): the
+* **a declaration of what it needs** (:attr:`KDTerm.needs`, a set of :class:`Need`; with
+  :attr:`Need.MODULE_OUTPUTS`, the student submodules it reads, :attr:`KDTerm.taps`): the
   Distiller installs exactly the hooks that capture those, on the student and on the teacher,
   and nothing else;
 * **optional hooks** for terms whose own modules train differently from the student:
@@ -55,6 +56,10 @@ class Need(enum.Enum):
     """A two-stage student's RPN proposals (``step.proposals``), with its image sizes."""
     TEACHER_LEVELS = "teacher_levels"
     """Every FPN level of the teacher (``step.teacher_feats``), not only the term's (to run its heads)."""
+    MODULE_OUTPUTS = "module_outputs"
+    """The outputs of the student's submodules the term names in :attr:`KDTerm.taps`, one per call
+    (``step.module_outputs[path]``; a head tower's layer is called once per level). Each is a copy
+    taken as the layer returns, so an in-place activation after it does not change it."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ class KDTerm(nn.Module, metaclass=abc.ABCMeta):
     """Base class of every KD term (see the module docstring for the contract)."""
 
     needs: ClassVar[frozenset[Need]] = frozenset()
+    taps: tuple[str, ...] = ()
+    """Dotted paths of student submodules whose outputs the term reads (with :attr:`Need.MODULE_OUTPUTS`)."""
 
     @abc.abstractmethod
     def forward(self, step: "KDStep") -> Tensor | dict[str, Tensor]:

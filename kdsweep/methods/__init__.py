@@ -15,8 +15,13 @@ from torch import nn
 from kdsweep.config import ConfigError, KDTermConfig
 from kdsweep.kd.feature import feature_term, l1_feature_loss, l2_feature_loss
 from kdsweep.kd.term import KDTerm, TermSpec
+from kdsweep.methods.crosskd import build_crosskd
+from kdsweep.methods.cwd import cwd_feature_loss
+from kdsweep.methods.fgd import build_fgd
+from kdsweep.methods.mgd import build_mgd
 from kdsweep.methods.mimic import build_mimic, build_mimic_full, build_mimic_head, build_mimic_logits
 from kdsweep.methods.mimicdet.kd import build_mimicdet_teacher
+from kdsweep.methods.pkd import pkd_feature_loss
 from kdsweep.methods.scalekd.terms import build_csa, build_sdf
 from kdsweep.methods.ssim import ssim_feature_loss
 
@@ -33,6 +38,11 @@ TERMS: dict[str, Callable[[TermSpec], KDTerm]] = {
     "mimic_logits": build_mimic_logits,
     "mimic_head": build_mimic_head,
     "mimicdet_teacher": build_mimicdet_teacher,  # MimicDet (Lu et al. 2020) with a separate teacher
+    "pkd": feature_term(pkd_feature_loss),  # Cao et al. 2022
+    "cwd": feature_term(cwd_feature_loss),  # Shu et al. 2021
+    "mgd": build_mgd,  # Yang et al. 2022 (ECCV)
+    "fgd": build_fgd,  # Yang et al. 2022 (CVPR)
+    "crosskd": build_crosskd,  # Wang et al. 2024
 }
 
 

@@ -70,6 +70,11 @@ class Trainable(nn.Module):
         """Union of what the terms read of a step (:attr:`KDTerm.needs`): the hooks to install."""
         return frozenset(need for term in self.terms.values() for need in term.needs)
 
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """Union of the student submodules the terms read (:attr:`KDTerm.taps`), in first-seen order."""
+        return tuple(dict.fromkeys(path for term in self.terms.values() for path in term.taps))
+
     def forward(
         self,
         images: list[Tensor],
@@ -95,7 +100,7 @@ class Trainable(nn.Module):
         if not isinstance(teacher_out, TeacherOutputs):
             teacher_out = TeacherOutputs(feats=dict(teacher_out))
         needs = self.needs
-        with FeatureTap(self.student, levels=self.needed_levels) as tap, StepTap(self.student, needs) as step_tap:
+        with FeatureTap(self.student, levels=self.needed_levels) as tap, StepTap(self.student, needs, self.taps) as step_tap:
             losses = self.student(images, targets)
         student_feats = tap.pop()
         # KD terms compute in float32 whatever autocast the step runs under: their inputs are

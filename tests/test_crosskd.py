@@ -1,0 +1,113 @@
+"""kdsweep.methods.crosskd: the student's intermediate head features through the frozen teacher's
+head (Wang et al., CVPR 2024), on torchvision's RetinaNet and FCOS."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
+from kdsweep.methods.crosskd import CROSSKD_DEFAULTS, CrossKDTerm, kd_quality_focal_loss, tower_cut
+from kdsweep.models.detectors import build_detector
+from kdsweep.train.distiller import build_distiller
+
+K = 3
+
+
+def _cfg(arch: str = "retinanet", width: int = 16, backbone: str = "resnet18") -> ModelConfig:
+    return ModelConfig(arch=arch, backbone=backbone, fpn_channels=width, min_size=64, max_size=64, anchor_scale=2.0)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 64, 64, generator=g)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([K])},
+               {"boxes": torch.tensor([[10.0, 8.0, 50.0, 30.0]]), "labels": torch.tensor([1])}]
+    return images, targets
+
+
+def test_the_cut_is_before_the_index_th_relu_of_each_tower() -> None:
+    retina = build_detector(_cfg(), K).head.classification_head.conv
+    path, after = tower_cut(retina, 3)  # blocks are Conv2dNormActivation(conv, ReLU): the 3rd block's conv
+    assert path == "2.0" and [type(m).__name__ for m in after] == ["ReLU", "Conv2d", "ReLU"]
+    fcos = build_detector(_cfg("fcos"), K).head.classification_head.conv
+    path, after = tower_cut(fcos, 2)  # flat conv, GroupNorm, ReLU: the 2nd GroupNorm's output
+    assert path == "4" and [type(m).__name__ for m in after] == ["ReLU"] + ["Conv2d", "GroupNorm", "ReLU"] * 2
+    with pytest.raises(ValueError, match="outside 1..4"):
+        tower_cut(retina, 5)
+
+
+def test_quality_focal_kd_by_hand() -> None:
+    z, t = torch.tensor([0.3]), torch.tensor([-1.2])
+    p, q = torch.sigmoid(z), torch.sigmoid(t)
+    bce = -(q * torch.log(p) + (1 - q) * torch.log(1 - p))
+    assert kd_quality_focal_loss(z, t).item() == pytest.approx((bce * (p - q).abs()).item(), rel=1e-6)
+    assert kd_quality_focal_loss(t, t).item() == 0.0
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "fcos"])
+def test_a_student_identical_to_its_teacher_has_nothing_to_learn(arch: str) -> None:
+    torch.manual_seed(0)
+    teacher = build_detector(_cfg(arch), K)
+    distiller = build_distiller(ExperimentConfig(student=_cfg(arch), kd=(KDTermConfig("crosskd"),)), K, teacher)
+    student = distiller._inner.student
+    student.load_state_dict(teacher.state_dict())
+    for m in student.modules():  # batch statistics would differ from the eval-mode teacher's running ones
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    losses = distiller(*_batch())
+    assert losses["kd_crosskd_cls"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["kd_crosskd_reg"].item() == pytest.approx(0.0, abs=1e-4)
+    term = distiller._inner.terms["crosskd"]
+    assert isinstance(term, CrossKDTerm) and term.index == CROSSKD_DEFAULTS[arch]["index"]
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "fcos"])
+def test_the_kd_gradient_passes_through_the_teachers_head_into_the_students_layers_before_the_cut(arch: str) -> None:
+    torch.manual_seed(1)
+    teacher = build_detector(_cfg(arch, 32, "resnet34"), K)
+    before = copy.deepcopy(teacher.state_dict())
+    distiller = build_distiller(ExperimentConfig(student=_cfg(arch), kd=(KDTermConfig("crosskd", adapter=True),)), K,
+                                teacher)
+    inner = distiller._inner
+    losses = distiller(*_batch())
+    assert losses["kd_crosskd_cls"].item() > 0 and losses["kd_crosskd_reg"].item() > 0
+    (losses["kd_crosskd_cls"] + losses["kd_crosskd_reg"]).backward()
+    head = inner.student.head
+    index = CROSSKD_DEFAULTS[arch]["index"]
+    convs = [m for m in head.classification_head.conv.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in convs[:index])
+    assert all(c.weight.grad is None for c in convs[index:])  # after the cut: the ground truth's alone
+    assert head.classification_head.cls_logits.weight.grad is None
+    assert head.regression_head.bbox_reg.weight.grad is None
+    assert inner.student.backbone.body.conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in inner.terms["crosskd"].adapters.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    torch.optim.SGD(inner.parameters(), lr=0.1).step()
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(n.startswith("terms.crosskd.teacher") or "teacher" in n for n, _ in inner.named_parameters())
+
+
+def test_what_crosskd_cannot_run_on_is_refused_in_one_line() -> None:
+    teacher = build_detector(_cfg(width=32, backbone="resnet34"), K)
+    cases = [
+        (ExperimentConfig(student=_cfg("fasterrcnn"), kd=(KDTermConfig("crosskd", adapter=True),)), teacher,
+         "dense-head student"),
+        (ExperimentConfig(student=_cfg("fcos"), kd=(KDTermConfig("crosskd", adapter=True),)), teacher,
+         "both must be fcos"),
+        (ExperimentConfig(student=_cfg(), kd=(KDTermConfig("crosskd"),)), teacher, "set `adapter: true`"),
+        (ExperimentConfig(student=_cfg(), kd=(KDTermConfig("crosskd", adapter=True, levels=("p3",)),)), teacher,
+         "uses every level"),
+        (ExperimentConfig(student=_cfg(), kd=(KDTermConfig("crosskd", adapter=True, params={"index": 9}),)), teacher,
+         "params.index"),
+    ]
+    for exp, t, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            build_distiller(exp, K, t)
+    distiller = build_distiller(ExperimentConfig(student=_cfg(), kd=(KDTermConfig("crosskd", adapter=True),),
+                                                 teacher_scale=2.0), K, teacher)
+    with pytest.raises(RuntimeError, match="teacher_scale 1"):
+        distiller(*_batch())
