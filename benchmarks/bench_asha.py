@@ -1,11 +1,17 @@
 """Full grid vs ASHA on the same search space, in one run: compute used and best AP found.
 
-Both sweeps run the same grid of SSIM loss weights on the smoke-sized task (longer schedule so
-that ASHA has milestones to stop at): first every trial to the end (FIFO), then ASHA (grace 1
-epoch, reduction factor 2). Compute is counted in trial-epochs (epochs actually trained, summed
-over trials). Printed: both figures and the ratios ASHA/grid. Example::
+Both sweeps run the same grid on the smoke-sized task (longer schedule so that ASHA has
+milestones to stop at): first every trial to the end (FIFO), then ASHA (grace 1 epoch, reduction
+factor 2). Compute is counted in trial-epochs (epochs actually trained, summed over trials).
+Printed: both figures, the ratios ASHA/grid, and whether ASHA's best is the grid's best.
+
+The grid is either SSIM loss weights (default) or, with ``--methods``, the methods of
+``search_spaces/tune_methods.yaml``: every ``kd.use`` choice of its menu at the papers' default
+weights and every level (the continuous and level samplers left out, so that the grid is finite).
+Examples::
 
     python benchmarks/bench_asha.py --epochs 4 --weights 0.5,1,2,4,8,16
+    python benchmarks/bench_asha.py --methods --epochs 4
 """
 
 from __future__ import annotations
@@ -25,6 +31,20 @@ sys.path.insert(0, str(ROOT))
 from kdsweep.orchestrate.search import run_sweep  # noqa: E402
 
 
+def methods_space(epochs: int, scheduler: str) -> dict:
+    """tune_methods.yaml's menu and its ``kd.use`` choices as a grid, nothing else sampled."""
+    data = yaml.safe_load((ROOT / "search_spaces" / "tune_methods.yaml").read_text())
+    return {
+        "name": f"bench_methods_{scheduler}",
+        "metric": data["metric"],
+        "mode": data["mode"],
+        "base": {"train": {"epochs": epochs}},
+        "rows": data["rows"],
+        "space": {"kd.use": {"grid": data["space"]["kd.use"]["choice"]}},
+        "search": {"algorithm": "random", "scheduler": scheduler, "grace_period": 1, "reduction_factor": 2},
+    }
+
+
 def space(weights: list[float], epochs: int, scheduler: str) -> dict:
     return {
         "name": f"bench_asha_{scheduler}",
@@ -41,6 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--weights", default="0.5,1,2,4,8,16")
+    parser.add_argument("--methods", action="store_true",
+                        help="the kd.use grid of search_spaces/tune_methods.yaml instead of SSIM weights")
     parser.add_argument("--preset", default="smoke")
     parser.add_argument("--tracking-uri")
     parser.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray)")
@@ -50,7 +72,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for scheduler in ("fifo", "asha"):
             path = Path(tmp) / f"{scheduler}.yaml"
-            path.write_text(yaml.safe_dump(space(weights, args.epochs, scheduler)))
+            spec = methods_space(args.epochs, scheduler) if args.methods else space(weights, args.epochs, scheduler)
+            path.write_text(yaml.safe_dump(spec))
             summary = Path(tmp) / f"{scheduler}.json"
             argv = [str(path), "--preset", args.preset, "--summary-json", str(summary), "--experiment", "kdsweep-bench-asha"]
             if args.tracking_uri:
@@ -63,13 +86,19 @@ def main() -> None:
                 sys.exit(f"bench_asha: the {scheduler} sweep failed (exit {code})")
             results[scheduler] = dict(json.loads(summary.read_text()), wall_s=time.perf_counter() - start)
     grid, asha = results["fifo"], results["asha"]
-    print(f"\nsearch space: SSIM weight grid {weights}, {args.epochs} epochs, preset {args.preset}")
+    what = ("the kd.use grid of tune_methods.yaml" if args.methods else f"SSIM weight grid {weights}")
+    print(f"\nsearch space: {what}, {args.epochs} epochs, preset {args.preset}")
     print(f"{'':12s}{'trials':>8s}{'trial-epochs':>14s}{'best AP':>10s}{'wall s':>9s}")
     for name, r in (("full grid", grid), ("ASHA", asha)):
         print(f"{name:12s}{r['trials']:>8d}{r['trial_epochs']:>14d}{r['best']:>10.2f}{r['wall_s']:>9.0f}")
     print(f"ASHA / grid: compute {asha['trial_epochs'] / grid['trial_epochs']:.2f}x, "
           f"best AP {asha['best'] / grid['best'] if grid['best'] else float('nan'):.2f}x, "
           f"wall time {asha['wall_s'] / grid['wall_s']:.2f}x")
+    same = grid.get("best_params") == asha.get("best_params")
+    print(f"best configuration: grid {grid.get('best_params')}, ASHA {asha.get('best_params')} "
+          f"({'the same' if same else 'different'})")
+    survivors = [r.get("kd.use", r) for r in asha.get("last_rung", [])]
+    print(f"ASHA's trials that reached the last rung ({args.epochs} epochs): {survivors}")
 
 
 if __name__ == "__main__":

@@ -122,17 +122,20 @@ class KDTermConfig:
     """One weighted distillation term: ``weight * TERMS[loss](spec)(step)`` (:mod:`kdsweep.methods`).
 
     ``levels``: FPN level names to match (None: every level both models have).
-    ``adapter``: a learned 1x1 conv from student to teacher channels per level.
+    ``adapter``: a learned 1x1 conv from student to teacher channels per level; ``auto``: one
+    exactly when the two FPNs' widths differ (as PKD, CWD, MGD and FGD's code adds its ``align``).
     ``params``: keyword arguments of the loss (e.g. ``alpha``, ``window_size`` for ``ssim``).
     """
 
     loss: str
     weight: float = 1.0
     levels: tuple[str, ...] | None = None
-    adapter: bool = False
+    adapter: bool | str = False
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.adapter, bool) and self.adapter != "auto":
+            raise ConfigError(f"kd.{self.loss}.adapter {self.adapter!r} is unknown; use true, false or auto")
         if self.weight < 0:
             raise ConfigError(f"kd.{self.loss}.weight {self.weight} is negative; use a weight >= 0")
 

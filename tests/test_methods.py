@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, from_dict
+from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig, from_dict
 from kdsweep.kd.feature import FeatureTerm
 from kdsweep.kd.step import KDStep
 from kdsweep.kd.term import KDTerm, Need, TermSpec
@@ -48,6 +48,16 @@ def test_the_config_entry_reaches_the_term() -> None:
     s, t = _levels(3, (8, 4), 1), _levels(6, (8, 4), 2)
     expected = sum(ssim_feature_loss(a(x), y, alpha=0, beta=0) for a, x, y in zip(term.adapters, s, t))
     assert term.compare(s, t).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["l2", "pkd", "mgd", "fgd"])
+def test_adapter_auto_adds_the_adapter_exactly_when_the_widths_differ(loss: str) -> None:
+    cfg = from_dict(KDTermConfig, {"loss": loss, "adapter": "auto"})
+    student = build_detector(ModelConfig(fpn_channels=8), 3) if loss == "fgd" else _model(8)  # FGD reads its strides
+    assert build_term(cfg, name=loss, levels=("p3",), student=student, teacher=_model(8)).adapters is None
+    assert len(build_term(cfg, name=loss, levels=("p3",), student=student, teacher=_model(16)).adapters) == 1
+    with pytest.raises(ConfigError, match="kd.l2.adapter 'yes' is unknown; use true, false or auto"):
+        from_dict(KDTermConfig, {"loss": "l2", "adapter": "yes"})
 
 
 def test_an_unknown_name_is_one_line_listing_the_known_ones() -> None:

@@ -70,7 +70,8 @@ def test_search_block_errors_name_the_file_and_field() -> None:
         parse_space({"rows": [{"label": "a"}, {"label": "b"}], "search": {"algorithm": "optuna"}}, "x.yaml")
 
 
-@pytest.mark.parametrize("name, trials", [("tune_ssim", 16), ("tune_scalekd", 16), ("ablation_scalekd", 8), ("ablation_ssim", 8)])
+@pytest.mark.parametrize("name, trials", [("tune_ssim", 16), ("tune_scalekd", 16), ("ablation_scalekd", 8), ("ablation_ssim", 8),
+                                         ("tune_methods", 24), ("ablation_baselines", 8)])
 def test_dry_run_of_every_shipped_space(name: str, trials: int, capsys: pytest.CaptureFixture[str]) -> None:
     path = ROOT / "search_spaces" / f"{name}.yaml"
     space = load_space(path).for_preset("smoke")  # the rows that exist in this preset

@@ -94,6 +94,12 @@ def test_sweep_table_is_in_completion_order_with_best_and_best_so_far() -> None:
     body = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| trial")]
     assert [line.split(" | ")[0] for line in body] == ["| 1", "| 4", "| 3", "| 2"]  # best first, failed last
     assert body[-1].endswith("FAILED |")
+    assert "Reached the last rung" not in md
+    md = sweep_markdown(table, "AP", "max", "title", max_epochs=4)
+    assert md.rstrip().endswith("Reached the last rung (4 epochs): 1 of 4 trials: 3.")
+    methods = table.assign(**{"kd.use": ["[pkd]", "[cwd]", "[fgd, crosskd]", "[mgd]"]})
+    assert sweep_markdown(methods, "AP", "max", "t", max_epochs=2).rstrip().endswith(
+        "Reached the last rung (2 epochs): 2 of 4 trials: 3 ([fgd, crosskd]), 4 ([mgd]).")
 
 
 def test_trial_frame_keeps_trials_that_never_reported_with_their_reason() -> None:

@@ -165,3 +165,36 @@ def test_the_quick_and_smoke_teachers_keep_the_hash_of_earlier_versions():
     data = {"a": "b"}
     hashes = {name: teacher_hash(from_dict(ExperimentConfig, PRESETS[name].experiment), data) for name in ("smoke", "quick")}
     assert hashes == {"smoke": "97225667c61c", "quick": "e64c77c8db8f"}
+
+
+MENU = {"rows": [{"label": "methods", "kd": [{"loss": "l2", "weight": 1.0, "adapter": True},
+                                            {"loss": "pkd", "weight": 10.0, "adapter": True},
+                                            {"loss": "cwd", "weight": 5.0, "adapter": True}]}]}
+
+
+def test_a_search_over_methods_picks_terms_from_the_rows_menu_then_sets_their_fields():
+    space = parse_space(dict(MENU, space={"kd.use": {"choice": [["pkd", "cwd"], ["l2"], []]},
+                                          "kd.pkd.weight": {"loguniform": [2.5, 40.0]},
+                                          "kd.*.levels": {"choice": [["p3", "p4"], ["p3", "p4", "p5"]]}}), "m.yaml")
+    rows = row_configs(space, PRESET)
+    sampler = space.space["kd.use"]
+    exp = apply_sampled(rows["methods"], {"kd.use": sampler.encoded()[0], "kd.pkd.weight": 3.0,
+                                          "kd.*.levels": ["p3", "p4"]}, space.space, "m.yaml")
+    assert [(t.loss, t.weight, t.levels) for t in exp.kd] == [("pkd", 3.0, ("p3", "p4")), ("cwd", 5.0, ("p3", "p4"))]
+    # a weight sampled for a term the trial did not pick changes nothing
+    exp = apply_sampled(rows["methods"], {"kd.use": ["l2"], "kd.pkd.weight": 3.0}, space.space, "m.yaml")
+    assert [(t.loss, t.weight) for t in exp.kd] == [("l2", 1.0)]
+    assert apply_sampled(rows["methods"], {"kd.use": []}, space.space, "m.yaml").kd == ()
+    assert len(variants(space, rows)) == 2 + 2 + 1  # with no term picked, the levels change nothing: listed once
+
+
+@pytest.mark.parametrize("space, fragment", [
+    ({"kd.use": {"choice": [["fgd"]]}}, "'fgd' is not one of the row's kd terms (l2, pkd, cwd)"),
+    ({"kd.use": {"choice": [["pkd", "pkd"]]}}, "names a term twice"),
+    ({"kd.fgd.weight": {"uniform": [0.1, 1.0]}}, "space.kd.fgd.weight: the row has no kd term 'fgd'"),
+])
+def test_a_method_path_the_menu_cannot_serve_is_refused_before_anything_starts(space, fragment):
+    parsed = parse_space(dict(MENU, space=space), "m.yaml")
+    with pytest.raises(ConfigError) as err:
+        variants(parsed, row_configs(parsed, PRESET))
+    assert fragment in str(err.value) and "\n" not in str(err.value)

@@ -126,7 +126,7 @@ def _kd_line(exp: ExperimentConfig) -> str:
         return "none"
     parts = []
     for term in exp.kd:
-        extra = [f"w={term.weight:g}"] + (["adapter"] if term.adapter else []) + [f"{k}={v}" for k, v in term.params.items()]
+        extra = [f"w={term.weight:g}"] + ([f"adapter{' auto' if term.adapter == 'auto' else ''}"] if term.adapter else []) + [f"{k}={v}" for k, v in term.params.items()]
         parts.append(f"{term.loss} ({', '.join(extra)})")
     return " + ".join(parts) + (f", teacher at {exp.teacher_scale:g}x" if exp.teacher_scale != 1.0 else "")
 

@@ -204,7 +204,7 @@ def _body(args: argparse.Namespace, prepared: Prepared, session: Session, plan: 
     trials = trial_frame(results)
     table = sweep_table(trials, list(space.space), {p: s.decode for p, s in space.space.items()})
     title = f"{space.name} [{prepared.preset.name}], {plan.algorithm}/{plan.scheduler}, {len(table)} trials"
-    markdown = sweep_markdown(table, metric, mode, title)
+    markdown = sweep_markdown(table, metric, mode, title, max_epochs if plan.scheduler == "asha" else None)
     folder = write_temp(markdown, "sweep.md").parent
     tracker = session.tracker
     tracker.log_artifact(session.parent, folder / "sweep.md")
@@ -227,8 +227,11 @@ def _body(args: argparse.Namespace, prepared: Prepared, session: Session, plan: 
               "as best_config.yaml", flush=True)
     failed = int((table["status"] != "FINISHED").sum())
     if args.summary_json:
+        best_params = {p: _python(table[p][best]) for p in space.space} if best is not None else None
         summary = {"trials": len(table), "failed": failed, "trial_epochs": epochs, "parent_run": session.parent,
-                   "best": best_value, "metric": metric}
+                   "best": best_value, "metric": metric, "best_params": best_params,
+                   "last_rung": [{p: _python(r[p]) for p in space.space} for _, r in table.iterrows()
+                                 if r["epochs"] >= max_epochs and r["status"] == "FINISHED"]}
         Path(args.summary_json).write_text(json.dumps(summary, indent=1))
     return end_session(session, failed, len(table))
 

@@ -87,10 +87,45 @@ def apply_sampled(exp: ExperimentConfig, sampled: Mapping[str, Any], samplers: M
     if not sampled:
         return exp
     data = to_dict(exp)
-    for path, value in sampled.items():
+    menu = [term["loss"] for term in data.get("kd") or []]
+    for path, value in sorted(sampled.items(), key=lambda item: item[0] != KD_USE):  # the selection first
         sampler = samplers.get(path)
-        set_path(data, path, sampler.decode(value) if sampler is not None else value, source)
+        value = sampler.decode(value) if sampler is not None else value
+        keys = path.split(".")
+        if path == KD_USE:
+            data["kd"] = select_terms(data.get("kd") or [], value, f"{source}: space.{KD_USE}")
+        elif keys[0] == "kd" and len(keys) > 2 and not keys[1].isdigit():
+            if keys[1] != "*" and keys[1] not in menu:
+                raise ConfigError(f"{source}: space.{path}: the row has no kd term '{keys[1]}'; its terms: "
+                                  f"{', '.join(menu) or '(none)'}")
+            for i, term in enumerate(data.get("kd") or []):  # the selected terms of that loss (or all: *)
+                if keys[1] in ("*", term["loss"]):
+                    set_path(data, ".".join(["kd", str(i), *keys[2:]]), value, source)
+        else:
+            set_path(data, path, value, source)
     return _typed(data, where or source)
+
+
+KD_USE = "kd.use"
+"""The space path that picks which of a row's ``kd`` terms a trial uses (a search over methods)."""
+
+
+def select_terms(kd: list[dict[str, Any]], use: Any, where: str) -> list[dict[str, Any]]:
+    """The entries of ``kd`` whose ``loss`` is in ``use`` (a name or a list of names), in the row's
+    order; ``[]`` keeps none (the no-KD baseline).
+
+    Raises:
+        ConfigError: a name the row's ``kd`` list does not have, or a name given twice.
+    """
+    names = [use] if isinstance(use, str) else list(use or [])
+    known = [term["loss"] for term in kd]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"{where}: '{name}' is not one of the row's kd terms ({', '.join(known) or 'none'}); "
+                              "list every candidate term in the row's kd, with its default weight")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: {names} names a term twice")
+    return [term for term in kd if term["loss"] in names]
 
 
 def with_seed(exp: ExperimentConfig, seed: int | None) -> ExperimentConfig:
@@ -109,8 +144,10 @@ def trial_config(rows: Mapping[str, ExperimentConfig], samplers: Mapping[str, Sa
 def variants(space: SearchSpace, rows: Mapping[str, ExperimentConfig]) -> list[tuple[str, ExperimentConfig]]:
     """Every configuration the trials can take, for validation before anything starts: each row
     with each grid and choice value of the space, and a representative value of the other
-    samplers. Returns ``[(row label, config), ...]``."""
+    samplers. Configurations that come out the same (e.g. a level sampled for a term ``kd.use``
+    did not pick) are listed once. Returns ``[(row label, config), ...]``."""
     out = []
+    seen: set[tuple[str, str]] = set()
     for label, exp in rows.items():
         combos: list[dict[str, Any]] = [{}]
         for path, sampler in space.space.items():
@@ -125,7 +162,10 @@ def variants(space: SearchSpace, rows: Mapping[str, ExperimentConfig]) -> list[t
                     f"{space.source}: space.{changed} changes the teacher of row '{label}' (its model, resolution, "
                     "training or data), but a row's teacher is trained or reused once, before its trials sample; "
                     "give each teacher its own row instead (rows may override teacher, teacher_train and teacher_scale)")
-            out.append((label, variant))
+            key = (label, config_hash(to_dict(variant)))
+            if key not in seen:
+                seen.add(key)
+                out.append((label, variant))
     return out
 
 

@@ -191,8 +191,10 @@ def best_so_far(table: pd.DataFrame, metric: str, mode: str) -> list[float]:
     return [float(v) for v in running]
 
 
-def sweep_markdown(table: pd.DataFrame, metric: str, mode: str, title: str) -> str:
-    """Trials sorted best first (failed last), metrics with one decimal."""
+def sweep_markdown(table: pd.DataFrame, metric: str, mode: str, title: str, max_epochs: int | None = None) -> str:
+    """Trials sorted best first (failed last), metrics with one decimal; with ``max_epochs``, a
+    closing line on the trials that reached the last rung (an early-stopping scheduler stopped the
+    others), naming their ``kd.use`` (the methods) when the space searches it."""
     params = [c for c in table.columns if c not in ("trial", "row", "seed", "status", "epochs", *STAT_NAMES)]
     header = ["trial", "row", *params, "epochs", *STAT_NAMES, "status"]
     finished = (table["status"] == "FINISHED") & table[metric].notna()
@@ -207,4 +209,9 @@ def sweep_markdown(table: pd.DataFrame, metric: str, mode: str, title: str) -> s
         cells += ["" if _missing(r[n]) else f"{r[n]:.1f}" for n in STAT_NAMES]
         cells.append(str(r["status"]))
         lines.append("| " + " | ".join(cells) + " |")
+    if max_epochs is not None and len(table):
+        last = table[(table["epochs"] >= max_epochs) & (table["status"] == "FINISHED")]
+        named = [f"{r['trial']} ({r['kd.use']})" if "kd.use" in table else str(r["trial"]) for _, r in last.iterrows()]
+        lines += ["", f"Reached the last rung ({max_epochs} epochs): {len(last)} of {len(table)} trials"
+                  + (f": {', '.join(named)}" if named else "") + "."]
     return "\n".join(lines) + "\n"
