@@ -20,7 +20,7 @@ this model. Every input is printed with where it comes from:
   share, then COCOeval on rank 0 while every GPU of the trial waits (``benchmarks/bench_eval.py``
   on this CPU, 5,000 images x 100 detections: pycocotools 52 s before, faster-coco-eval 6.3 s
   after). Before: every epoch; after: the last epoch.
-* **Schedule**: 12 epochs of COCO train2017 (118,287 images) at 16 images per step on 8 GPUs;
+* **Schedule**: each row's and teacher's epochs of the paper preset (12, the baselines' 2x: 24) of COCO train2017 (118,287 images) at 16 images per step on 8 GPUs;
   each distinct teacher (its model at its own resolution) trains first, then the rows; before, one trial at a time
   (``max_concurrent_trials=1``); after, ``auto``: GPUs / 8 trials at once.
 
@@ -50,7 +50,7 @@ from kdsweep.models.detectors import build_detector
 from kdsweep.orchestrate.launch import add_arguments, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
-ABLATIONS = ("ablation_ssim", "ablation_scalekd", "ablation_mimic", "ablation_mimicdet")
+ABLATIONS = ("ablation_ssim", "ablation_scalekd", "ablation_mimic", "ablation_mimicdet", "ablation_baselines")
 TRAIN_IMAGES, VAL_IMAGES, EPOCHS, GPUS_PER_TRIAL = 118_287, 5_000, 12, 8
 IMAGE = (480, 640)  # (h, w) of a COCO image (landscape; the portrait one costs the same)
 PAD_BEFORE, PAD_AFTER = 0.149, 0.019  # bench_loader: share of padded pixels, plain / grouped
@@ -89,6 +89,7 @@ class Row:
     train_flops: float  # per image, unpadded: 3 x student forward (+ teacher forward)
     eval_flops: float  # per image: the student's forward
     teacher: bool
+    epochs: int = EPOCHS  # of COCO train2017 (the baselines' paper setting: 24, their 2x schedule)
 
 
 def rows_of(space: str) -> tuple[list[Row], list[Row]]:
@@ -103,14 +104,14 @@ def rows_of(space: str) -> tuple[list[Row], list[Row]]:
         model = student_model(exp)  # at its resolution
         student = forward_flops(model, input_size(model))
         teacher = forward_flops(teacher_model(exp), input_size(teacher_model(exp))) if exp.kd else 0.0
-        out.append(Row(label, 3 * student + teacher, student, bool(exp.kd)))
+        out.append(Row(label, 3 * student + teacher, student, bool(exp.kd), exp.train.epochs))
     teachers = {}
     for exp in prepared.rows.values():
         if exp.kd:
             model = teacher_model(exp)
-            teachers.setdefault(json.dumps(to_dict(model), sort_keys=True), model)
-    flops = [forward_flops(m, input_size(m)) for m in teachers.values()]
-    return out, [Row(f"teacher {m.min_size}", 3 * t, t, False) for m, t in zip(teachers.values(), flops)]
+            teachers.setdefault(json.dumps(to_dict(model), sort_keys=True), (model, exp.teacher_train.epochs))
+    flops = [forward_flops(m, input_size(m)) for m, _ in teachers.values()]
+    return out, [Row(f"teacher {m.min_size}", 3 * t, t, False, epochs) for (m, epochs), t in zip(teachers.values(), flops)]
 
 
 def trial_hours(row: Row, flops_per_s: float, *, before: bool, decode_ms: float, cocoeval_s: tuple[float, float]) -> float:
@@ -119,9 +120,9 @@ def trial_hours(row: Row, flops_per_s: float, *, before: bool, decode_ms: float,
     per_image = row.train_flops / (1 - pad) / flops_per_s  # GPU seconds per image
     step = 2 * per_image + (2 * decode_ms / 1000 if before else 0.0)  # 2 images per GPU per step
     steps = TRAIN_IMAGES // (2 * GPUS_PER_TRIAL)
-    evals = EPOCHS if before else 1
+    evals = row.epochs if before else 1
     predict = VAL_IMAGES / GPUS_PER_TRIAL * row.eval_flops / (1 - pad) / flops_per_s  # forward only, at the training efficiency
-    return (EPOCHS * steps * step + evals * (predict + cocoeval_s[0 if before else 1])) / 3600
+    return (row.epochs * steps * step + evals * (predict + cocoeval_s[0 if before else 1])) / 3600
 
 
 def waves(hours: list[float], at_once: int) -> float:
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         rows, teachers = rows_of(space)
         trained = rows + teachers
         # GPU-hours on the unpadded images' FLOPs alone: the share of the total that is useful work
-        useful_gpu_h = sum(EPOCHS * (TRAIN_IMAGES // 16) * 16 * r.train_flops / flops_per_s / 3600 for r in trained)
+        useful_gpu_h = sum(r.epochs * (TRAIN_IMAGES // 16) * 16 * r.train_flops / flops_per_s / 3600 for r in trained)
         out = []
         for before in (True, False):
             hours = [trial_hours(r, flops_per_s, before=before, decode_ms=args.decode_ms, cocoeval_s=args.cocoeval_s) for r in rows]
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"{out[0][1][sizes[0]]:.1f} h"] + \
             [f"{out[1][1][g]:.1f} h" for g in sizes]
         print("| " + " | ".join(cells) + " |")
-    print(f"\nall four: {totals[0]:.0f} -> {totals[1]:.0f} GPU-hours ({totals[1] / totals[0]:.0%})")
+    print(f"\nall {len(ABLATIONS)}: {totals[0]:.0f} -> {totals[1]:.0f} GPU-hours ({totals[1] / totals[0]:.0%})")
 
 
 if __name__ == "__main__":

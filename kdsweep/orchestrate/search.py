@@ -193,7 +193,7 @@ def _body(args: argparse.Namespace, prepared: Prepared, session: Session, plan: 
 
     def run_name(config: dict[str, Any]) -> str:
         sampled = config.get("params") or {}
-        short = ", ".join(f"{p.split('.')[-1]}={_fmt(space.space[p].decode(v))}" for p, v in sampled.items() if p in space.space)
+        short = ", ".join(f"{_short(p)}={_fmt(space.space[p].decode(v))}" for p, v in sampled.items() if p in space.space)
         return f"{config['row']} | {short}" if short else f"{config['row']} | seed {config.get('seed', 0)}"
 
     max_epochs = max(exp.train.epochs for exp in prepared.rows.values())
@@ -255,6 +255,15 @@ def _python(value: Any) -> Any:
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _short(path: str) -> str:
+    """A run name's label of a space path: its last key, or ``<loss>.<key>`` / ``use`` for the
+    method paths (``kd.pkd.weight`` -> ``pkd.weight``), so that two terms' weights stay apart."""
+    keys = path.split(".")
+    if keys[0] == "kd" and len(keys) > 2 and not keys[1].isdigit():
+        return f"{keys[1]}.{keys[-1]}"
+    return keys[-1]
 
 
 def _safe(name: str) -> str:

@@ -33,7 +33,13 @@ A file looks like::
 ``reproduces`` is the paper's number the launcher prints next to the result.
 
 Samplers: ``grid: [v, ...]``, ``choice: [v, ...]``, ``uniform: [lo, hi]``,
-``loguniform: [lo, hi]``, ``randint: [lo, hi]`` (hi exclusive). Every problem raises
+``loguniform: [lo, hi]``, ``randint: [lo, hi]`` (hi exclusive).
+
+A search over methods (``search_spaces/tune_methods.yaml``): a row lists every candidate term in
+its ``kd`` (the menu, each at its default weight); ``kd.use`` samples which of them a trial keeps
+(a list of loss names; ``[]`` keeps none), ``kd.<loss>.<field>`` sets a field of that term when the
+trial kept it (``kd.pkd.weight``, ``kd.pkd.levels``) and ``kd.*.<field>`` of every kept term
+(:func:`kdsweep.orchestrate.trials.apply_sampled`). Every problem raises
 :class:`~kdsweep.config.ConfigError` naming the file and the field, before anything starts.
 
 This module is the file format only; :mod:`kdsweep.orchestrate.trials` turns a space and a
