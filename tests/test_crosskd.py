@@ -4,12 +4,20 @@ head (Wang et al., CVPR 2024), on torchvision's RetinaNet and FCOS."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig
-from kdsweep.methods.crosskd import CROSSKD_DEFAULTS, CrossKDTerm, kd_quality_focal_loss, tower_cut
+from kdsweep.methods.crosskd import (
+    CROSSKD_DEFAULTS,
+    CrossKDTerm,
+    _run,
+    kd_quality_focal_loss,
+    matched_anchors,
+    tower_cut,
+)
 from kdsweep.models.detectors import build_detector
 from kdsweep.train.distiller import build_distiller
 
@@ -88,7 +96,63 @@ def test_the_kd_gradient_passes_through_the_teachers_head_into_the_students_laye
     torch.optim.SGD(inner.parameters(), lr=0.1).step()
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(n.startswith("terms.crosskd.teacher") or "teacher" in n for n, _ in inner.named_parameters())
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not any(id(p) in teacher_ids for p in distiller.parameters())  # the teacher is nobody's submodule
+
+
+@pytest.mark.parametrize("arch, head_norm", [("retinanet", False), ("retinanet", True), ("fcos", False)])
+def test_the_teacher_side_is_the_teachers_own_head_output_and_the_matching_is_torchvisions(
+        arch: str, head_norm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The leaf-by-leaf tower walk and the flattening reproduce torchvision's head exactly (A = 9
+    anchors per location on RetinaNet), and the positives' count is the student's own matching."""
+    torch.manual_seed(2)
+    cfg = dataclasses.replace(_cfg(arch, 32, "resnet34"), head_norm=head_norm)
+    teacher = build_detector(cfg, K).eval()
+    term = build_distiller(ExperimentConfig(student=dataclasses.replace(_cfg(arch), head_norm=head_norm),
+                                            kd=(KDTermConfig("crosskd", adapter=True),)), K, teacher)._inner.terms["crosskd"]
+    images, targets = _batch()
+    with torch.no_grad():
+        batch, _ = teacher.transform(images)
+        feats = list(teacher.backbone(batch.tensors).values())
+        expected = teacher.head(feats)
+        got, classes = {}, teacher.head.classification_head.num_classes
+        for tower, (before, after, predictors) in term.teacher_paths(teacher).items():
+            got[tower] = torch.cat([term._predict(tower, predictors, _run(after, _run(before, f)), classes)
+                                    for f in feats], 1)
+    torch.testing.assert_close(got["classification_head"], expected["cls_logits"])
+    torch.testing.assert_close(got["regression_head"], expected["bbox_regression"])
+
+    seen = {}
+    original = type(teacher.head).compute_loss
+
+    def spy(self, targets, head_outputs, anchors, matched_idxs, *rest):
+        seen["matched"] = matched_idxs
+        return original(self, targets, head_outputs, anchors, matched_idxs, *rest)
+
+    monkeypatch.setattr(type(teacher.head), "compute_loss", spy)
+    with torch.no_grad():
+        teacher.train()
+        teacher(images, [dict(t) for t in targets])
+        teacher.eval()
+    anchors = teacher.anchor_generator(batch, feats)
+    per_level = [f.shape[-2] * f.shape[-1] * getattr(teacher.head.classification_head, "num_anchors", 1) for f in feats]
+    mine = matched_anchors(teacher, [dict(t) for t in targets], anchors, per_level)
+    assert all(torch.equal(a, b) for a, b in zip(mine, seen["matched"]))
+    assert sum(int((m >= 0).sum()) for m in mine) > 0
+
+
+def test_a_batch_with_an_image_without_boxes_trains() -> None:
+    torch.manual_seed(1)
+    teacher = build_detector(_cfg("retinanet", 32, "resnet34"), K)
+    distiller = build_distiller(ExperimentConfig(student=_cfg(), kd=(KDTermConfig("crosskd", adapter=True),)), K,
+                                teacher)
+    images, targets = _batch()
+    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    losses = distiller(images, targets)
+    assert all(torch.isfinite(losses[k]) for k in ("kd_crosskd_cls", "kd_crosskd_reg"))
+    distiller.trainable.zero_grad()
+    (losses["kd_crosskd_cls"] + losses["kd_crosskd_reg"]).backward()
+    assert all(torch.isfinite(p.grad).all() for p in distiller.trainable.parameters() if p.grad is not None)
 
 
 def test_what_crosskd_cannot_run_on_is_refused_in_one_line() -> None:
@@ -107,7 +171,14 @@ def test_what_crosskd_cannot_run_on_is_refused_in_one_line() -> None:
     for exp, t, match in cases:
         with pytest.raises(ConfigError, match=match):
             build_distiller(exp, K, t)
-    distiller = build_distiller(ExperimentConfig(student=_cfg(), kd=(KDTermConfig("crosskd", adapter=True),),
-                                                 teacher_scale=2.0), K, teacher)
-    with pytest.raises(RuntimeError, match="teacher_scale 1"):
-        distiller(*_batch())
+    with pytest.raises(ConfigError, match="set teacher_scale and student_scale to 1"):
+        build_distiller(ExperimentConfig(student=_cfg(), kd=(KDTermConfig("crosskd", adapter=True),), teacher_scale=2.0),
+                        K, teacher)
+    other_anchors = build_detector(dataclasses.replace(_cfg(width=32, backbone="resnet34"), anchor_scale=4.0), K)
+    with pytest.raises(ConfigError, match="set teacher.anchor_scale equal to student.anchor_scale"):
+        build_distiller(ExperimentConfig(student=_cfg(), kd=(KDTermConfig("crosskd", adapter=True),)), K, other_anchors)
+    for params, match in (({"index": 2.5}, "params.index must be an integer"),
+                          ({"cls_weight": "high"}, "params.cls_weight must be a number")):
+        with pytest.raises(ConfigError, match=match):
+            build_distiller(ExperimentConfig(student=_cfg(), kd=(KDTermConfig("crosskd", adapter=True, params=params),)),
+                            K, teacher)

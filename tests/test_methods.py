@@ -60,6 +60,16 @@ def test_adapter_auto_adds_the_adapter_exactly_when_the_widths_differ(loss: str)
         from_dict(KDTermConfig, {"loss": "l2", "adapter": "yes"})
 
 
+def test_adapter_auto_compares_the_widths_the_term_compares() -> None:
+    """R18 and R34 bodies are both 512 wide while their FPNs here are 8 and 16: on C5 ``auto`` adds nothing."""
+    student = build_detector(ModelConfig(backbone="resnet18", fpn_channels=8), 3)
+    teacher = build_detector(ModelConfig(backbone="resnet34", fpn_channels=16), 3)
+    body = from_dict(KDTermConfig, {"loss": "l2", "adapter": "auto", "params": {"source": "body"}})
+    assert build_term(body, name="l2", levels=("p3",), student=student, teacher=teacher).adapters is None
+    fpn = from_dict(KDTermConfig, {"loss": "l2", "adapter": "auto"})
+    assert len(build_term(fpn, name="l2", levels=("p3",), student=student, teacher=teacher).adapters) == 1
+
+
 def test_an_unknown_name_is_one_line_listing_the_known_ones() -> None:
     cfg = KDTermConfig(loss="ssimm")
     known = ", ".join(sorted(TERMS))

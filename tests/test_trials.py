@@ -192,6 +192,8 @@ def test_a_search_over_methods_picks_terms_from_the_rows_menu_then_sets_their_fi
     ({"kd.use": {"choice": [["fgd"]]}}, "'fgd' is not one of the row's kd terms (l2, pkd, cwd)"),
     ({"kd.use": {"choice": [["pkd", "pkd"]]}}, "names a term twice"),
     ({"kd.fgd.weight": {"uniform": [0.1, 1.0]}}, "space.kd.fgd.weight: the row has no kd term 'fgd'"),
+    ({"kd.use": {"choice": [["pkd"]]}, "kd.0.weight": {"uniform": [0.1, 1.0]}},
+     "space.kd.0.weight: with kd.use the kd list depends on the trial; name the term instead (kd.<loss>.weight)"),
 ])
 def test_a_method_path_the_menu_cannot_serve_is_refused_before_anything_starts(space, fragment):
     parsed = parse_space(dict(MENU, space=space), "m.yaml")

@@ -142,7 +142,7 @@ class FeatureTerm(KDTerm):
         student_channels: int,
         teacher_channels: int,
         num_levels: int,
-        adapter: bool = False,
+        adapter: bool | str = False,
         name: str | None = None,
         source: str = "fpn",
         **params: Any,

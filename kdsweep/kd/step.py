@@ -183,6 +183,9 @@ class StepTap:
                 module = _get(model, path)
                 if module is None:
                     raise ValueError(f"{type(model).__name__} has no submodule '{path}' to tap")
+                if not isinstance(module, _TENSOR_LAYERS):
+                    raise ValueError(f"'{path}' is a {type(module).__name__}; taps read layers that return one "
+                                     "tensor (convolutions, normalisations, activations)")
                 self._handles.append(module.register_forward_hook(
                     lambda m, i, out, store=outputs[path]: store.append(out.clone())))
 
@@ -241,6 +244,10 @@ def teacher_outputs(teacher: nn.Module, images: list[Tensor], levels: Sequence[s
         for handle in handles:
             handle.remove()
     return TeacherOutputs(feats=feats, body=seen.get("body"), image_sizes=seen.get("sizes", []))
+
+
+_TENSOR_LAYERS = (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm, nn.ReLU, nn.Identity, nn.Linear)
+"""Layers whose output is one tensor: what :attr:`Need.MODULE_OUTPUTS` may tap."""
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:

@@ -70,7 +70,9 @@ class TermSpec:
         name: the entry's name in the step (``ssim``, or ``ssim_1`` when repeated).
         loss: the registry key (``ssim``).
         params: the entry's ``params`` (the builder rejects unknown keys, :func:`reject_unknown`).
-        adapter: the entry's ``adapter`` flag (learn a 1x1 conv per level).
+        adapter: the entry's ``adapter``: true (learn a 1x1 conv per level), false, or ``"auto"``
+            (one exactly when the widths the term compares differ:
+            :func:`~kdsweep.kd.adapters.resolve_adapter`).
         levels: the canonical levels (``p3``..) the term compares, in student order.
         student, teacher: the built detectors (the teacher frozen).
         student_channels, teacher_channels: their FPN widths.
@@ -83,7 +85,7 @@ class TermSpec:
     student_channels: int
     teacher_channels: int
     levels: tuple[str, ...]
-    adapter: bool = False
+    adapter: bool | str = False
     params: Mapping[str, Any] = field(default_factory=dict)
 
     @property

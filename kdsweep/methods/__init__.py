@@ -63,8 +63,8 @@ def build_term(
     """The KD term of one ``kd`` entry of the config (its ``weight`` is applied by the Distiller).
 
     Args:
-        cfg: the entry (``loss``, ``adapter``, ``params``); ``adapter: auto`` becomes true exactly
-            when the FPN widths differ.
+        cfg: the entry (``loss``, ``adapter``, ``params``); ``adapter: auto`` is resolved by the
+            builder against the widths it compares (:func:`kdsweep.kd.adapters.resolve_adapter`).
         name: its name in the step (``ssim``, ``ssim_1`` when repeated); levels: what it compares.
         student, teacher: the built detectors.
         index: position of the entry in ``kd``, for the error message.
@@ -77,8 +77,7 @@ def build_term(
     if builder is None:
         where = "kd" if index is None else f"kd[{index}]"
         raise ConfigError(f"{where}.loss '{cfg.loss}' is unknown; known: {', '.join(term_names_known())}")
-    widths = student.backbone.out_channels, teacher.backbone.out_channels
-    adapter = widths[0] != widths[1] if cfg.adapter == "auto" else bool(cfg.adapter)
-    spec = TermSpec(name=name, loss=cfg.loss, student=student, teacher=teacher, student_channels=widths[0],
-                    teacher_channels=widths[1], levels=tuple(levels), adapter=adapter, params=dict(cfg.params))
+    spec = TermSpec(name=name, loss=cfg.loss, student=student, teacher=teacher,
+                    student_channels=student.backbone.out_channels, teacher_channels=teacher.backbone.out_channels,
+                    levels=tuple(levels), adapter=cfg.adapter, params=dict(cfg.params))
     return builder(spec)

@@ -21,7 +21,9 @@ RetinaNet ``index = 3`` (of 4), FCOS ``index = 2``.
 
 Before the teacher's layers, the student's feature is re-standardised to the teacher's
 per-channel statistics at the same cut (the authors' ``align_scale``: zero mean and unit variance
-per channel over ``(N, H, W)``, then times the teacher's std plus its mean). When the towers'
+per channel over ``(N, H, W)``, then times the teacher's std plus its mean; population statistics
+with ``eps^2`` in the variance, where the authors' Bessel-corrected std is NaN on a 1x1 map of a
+one-image batch). When the towers'
 widths differ (the CPU presets' FPNs), ``adapter: true`` puts a learned 1x1 conv first (the paper's
 heads are both 256 wide and have none).
 
@@ -37,7 +39,9 @@ normaliser ``n_pos`` (the number of foreground anchors, at least 1):
   the teacher's box has no area, e.g. FCOS distances that its ReLU set to 0: GIoU is undefined there).
 
 Weights: RetinaNet ``cls_weight = 1``, ``reg_weight = 1``; FCOS 0.4 and 0.75 (the authors'
-configs). Deviations: FCOS's normaliser is ``n_pos`` (the authors' is the sum of the positives'
+configs). A batch without any box has ``n_pos = 1`` over every anchor: a larger KD loss for that
+step, as in the authors' code. The teacher must see the student's input size and anchors (checked
+when the term is built). Deviations: FCOS's normaliser is ``n_pos`` (the authors' is the sum of the positives'
 centerness targets) and its box loss is GIoU (theirs is IoU), the one torchvision's FCOS trains
 with. The teacher's parameters are frozen: gradients pass *through* its layers to the student's
 feature, never into them.
@@ -56,7 +60,7 @@ from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.ops import generalized_box_iou_loss
 
 from kdsweep.config import ConfigError
-from kdsweep.kd.adapters import check_widths
+from kdsweep.kd.adapters import check_widths, resolve_adapter
 from kdsweep.kd.step import KDStep
 from kdsweep.kd.term import KDTerm, Need, TermSpec, reject_unknown
 from kdsweep.models.detectors import level_names
@@ -109,6 +113,17 @@ def _flatten(x: Tensor, per_anchor: int) -> Tensor:
     return x.view(n, -1, per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, per_anchor)
 
 
+def _std(x: Tensor) -> Tensor:
+    """Per-channel ``sqrt(var + eps^2)`` over ``(N, H, W)``, population variance: finite on a 1x1
+    map of one image (the authors' Bessel-corrected std is NaN there)."""
+    return (x.var(dim=(0, 2, 3), keepdim=True, unbiased=False) + STD_EPS**2).sqrt()
+
+
+def _standardize(x: Tensor) -> Tensor:
+    """Zero mean and unit variance per channel over ``(N, H, W)`` (the authors' ``align_scale``)."""
+    return (x - x.mean(dim=(0, 2, 3), keepdim=True)) / _std(x)
+
+
 def kd_quality_focal_loss(logits: Tensor, teacher_logits: Tensor, beta: float = 1.0) -> Tensor:
     """Elementwise ``BCE(z, sigmoid(t)) * |sigmoid(z) - sigmoid(t)|^beta`` (the authors' KD QFL).
 
@@ -150,7 +165,7 @@ class CrossKDTerm(KDTerm):
     needs = frozenset({Need.MODULE_OUTPUTS, Need.HEAD, Need.TARGETS, Need.TEACHER_LEVELS})
 
     def __init__(self, *, arch: str, cut: str, taps: tuple[str, str], student_channels: int, teacher_channels: int,
-                 num_levels: int, adapter: bool, index: int, cls_weight: float, reg_weight: float, beta: float,
+                 num_levels: int, adapter: bool | str, index: int, cls_weight: float, reg_weight: float, beta: float,
                  name: str = "crosskd") -> None:
         super().__init__()
         self.name, self.arch, self.cut, self.taps = name, arch, cut, taps
@@ -158,7 +173,7 @@ class CrossKDTerm(KDTerm):
         self.num_levels = num_levels
         check_widths(name, student_channels, teacher_channels, num_levels, adapter)
         self.adapters = (nn.ModuleDict({t: nn.Conv2d(student_channels, teacher_channels, 1) for t in TOWERS})
-                         if adapter else None)
+                         if resolve_adapter(adapter, student_channels, teacher_channels) else None)
 
     def teacher_paths(self, teacher: nn.Module) -> dict[str, tuple[list[nn.Module], list[nn.Module], tuple[nn.Module, ...]]]:
         """Per tower: the teacher's layers before the cut, after it, and its predictors."""
@@ -188,6 +203,9 @@ class CrossKDTerm(KDTerm):
         teacher = step.teacher
         if teacher is None or step.module_outputs is None or step.targets is None or step.anchors is None:
             raise RuntimeError(f"kd.{self.name}: the teacher, the head features, targets or anchors were not captured")
+        if any(p.requires_grad for p in teacher.head.parameters()):
+            raise RuntimeError(f"kd.{self.name}: the teacher's head is not frozen; the KD gradient would reach it "
+                               "(kdsweep.train.distiller.freeze(teacher) first)")
         student_levels = list(level_names(step.student).values())
         t_feats = [step.teacher_feats[lv] for lv in student_levels]
         classes = step.student.head.classification_head.num_classes
@@ -206,9 +224,7 @@ class CrossKDTerm(KDTerm):
                         "the teacher must see the student's resolution (teacher_scale 1)")
                 if self.adapters is not None:
                     s = self.adapters[tower](s)
-                dims = (0, 2, 3)
-                s = (s - s.mean(dims, keepdim=True)) / (s.std(dims, keepdim=True) + STD_EPS)
-                s = s * t_held.std(dims, keepdim=True) + t_held.mean(dims, keepdim=True)
+                s = _standardize(s) * _std(t_held) + t_held.mean((0, 2, 3), keepdim=True)
                 crossed.append(self._predict(tower, predictors, _run(after, s), classes))
             outputs[tower] = (torch.cat(crossed, dim=1), torch.cat(target, dim=1))
         logits, t_logits = outputs["classification_head"]
@@ -251,11 +267,20 @@ def build_crosskd(spec: TermSpec) -> CrossKDTerm:
         raise ConfigError(f"kd.{spec.name}: CrossKD runs the student's features through the teacher's head, so both "
                           f"must be {arch}; the teacher is {type(spec.teacher).__name__} (set teacher.arch: {arch})")
     s_head, t_head = spec.student.head, spec.teacher.head
-    if s_head.classification_head.num_classes != t_head.classification_head.num_classes:
-        raise ConfigError(f"kd.{spec.name}: student and teacher predict different class counts")
-    if getattr(s_head.classification_head, "num_anchors", 1) != getattr(t_head.classification_head, "num_anchors", 1):
-        raise ConfigError(f"kd.{spec.name}: student and teacher have different anchors per location; give them the "
-                          "same anchor generator (student/teacher anchor_scale)")
+    ks, kt = s_head.classification_head.num_classes, t_head.classification_head.num_classes
+    if ks != kt:
+        raise ConfigError(f"kd.{spec.name}: the student predicts {ks} classes, the teacher {kt}; CrossKD compares "
+                          "their logits class by class, so train the teacher on the student's dataset")
+    s_anchors, t_anchors = spec.student.anchor_generator, spec.teacher.anchor_generator
+    if (s_anchors.sizes, s_anchors.aspect_ratios) != (t_anchors.sizes, t_anchors.aspect_ratios):
+        raise ConfigError(f"kd.{spec.name}: the teacher's anchors (sizes {t_anchors.sizes}) differ from the student's "
+                          f"({s_anchors.sizes}); CrossKD decodes both heads on the student's anchors, so set "
+                          "teacher.anchor_scale equal to student.anchor_scale (and no student.upsample)")
+    s_size = (tuple(spec.student.transform.min_size), spec.student.transform.max_size)
+    t_size = (tuple(spec.teacher.transform.min_size), spec.teacher.transform.max_size)
+    if s_size != t_size:
+        raise ConfigError(f"kd.{spec.name}: the teacher runs at min/max size {t_size}, the student at {s_size}; CrossKD "
+                          "runs the teacher's head on the student's anchors, so set teacher_scale and student_scale to 1")
     all_levels = tuple(level_names(spec.student).values())
     if tuple(spec.levels) != all_levels:
         raise ConfigError(f"kd.{spec.name}: CrossKD distils the whole head output, so it uses every level "
@@ -263,6 +288,11 @@ def build_crosskd(spec: TermSpec) -> CrossKDTerm:
     params: dict[str, Any] = dict(CROSSKD_DEFAULTS[arch], **spec.params)
     reject_unknown(spec.name, spec.params, list(CROSSKD_DEFAULTS[arch]))
     index = params["index"]
+    if isinstance(index, bool) or not isinstance(index, (int, float)) or int(index) != index:
+        raise ConfigError(f"kd.{spec.name}.params.index must be an integer (the head conv to cut after), got {index!r}")
+    for key in ("cls_weight", "reg_weight", "beta"):
+        if isinstance(params[key], bool) or not isinstance(params[key], (int, float)):
+            raise ConfigError(f"kd.{spec.name}.params.{key} must be a number, got {params[key]!r}")
     try:
         cut, _ = tower_cut(s_head.classification_head.conv, int(index))
         tower_cut(t_head.classification_head.conv, int(index))

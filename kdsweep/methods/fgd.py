@@ -143,15 +143,18 @@ class FGDTerm(KDTerm):
     needs = frozenset({Need.TARGETS})
 
     def __init__(self, *, student_channels: int, teacher_channels: int, num_levels: int, strides: Sequence[float],
-                 adapter: bool = False, name: str = "fgd", temperature: float = FGD_RETINANET["temperature"],
+                 adapter: bool | str = False, name: str = "fgd", temperature: float = FGD_RETINANET["temperature"],
                  alpha: float = FGD_RETINANET["alpha"], beta: float = FGD_RETINANET["beta"],
                  gamma: float = FGD_RETINANET["gamma"], lam: float = FGD_RETINANET["lam"]) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ConfigError(f"kd.{name}.params.temperature must be > 0, got {temperature!r} (the paper's T: 0.5)")
-        for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("lam", lam)):
+        for key, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta), ("gamma", gamma),
+                           ("lam", lam)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"kd.{name}.params.{key} must be a number, got {value!r}")
             if value < 0:
                 raise ConfigError(f"kd.{name}.params.{key} must be >= 0, got {value!r}")
+        if not temperature > 0:
+            raise ConfigError(f"kd.{name}.params.temperature must be > 0, got {temperature!r} (the paper's T: 0.5)")
         if len(strides) != num_levels:
             raise ValueError(f"kd.{name}: {num_levels} levels but {len(strides)} strides")
         self.name = name

@@ -60,10 +60,10 @@ class MGDTerm(KDTerm):
           output ``()``, summed over levels.
     """
 
-    def __init__(self, *, student_channels: int, teacher_channels: int, num_levels: int, adapter: bool = False,
+    def __init__(self, *, student_channels: int, teacher_channels: int, num_levels: int, adapter: bool | str = False,
                  mask_ratio: float = 0.65, name: str = "mgd") -> None:
         super().__init__()
-        if not 0 <= mask_ratio < 1:
+        if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0 <= mask_ratio < 1:
             raise ConfigError(f"kd.{name}.params.mask_ratio must be in [0, 1), got {mask_ratio!r} "
                               "(MGD's lambda_mgd: 0.65 for RetinaNet, 0.45 for two-stage detectors)")
         self.name = name

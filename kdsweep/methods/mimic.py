@@ -369,7 +369,7 @@ class _MapTerm(KDTerm):
         student_channels: int,
         teacher_channels: int,
         num_levels: int,
-        adapter: bool = False,
+        adapter: bool | str = False,
         deconv: bool = False,
         deconv_scale: int = 2,
     ) -> None:
@@ -473,7 +473,7 @@ class MimicTerm(_MapTerm, _Sampling):
         student_channels: int,
         teacher_channels: int,
         num_levels: int,
-        adapter: bool = False,
+        adapter: bool | str = False,
         num_rois: int = 128,
         positive_fraction: float = 0.5,
         iou_threshold: float = 0.5,

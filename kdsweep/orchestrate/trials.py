@@ -88,6 +88,12 @@ def apply_sampled(exp: ExperimentConfig, sampled: Mapping[str, Any], samplers: M
         return exp
     data = to_dict(exp)
     menu = [term["loss"] for term in data.get("kd") or []]
+    if KD_USE in sampled:
+        indexed = next((p for p in sampled if p.split(".")[0] == "kd" and p.split(".")[1:2] and p.split(".")[1].isdigit()),
+                       None)
+        if indexed:
+            raise ConfigError(f"{source}: space.{indexed}: with kd.use the kd list depends on the trial; name the term "
+                              f"instead (kd.<loss>.{'.'.join(indexed.split('.')[2:])})")
     for path, value in sorted(sampled.items(), key=lambda item: item[0] != KD_USE):  # the selection first
         sampler = samplers.get(path)
         value = sampler.decode(value) if sampler is not None else value

@@ -287,7 +287,7 @@ class SDFLoss(nn.Module):
         student_channels: int,
         teacher_channels: int,
         num_levels: int,
-        adapter: bool = False,
+        adapter: bool | str = False,
         dilations: Sequence[int] = (1, 2, 3),
         shared: bool = True,
         embed: int = 256,
