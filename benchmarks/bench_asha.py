@@ -11,7 +11,7 @@ weights and every level (the continuous and level samplers left out, so that the
 Examples::
 
     python benchmarks/bench_asha.py --epochs 4 --weights 0.5,1,2,4,8,16
-    python benchmarks/bench_asha.py --methods --epochs 4
+    python benchmarks/bench_asha.py --methods --preset quick --epochs 4 --max-iters-per-epoch 25
 """
 
 from __future__ import annotations
@@ -31,26 +31,26 @@ sys.path.insert(0, str(ROOT))
 from kdsweep.orchestrate.search import run_sweep  # noqa: E402
 
 
-def methods_space(epochs: int, scheduler: str) -> dict:
+def methods_space(train: dict, scheduler: str) -> dict:
     """tune_methods.yaml's menu and its ``kd.use`` choices as a grid, nothing else sampled."""
     data = yaml.safe_load((ROOT / "search_spaces" / "tune_methods.yaml").read_text())
     return {
         "name": f"bench_methods_{scheduler}",
         "metric": data["metric"],
         "mode": data["mode"],
-        "base": {"train": {"epochs": epochs}},
+        "base": {"train": train},
         "rows": data["rows"],
         "space": {"kd.use": {"grid": data["space"]["kd.use"]["choice"]}},
         "search": {"algorithm": "random", "scheduler": scheduler, "grace_period": 1, "reduction_factor": 2},
     }
 
 
-def space(weights: list[float], epochs: int, scheduler: str) -> dict:
+def space(weights: list[float], train: dict, scheduler: str) -> dict:
     return {
         "name": f"bench_asha_{scheduler}",
         "metric": "AP",
         "mode": "max",
-        "base": {"train": {"epochs": epochs}},
+        "base": {"train": train},
         "rows": [{"label": "ssim", "kd": [{"loss": "ssim", "weight": 1.0, "adapter": True}]}],
         "space": {"kd.0.weight": {"grid": weights}},
         "search": {"algorithm": "random", "scheduler": scheduler, "grace_period": 1, "reduction_factor": 2},
@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--methods", action="store_true",
                         help="the kd.use grid of search_spaces/tune_methods.yaml instead of SSIM weights")
     parser.add_argument("--preset", default="smoke")
+    parser.add_argument("--max-iters-per-epoch", type=int,
+                        help="cap each student epoch at this many steps (e.g. the quick preset's data and teacher with "
+                             "short epochs, so that ASHA's rungs come early)")
     parser.add_argument("--tracking-uri")
     parser.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray)")
     args = parser.parse_args()
@@ -72,7 +75,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for scheduler in ("fifo", "asha"):
             path = Path(tmp) / f"{scheduler}.yaml"
-            spec = methods_space(args.epochs, scheduler) if args.methods else space(weights, args.epochs, scheduler)
+            train = {"epochs": args.epochs}
+            if args.max_iters_per_epoch:
+                train["max_iters_per_epoch"] = args.max_iters_per_epoch
+            spec = methods_space(train, scheduler) if args.methods else space(weights, train, scheduler)
             path.write_text(yaml.safe_dump(spec))
             summary = Path(tmp) / f"{scheduler}.json"
             argv = [str(path), "--preset", args.preset, "--summary-json", str(summary), "--experiment", "kdsweep-bench-asha"]
@@ -87,7 +93,8 @@ def main() -> None:
             results[scheduler] = dict(json.loads(summary.read_text()), wall_s=time.perf_counter() - start)
     grid, asha = results["fifo"], results["asha"]
     what = ("the kd.use grid of tune_methods.yaml" if args.methods else f"SSIM weight grid {weights}")
-    print(f"\nsearch space: {what}, {args.epochs} epochs, preset {args.preset}")
+    steps = f" of at most {args.max_iters_per_epoch} steps" if args.max_iters_per_epoch else ""
+    print(f"\nsearch space: {what}, {args.epochs} epochs{steps}, preset {args.preset}")
     print(f"{'':12s}{'trials':>8s}{'trial-epochs':>14s}{'best AP':>10s}{'wall s':>9s}")
     for name, r in (("full grid", grid), ("ASHA", asha)):
         print(f"{name:12s}{r['trials']:>8d}{r['trial_epochs']:>14d}{r['best']:>10.2f}{r['wall_s']:>9.0f}")
