@@ -253,7 +253,8 @@ def test_cross_arch_student_shares_levels_with_teacher() -> None:
 # ---------------------------------------------------------------------- two data-parallel workers
 def _two_workers(rank: int, world: int, port: int, queue) -> None:
     """Rank ``rank`` of a 2-process gloo group: one DDP step of a Distiller with a feature term
-    (l2 with adapters) and a context term (ScaleKD's assistant, its own parameters), each rank on
+    (l2 with adapters), a context term (ScaleKD's assistant, its own parameters), FGD (targets,
+    its own blocks) and CrossKD (tapped head features through the teacher's head), each rank on
     its own batch; rank 0 also computes the same step of each batch without DDP."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -264,7 +265,9 @@ def _two_workers(rank: int, world: int, port: int, queue) -> None:
                                                  anchor_scale=2.0), K)
             torch.manual_seed(0)
             kd = (KDTermConfig("l2", adapter=True),
-                  KDTermConfig("csa", params={"num_heads": 2, "ratios": [1, 2], "start": 0.0}))
+                  KDTermConfig("csa", params={"num_heads": 2, "ratios": [1, 2], "start": 0.0}),
+                  KDTermConfig("fgd", adapter=True),  # reads the targets; trains its global-context blocks
+                  KDTermConfig("crosskd", adapter=True))  # taps the student's head, runs the teacher's
             cfg = ExperimentConfig(student=ModelConfig(backbone="resnet18", fpn_channels=16, min_size=64, max_size=64,
                                                        anchor_scale=2.0), kd=kd)
             return build_distiller(cfg, K, teacher)
@@ -275,7 +278,8 @@ def _two_workers(rank: int, world: int, port: int, queue) -> None:
             targets = [{"boxes": torch.tensor([[4.0 + 8 * r, 6.0, 30.0 + 8 * r, 40.0]]), "labels": torch.tensor([1 + r])}]
             return images, targets
 
-        watched = ("terms.l2.adapters.0.weight", "terms.csa.assistant.attention.0.q_proj.weight")
+        watched = ("terms.l2.adapters.0.weight", "terms.csa.assistant.attention.0.q_proj.weight",
+                   "terms.fgd.student_gc.0.transform.3.weight", "terms.crosskd.adapters.classification_head.weight")
 
         def grads(module) -> dict:
             # numpy arrays travel through the queue by value; a tensor would travel as a file
@@ -300,7 +304,7 @@ def _two_workers(rank: int, world: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def test_two_data_parallel_workers_average_the_adapters_and_the_assistants_gradients() -> None:
+def test_two_data_parallel_workers_average_the_adapters_and_the_assistants_gradients() -> None:  # and FGD, CrossKD
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
