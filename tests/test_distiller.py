@@ -304,7 +304,7 @@ def _two_workers(rank: int, world: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def test_two_data_parallel_workers_average_the_adapters_and_the_assistants_gradients() -> None:  # and FGD, CrossKD
+def test_two_data_parallel_workers_average_the_kd_terms_gradients() -> None:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
