@@ -94,6 +94,7 @@ CASES: list[tuple[str, Any, tuple[str, ...]]] = [
     ("image_size_mismatch", _edit(lambda d: d["images"][2].update(height=100)), ("image 3", "c.png", "160x128", "160x100")),
     ("unhashable_annotation_id", _edit(lambda d: _ann(2)(d).update(id=[2])), ("annotation #1", "'id'")),
     ("unhashable_image_id_ref", _edit(lambda d: _ann(1)(d).update(image_id=[1])), ("annotation 1", "image_id [1]")),
+    ("no_annotations", _edit(lambda d: d.update(annotations=[])), ("no annotations", "3 image(s)")),
 ]
 
 
@@ -108,6 +109,13 @@ def test_each_malformed_file_gives_one_problem_naming_file_and_field(root, name,
         assert part in line, (part, line)
     assert "\n" not in line
     assert not report.ok
+
+
+def test_images_without_boxes_beside_images_with_boxes_are_valid(root):
+    data = _edit(lambda d: d.update(annotations=[a for a in d["annotations"] if a["image_id"] != 3]))
+    assert len({a["image_id"] for a in data["annotations"]}) < len(data["images"])
+    report = validate_coco(_write(root, "some_empty.json", data))
+    assert report.ok and report.num_images == 3
 
 
 def test_valid_file_has_no_problems_and_counts(root):

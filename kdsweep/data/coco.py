@@ -241,6 +241,10 @@ def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *,
     _check_images(images, directory, out, decode=decode, progress=progress)
     for ann in annotations.values():
         _check_annotation(ann, images, categories, out, report)
+    if images and not out.total and not report.class_counts:
+        crowd = f" ({len(annotations)} crowd region(s) only)" if annotations else ""
+        out.add("no-annotations", f"no annotations: {len(images)} image(s) and no box to learn or evaluate{crowd}; "
+                "use an instances file with boxes (images without boxes are fine beside images with them)")
     report.problems = out.finish()
     report.num_problems = out.total
     report.num_images, report.num_annotations = len(images), len(annotations)
