@@ -7,6 +7,7 @@ the six stats (:data:`AGREE`).
 """
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -70,6 +71,22 @@ def test_no_detections_is_all_zero_and_finite():
 
 def test_no_detections_is_all_zero_with_faster_coco_eval_too():
     assert coco_stats(_gt(), [], evaluator="faster-coco-eval") == {name: 0.0 for name in STAT_NAMES}
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+def test_an_area_range_without_ground_truth_is_missing_not_zero(evaluator):
+    """COCOeval's -1 (no ground truth in the range: an aerial set without large objects) is NaN,
+    with detections and without; the ranges that have ground truth keep their numbers."""
+    gt = _gt()
+    gt.dataset["annotations"] = [a for a in gt.dataset["annotations"] if a["id"] != 3]  # no large box left
+    gt.createIndex()
+    outs = [_outputs([[10, 10, 30, 30], [50, 50, 110, 110]], [1, 2]), _outputs([], [])]
+    stats = coco_stats(gt, to_coco_detections(outs, [1, 2], {1: 7, 2: 9}), evaluator=evaluator)
+    assert math.isnan(stats["AP_L"])
+    assert stats["AP"] == pytest.approx(100.0) and stats["AP_S"] == pytest.approx(100.0)
+    empty = coco_stats(gt, [], evaluator=evaluator)
+    assert math.isnan(empty["AP_L"]) and {k: v for k, v in empty.items() if k != "AP_L"} == {
+        name: 0.0 for name in STAT_NAMES if name != "AP_L"}
 
 
 def test_an_unknown_evaluator_is_refused_with_the_options():

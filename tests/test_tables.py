@@ -53,6 +53,25 @@ def test_mean_std_order_teacher_deltas_and_failure_reasons(tmp_path: Path) -> No
     assert stored["AP_mean"][i] == pytest.approx(32.0) and list(stored["row"]) == list(table["row"])
 
 
+def test_an_area_range_without_ground_truth_is_n_a_in_markdown_nan_in_parquet_and_no_bar(tmp_path: Path) -> None:
+    """A validation set without large boxes: every AP_L is NaN (COCOeval's -1), which the table
+    prints as n/a (not 0.0 ± 0.0, not failed), Parquet keeps as NaN and the plot leaves out."""
+    from kdsweep.report.plots import plot_ablation
+
+    trials = pd.DataFrame([_rec("baseline", 20.0, AP_L=math.nan), _rec("baseline", 22.0, AP_L=math.nan),
+                           _rec("ssim", 24.0, AP_L=math.nan, AP_S=math.nan)])
+    table = ablation_table(trials, ["baseline", "ssim"], teacher=_rec("teacher", 30.0, AP_L=math.nan))
+    md = to_markdown(table)
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("| ")]
+    rows = {c[0]: c for c in cells}
+    assert rows["teacher"][7] == "n/a" and rows["baseline"][7] == "n/a" and rows["ssim"][7] == "n/a"
+    assert rows["ssim"][5] == "n/a" and rows["ssim"][9] == ""  # no AP_S, so no ΔAP_S
+    assert rows["baseline"][2] == "21.0 ± 1.4" and "failed" not in md
+    stored = pd.read_parquet(write_parquet(table, tmp_path / "a.parquet"))
+    assert stored["AP_L_mean"].isna().all() and not stored["AP_mean"].isna().any()
+    assert plot_ablation(table, tmp_path / "a.png").stat().st_size > 0
+
+
 def test_extra_columns_and_a_named_baseline_row() -> None:
     trials = pd.DataFrame([_rec("s-head only", 2.0), _rec("mimic", 3.5)])
     extra = {"s-head only": {"params_M": 11.3, "infer_img_s": 40.0}, "mimic": {"params_M": 11.3, "infer_img_s": 40.0},

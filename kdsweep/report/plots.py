@@ -18,7 +18,8 @@ __all__ = ["plot_ablation", "plot_best_so_far", "plot_param"]
 
 
 def plot_ablation(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Grouped bars of AP and AP_S per row with std error bars, saved as PNG."""
+    """Grouped bars of AP and AP_S per row with std error bars, saved as PNG; a missing value (a
+    failed row, or AP_S of a dataset without small objects) has no bar but the label ``n/a``."""
     rows = list(table["row"])
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
@@ -26,6 +27,9 @@ def plot_ablation(table: pd.DataFrame, path: str | Path, title: str = "") -> Pat
     for offset, name in ((-width / 2, "AP"), (width / 2, "AP_S")):
         means = [0.0 if math.isnan(v) else v for v in table[f"{name}_mean"]]
         ax.bar([x + offset for x in xs], means, width, yerr=list(table[f"{name}_std"].fillna(0.0)), capsize=3, label=name)
+        for x, value in zip(xs, table[f"{name}_mean"]):
+            if math.isnan(value):
+                ax.text(x + offset, 0, "n/a", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(rows, rotation=30, ha="right")
     ax.set_ylabel("COCO AP (%)")

@@ -111,7 +111,8 @@ def _missing(value: Any) -> bool:
 
 def to_markdown(table: pd.DataFrame, title: str | None = None) -> str:
     """Markdown table with ``mean ± std`` cells (one decimal), deltas to the baseline, and the
-    failed trials' reasons under it."""
+    failed trials' reasons under it. A statistic without a value in a finished row (an area range
+    without ground-truth boxes) reads ``n/a``; a row with no finished seed, ``failed``."""
     extras = [k for k in EXTRA_COLUMNS if k in table]
     header = ["row", "seeds"] + list(STAT_NAMES) + ["ΔAP", "ΔAP_S"] + [EXTRA_COLUMNS[k][0] for k in extras]
     lines = [f"### {title}", ""] if title else []
@@ -121,7 +122,10 @@ def to_markdown(table: pd.DataFrame, title: str | None = None) -> str:
         cells = [data["row"], f"{data['seeds']}" + (f" ({data['failed']} failed)" if data["failed"] else "")]
         for name in STAT_NAMES:
             mean, std = getattr(row, f"{name}_mean"), getattr(row, f"{name}_std")
-            cells.append("failed" if _missing(mean) else f"{mean:.1f} ± {std:.1f}")
+            if _missing(mean):  # no finished seed, or an area range without ground truth (COCOeval's -1)
+                cells.append("n/a" if data["seeds"] else "failed")
+            else:
+                cells.append(f"{mean:.1f} ± {std:.1f}")
         for name in ("dAP", "dAP_S"):
             value = data[name]
             cells.append("" if _missing(value) or data["kind"] != "kd" else f"{value:+.1f}")

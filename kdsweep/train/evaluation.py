@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -194,12 +195,16 @@ def coco_stats(
         evaluator: one of :data:`EVALUATORS`: ``"pycocotools"`` (the reference) or
             ``"faster-coco-eval"`` (8x faster on 5,000 images, the same numbers).
 
-    No detections at all gives zeros.
+    An area range without any (non-crowd) ground-truth box has no AP: COCOeval says -1, and this
+    gives NaN (``AP_L`` of an aerial dataset without large objects), never 0, which would read as
+    total failure; tables print it as ``n/a`` and MLflow does not log it. No detections at all
+    gives 0 for every range that has ground truth.
     """
     if evaluator not in EVALUATORS:
         raise ValueError(f"coco_stats: unknown evaluator {evaluator!r}; use one of {', '.join(map(repr, EVALUATORS))}")
     if not detections:
-        return {name: 0.0 for name in STAT_NAMES}
+        present = _ranges_with_ground_truth(coco_gt, image_ids)
+        return {name: 0.0 if present[name] else math.nan for name in STAT_NAMES}
     if evaluator == "faster-coco-eval":
         stats = _faster_coco_eval_stats(coco_gt, detections, image_ids)
     else:
@@ -212,7 +217,20 @@ def coco_stats(
             cocoeval.accumulate()
             cocoeval.summarize()
         stats = cocoeval.stats[:6]
-    return {name: (100.0 * float(v) if v >= 0 else 0.0) for name, v in zip(STAT_NAMES, stats)}
+    return {name: (100.0 * float(v) if v >= 0 else math.nan) for name, v in zip(STAT_NAMES, stats)}
+
+
+AREA_RANGES = {"AP": (0.0, 1e10), "AP50": (0.0, 1e10), "AP75": (0.0, 1e10), "AP_S": (0.0, 32.0**2),
+               "AP_M": (32.0**2, 96.0**2), "AP_L": (96.0**2, 1e10)}
+"""COCOeval's area ranges (``params.areaRng``, both ends included) of each statistic."""
+
+
+def _ranges_with_ground_truth(coco_gt: COCO, image_ids: list[int] | None) -> dict[str, bool]:
+    """Whether each statistic's area range holds a non-crowd ground-truth box of the evaluated images."""
+    wanted = None if image_ids is None else set(image_ids)
+    areas = [float(a.get("area", 0.0)) for a in coco_gt.dataset.get("annotations", [])
+             if not a.get("iscrowd", 0) and (wanted is None or a["image_id"] in wanted)]
+    return {name: any(lo <= area <= hi for area in areas) for name, (lo, hi) in AREA_RANGES.items()}
 
 
 def _faster_coco_eval_stats(
