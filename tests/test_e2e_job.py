@@ -93,12 +93,14 @@ def test_ray_job_submit_smoke_ablation_records_full_table(services, tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0].info.run_id
     names = {a.path for a in client.list_artifacts(parent)}
-    assert {"ablation.parquet", "ablation.md", "ablation.png"} <= names
-    table = pq.read_table(client.download_artifacts(parent, "ablation.parquet", str(tmp_path))).to_pydict()
+    assert {"ablation.parquet", "ablation_summary.parquet", "ablation.md", "ablation.png"} <= names
+    per_seed = pq.read_table(client.download_artifacts(parent, "ablation.parquet", str(tmp_path))).to_pydict()
+    table = pq.read_table(client.download_artifacts(parent, "ablation_summary.parquet", str(tmp_path))).to_pydict()
     from kdsweep.orchestrate.space import load_space
 
     labels = load_space(ROOT / "search_spaces" / "ablation_ssim.yaml").for_preset("smoke").labels  # the rows of this preset
     assert table["row"] == ["teacher", *labels]
+    assert per_seed["row"] == ["teacher", *labels] and set(per_seed["seed"]) == {0}  # one seed: one row each
     for i, row in enumerate(table["row"]):
         assert table["failed"][i] == 0, row
         for name in ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L"):

@@ -11,10 +11,13 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from kdsweep.report.stats import paired_delta
 from kdsweep.report.tables import (
+    LEGEND,
     ablation_table,
     best_index,
     best_so_far,
+    seed_table,
     sweep_markdown,
     sweep_table,
     to_markdown,
@@ -31,26 +34,64 @@ def _rec(row, ap, status="FINISHED", **kw):
 
 
 def test_mean_std_order_teacher_deltas_and_failure_reasons(tmp_path: Path) -> None:
-    trials = pd.DataFrame([_rec("ssim", 30.0), _rec("ssim", 34.0), _rec("baseline", 28.0),
-                           _rec("l2", math.nan, status="FAILED", error="non-finite loss at epoch 1 step 0 (not retried)")])
+    trials = pd.DataFrame([_rec("ssim", 30.0, seed=0), _rec("ssim", 34.0, seed=1), _rec("baseline", 28.0, seed=0),
+                           _rec("baseline", 29.0, seed=1),
+                           _rec("l2", math.nan, status="FAILED", error="non-finite loss at epoch 1 step 0 (not retried)",
+                                seed=0)])
     table = ablation_table(trials, ["baseline", "l2", "ssim"], teacher=_rec("teacher", 40.0))
     assert list(table["row"]) == ["teacher", "baseline", "l2", "ssim"]
     assert list(table["kind"]) == ["teacher", "baseline", "kd", "kd"]
     i = list(table["row"]).index("ssim")
     assert table["AP_mean"][i] == pytest.approx(32.0)
     assert table["AP_std"][i] == pytest.approx(math.sqrt(8.0))  # sample std of 30, 34
-    assert table["dAP"][i] == pytest.approx(4.0) and table["dAP_S"][i] == pytest.approx(2.0)
-    assert table["AP_std"][1] == 0.0  # one seed
+    assert table["dAP"][i] == pytest.approx(3.5) and table["dAP_S"][i] == pytest.approx(1.75)  # (2 + 5) / 2
+    assert table["AP_std"][0] == 0.0  # the teacher: one record
     j = list(table["row"]).index("l2")
     assert table["seeds"][j] == 0 and table["failed"][j] == 1 and math.isnan(table["AP_mean"][j])
     assert table["error"][j] == "non-finite loss at epoch 1 step 0 (not retried)" and table["error"][i] == ""
     md = to_markdown(table, "t")
-    assert "| ssim | 2 | 32.0 ± 2.8 |" in md
-    assert "| l2 | 0 (1 failed) | failed |" in md
-    assert "+4.0" in md and "| teacher | 1 | 40.0 ± 0.0 |" in md
+    assert "| ssim | n=2 | 32.0 ± 2.8 |" in md
+    assert "| l2 | n=0 (1 failed) | failed |" in md
+    assert "| teacher | n=1 | 40.0 | 50.0 |" in md and "± 0.0" not in md  # one value: no spread printed
+    assert "+3.5 [-15.6, +22.6]" in md  # t(0.975, 1) = 12.706; s_d = 2.121; half = 12.706 * 2.121 / sqrt(2)
+    assert LEGEND in md
     assert md.rstrip().endswith("- l2: non-finite loss at epoch 1 step 0 (not retried)")  # the reason, under the table
     stored = pd.read_parquet(write_parquet(table, tmp_path / "a.parquet"))
     assert stored["AP_mean"][i] == pytest.approx(32.0) and list(stored["row"]) == list(table["row"])
+
+
+def test_paired_intervals_by_hand_and_unpaired_seeds_are_dropped_and_counted() -> None:
+    """Row r and the baseline share seeds 0..3; r's seed 3 failed and the baseline's seed 4 has no
+    r at all: those two are unpaired. Differences on seeds 0, 1, 2: 1.0, 2.0, 4.5."""
+    base = {0: 10.0, 1: 11.0, 2: 9.0, 3: 10.0, 4: 12.0}
+    mine = {0: 11.0, 1: 13.0, 2: 13.5}
+    trials = pd.DataFrame([_rec("baseline", v, seed=s) for s, v in base.items()]
+                          + [_rec("r", v, seed=s) for s, v in mine.items()]
+                          + [_rec("r", math.nan, status="FAILED", error="x", seed=3)])
+    row = ablation_table(trials, ["baseline", "r"]).iloc[1]
+    d = [1.0, 2.0, 4.5]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    half = 4.302653 * sd / math.sqrt(3)  # t(0.975, df=2)
+    assert row["dAP"] == pytest.approx(mean)
+    assert (row["dAP_low"], row["dAP_high"]) == (pytest.approx(mean - half, rel=1e-6), pytest.approx(mean + half, rel=1e-6))
+    assert row["dAP_pairs"] == 3 and row["dAP_unpaired"] == 2
+    delta = paired_delta(pd.Series(mine), pd.Series(base))
+    assert delta.pairs == 3 and delta.unpaired == 2 and not delta.significant  # 2.5 ± 4.7 includes 0
+    strong = paired_delta(pd.Series({0: 12.0, 1: 13.1}), pd.Series({0: 10.0, 1: 11.0}))
+    assert strong.mean == pytest.approx(2.05) and strong.significant  # n = 2: t(0.975, 1) = 12.706, half = 0.635
+    assert (strong.low, strong.high) == (pytest.approx(2.05 - 0.6353, abs=1e-3), pytest.approx(2.05 + 0.6353, abs=1e-3))
+    md = to_markdown(ablation_table(trials, ["baseline", "r"]))
+    assert f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] (2 unpaired)" in md
+    lone = paired_delta(pd.Series({0: 5.0}), pd.Series({0: 4.0}))
+    assert lone.mean == 1.0 and math.isnan(lone.low) and not lone.significant
+
+
+def test_seed_table_has_one_row_per_row_and_seed_in_order() -> None:
+    trials = pd.DataFrame([_rec("ssim", 30.0, seed=1), _rec("baseline", 28.0, seed=0), _rec("ssim", 31.0, seed=0)])
+    seeds = seed_table(trials, ["baseline", "ssim"], teacher=_rec("teacher", 40.0))
+    assert list(zip(seeds["row"], seeds["seed"], seeds["AP"])) == [("teacher", 0, 40.0), ("baseline", 0, 28.0),
+                                                                   ("ssim", 0, 31.0), ("ssim", 1, 30.0)]
 
 
 def test_an_area_range_without_ground_truth_is_n_a_in_markdown_nan_in_parquet_and_no_bar(tmp_path: Path) -> None:

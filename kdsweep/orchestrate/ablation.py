@@ -2,7 +2,8 @@
 
 Flow: :func:`~kdsweep.orchestrate.launch.prepare` (space, every trial's models, data, before
 anything starts) -> the MLflow parent run -> the teachers (reused by config hash, else trained)
--> rows x seeds as Tune trials, each a child MLflow run -> ``ablation.parquet``/``ablation.md``/
+-> rows x seeds as Tune trials, each a child MLflow run -> ``ablation.parquet`` (per seed),
+``ablation_summary.parquet``/``ablation.md``/
 ``ablation.png`` on the parent -> the table printed.
 """
 
@@ -32,7 +33,7 @@ from kdsweep.orchestrate.students import run_students
 from kdsweep.orchestrate.teacher import acquire_teachers
 from kdsweep.orchestrate.trials import tune_param_space
 from kdsweep.report.plots import plot_ablation
-from kdsweep.report.tables import ablation_table, to_markdown, trial_frame, write_parquet
+from kdsweep.report.tables import ablation_table, seed_table, to_markdown, trial_frame, write_parquet
 from kdsweep.report.throughput import row_throughput, throughput_device, val_classes
 from kdsweep.report.tracking import write_temp
 
@@ -112,7 +113,9 @@ def _body(args: argparse.Namespace, prepared: Prepared, session: Session, seeds:
     folder = write_temp(markdown, "ablation.md").parent
     tracker = session.tracker
     tracker.log_artifact(session.parent, folder / "ablation.md")
-    tracker.log_artifact(session.parent, write_parquet(table, folder / "ablation.parquet"))
+    tracker.log_artifact(session.parent, write_parquet(seed_table(trials, prepared.space.labels, teachers.single_record),
+                                                       folder / "ablation.parquet"))  # one row per (row, seed)
+    tracker.log_artifact(session.parent, write_parquet(table, folder / "ablation_summary.parquet"))
     tracker.log_artifact(session.parent, plot_ablation(table, folder / "ablation.png", title))
     print(markdown, flush=True)
     return end_session(session, int((trials["status"] != "FINISHED").sum()), len(trials))

@@ -18,11 +18,16 @@ __all__ = ["plot_ablation", "plot_best_so_far", "plot_param"]
 
 
 def plot_ablation(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Grouped bars of AP and AP_S per row with std error bars, saved as PNG; a missing value (a
-    failed row, or AP_S of a dataset without small objects) has no bar but the label ``n/a``."""
+    """Two panels, saved as PNG: AP and AP_S per row (bars, std error bars), and each KD row's
+    paired ΔAP and ΔAP_S to the baseline with their 95 % confidence intervals (the table's
+    intervals; none with fewer than 2 paired seeds). A missing value (a failed row, or AP_S of a
+    dataset without small objects) has no bar but the label ``n/a``."""
     rows = list(table["row"])
     xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
+    kd = [i for i, kind in enumerate(table["kind"]) if kind == "kd"] if "dAP" in table else []
+    panels = 2 if kd else 1
+    fig, axes = plt.subplots(1, panels, figsize=(max(6, 1.1 * len(rows)) * (1 + 0.8 * (panels - 1)), 4), squeeze=False)
+    ax = axes[0][0]
     width = 0.4
     for offset, name in ((-width / 2, "AP"), (width / 2, "AP_S")):
         means = [0.0 if math.isnan(v) else v for v in table[f"{name}_mean"]]
@@ -35,6 +40,21 @@ def plot_ablation(table: pd.DataFrame, path: str | Path, title: str = "") -> Pat
     ax.set_ylabel("COCO AP (%)")
     ax.set_title(title)
     ax.legend()
+    if kd:
+        ax = axes[0][1]
+        for offset, name in ((-width / 2, "dAP"), (width / 2, "dAP_S")):
+            values = [table[name][i] for i in kd]
+            low = [table[f"{name}_low"][i] for i in kd]
+            high = [table[f"{name}_high"][i] for i in kd]
+            errors = [[0.0 if math.isnan(lo) else v - lo for v, lo in zip(values, low)],
+                      [0.0 if math.isnan(hi) else hi - v for v, hi in zip(values, high)]]
+            ax.bar([k + offset for k in range(len(kd))], [0.0 if math.isnan(v) else v for v in values], width,
+                   yerr=errors, capsize=3, label=name.replace("d", "Δ", 1))
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(list(range(len(kd))))
+        ax.set_xticklabels([rows[i] for i in kd], rotation=30, ha="right")
+        ax.set_ylabel("paired Δ to the baseline (95 % CI)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
     plt.close(fig)

@@ -3,10 +3,12 @@
 * :func:`trial_frame`: one row per trial of a ``ResultGrid``, from ``ResultGrid.get_dataframe()``
   (the last reported metrics and the ``config/...`` columns), plus the trials that never reported,
   each with its status and one-line failure reason.
+* :func:`seed_table`: one row per (row, seed), the per-seed values (``ablation.parquet``).
 * :func:`ablation_table`: one row per configuration (the teacher first), mean and sample standard
-  deviation over seeds of every COCO metric, the difference of the means to the baseline row,
-  the failed trials and their reason; stored as Parquet (numeric ``<metric>_mean``/``_std``
-  columns) and Markdown (``mean ± std`` cells, the way the papers print their tables).
+  deviation over seeds of every COCO metric, the paired differences to the baseline row with
+  their confidence intervals (:mod:`kdsweep.report.stats`), the failed trials and their reason;
+  stored as Parquet (``ablation_summary.parquet``: numeric ``<metric>_mean``/``_std`` columns) and
+  Markdown (``mean ± std`` cells, the way the papers print their tables).
 * :func:`sweep_table`: one row per trial of a search in completion order, with the sampled
   values; :func:`best_index` and :func:`best_so_far` read it.
 """
@@ -21,11 +23,12 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from kdsweep.report.stats import paired_delta
 from kdsweep.report.tracking import summarize_error
 from kdsweep.train.evaluation import STAT_NAMES
 
-__all__ = ["EXTRA_COLUMNS", "ablation_table", "best_index", "best_so_far", "sweep_markdown", "sweep_table",
-           "to_markdown", "trial_frame", "write_parquet"]
+__all__ = ["EXTRA_COLUMNS", "LEGEND", "ablation_table", "best_index", "best_so_far", "seed_table", "sweep_markdown",
+           "sweep_table", "to_markdown", "trial_frame", "write_parquet"]
 
 
 # ------------------------------------------------------------------------------------- trials
@@ -61,8 +64,10 @@ def ablation_table(trials: pd.DataFrame, order: Sequence[str], teacher: Mapping[
     Rows come in ``order`` (the search-space order), after a ``teacher`` row when given (its
     record: metrics of the teacher's run). Columns: ``row, kind, seeds, failed, error`` (the
     reason of the row's first failed trial) then ``<m>_mean, <m>_std`` for m in AP, AP50, AP75,
-    AP_S, AP_M, AP_L (sample std over the finished seeds; 0 for one seed), and ``dAP``/``dAP_S``:
-    the difference of the means to the ``baseline`` row. ``extra`` adds numeric columns per row
+    AP_S, AP_M, AP_L (sample std over the finished seeds; 0 for one seed), and for each KD row
+    ``dAP``/``dAP_S``: the mean of its per-seed differences to the ``baseline`` row, with
+    ``_low``/``_high`` (the 95 % Student's t interval, 2 pairs or more), ``_pairs`` and
+    ``_unpaired`` (:func:`kdsweep.report.stats.paired_delta`). ``extra`` adds numeric columns per row
     label (e.g. ``params_M``, ``infer_img_s`` from :mod:`kdsweep.report.throughput`); rows without
     a value get NaN.
     """
@@ -93,10 +98,18 @@ def ablation_table(trials: pd.DataFrame, order: Sequence[str], teacher: Mapping[
         std = values.std(ddof=1)
         std[values.count() < 2] = 0.0
         table[f"{name}_std"] = table["row"].map(std)
-    base = table.index[table["row"] == baseline]
+    seeds = done["seed"] if "seed" in done else done.groupby("row", sort=False).cumcount()
     for name in ("AP", "AP_S"):
-        col = table[f"{name}_mean"]
-        table[f"d{name}"] = col - col[base[0]] if len(base) else math.nan
+        by_seed = {label: pd.Series(pd.to_numeric(part[name], errors="coerce").to_numpy(),
+                                    index=seeds.loc[part.index].to_numpy())
+                   for label, part in done.groupby("row", sort=False)}
+        deltas = [paired_delta(by_seed.get(label, pd.Series(dtype=float)), by_seed[baseline])
+                  if baseline in by_seed and kind == "kd" else None for label, kind in zip(table["row"], table["kind"])]
+        table[f"d{name}"] = [d.mean if d else math.nan for d in deltas]
+        table[f"d{name}_low"] = [d.low if d else math.nan for d in deltas]
+        table[f"d{name}_high"] = [d.high if d else math.nan for d in deltas]
+        table[f"d{name}_pairs"] = [d.pairs if d else 0 for d in deltas]
+        table[f"d{name}_unpaired"] = [d.unpaired if d else 0 for d in deltas]
     for key in sorted({key for values in (extra or {}).values() for key in values}):
         table[key] = [float((extra or {}).get(label, {}).get(key, math.nan)) for label in table["row"]]
     return table
@@ -109,30 +122,69 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def seed_table(trials: pd.DataFrame, order: Sequence[str], teacher: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """One row per (row, seed): ``row, seed, status, error`` and the six COCO metrics (NaN where a
+    trial failed, or where an area range has no ground truth), in ``order`` after the teacher."""
+    parts = []
+    if teacher is not None:
+        parts.append(pd.DataFrame([{"row": "teacher", "seed": 0, "status": "FINISHED", "error": "", **dict(teacher)}]))
+    if not trials.empty:
+        parts.append(trials)
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["row", "seed", "status", "error"])
+    if "seed" not in frame:
+        frame["seed"] = frame.groupby("row", sort=False).cumcount()
+    for name in STAT_NAMES:
+        frame[name] = pd.to_numeric(frame.get(name, pd.Series([math.nan] * len(frame))), errors="coerce")
+    rank = {label: i for i, label in enumerate((["teacher"] if teacher is not None else []) + list(order))}
+    frame = frame.assign(_rank=frame["row"].map(rank).fillna(len(rank)), seed=frame["seed"].fillna(0).astype(int))
+    frame = frame.sort_values(["_rank", "seed"], kind="stable")
+    return frame[["row", "seed", "status", "error", *STAT_NAMES]].reset_index(drop=True)
+
+
+LEGEND = ("ΔAP, ΔAP_S: the mean of the per-seed differences to the baseline (a row and the baseline share "
+          "each seed's initialisation and data order) and its 95 % confidence interval [low, high] (Student's t "
+          "on the paired differences); * marks an interval that excludes 0.")
+
+
+def _delta_cell(data: Mapping[str, Any], name: str) -> str:
+    value = data[name]
+    if _missing(value) or data["kind"] != "kd":
+        return ""
+    cell = f"{value:+.1f}"
+    low, high = data.get(f"{name}_low", math.nan), data.get(f"{name}_high", math.nan)
+    if not _missing(low):
+        cell += f" [{low:+.1f}, {high:+.1f}]" + ("*" if low > 0 or high < 0 else "")
+    unpaired = data.get(f"{name}_unpaired", 0) or 0
+    return cell + (f" ({int(unpaired)} unpaired)" if unpaired else "")
+
+
 def to_markdown(table: pd.DataFrame, title: str | None = None) -> str:
-    """Markdown table with ``mean ± std`` cells (one decimal), deltas to the baseline, and the
-    failed trials' reasons under it. A statistic without a value in a finished row (an area range
-    without ground-truth boxes) reads ``n/a``; a row with no finished seed, ``failed``."""
+    """Markdown table: ``mean ± std`` cells (one decimal) over ``n`` seeds (the value alone when
+    ``n=1``: one seed measures no spread), the paired deltas to the baseline with their
+    intervals (:data:`LEGEND`, printed under the table when an interval is shown), and the failed
+    trials' reasons. A statistic without a value in a finished row (an area range without
+    ground-truth boxes) reads ``n/a``; a row with no finished seed, ``failed``."""
     extras = [k for k in EXTRA_COLUMNS if k in table]
     header = ["row", "seeds"] + list(STAT_NAMES) + ["ΔAP", "ΔAP_S"] + [EXTRA_COLUMNS[k][0] for k in extras]
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for row in table.itertuples(index=False):
         data = row._asdict()
-        cells = [data["row"], f"{data['seeds']}" + (f" ({data['failed']} failed)" if data["failed"] else "")]
+        cells = [data["row"], f"n={data['seeds']}" + (f" ({data['failed']} failed)" if data["failed"] else "")]
         for name in STAT_NAMES:
             mean, std = getattr(row, f"{name}_mean"), getattr(row, f"{name}_std")
             if _missing(mean):  # no finished seed, or an area range without ground truth (COCOeval's -1)
                 cells.append("n/a" if data["seeds"] else "failed")
             else:
-                cells.append(f"{mean:.1f} ± {std:.1f}")
+                cells.append(f"{mean:.1f}" if data["seeds"] < 2 else f"{mean:.1f} ± {std:.1f}")
         for name in ("dAP", "dAP_S"):
-            value = data[name]
-            cells.append("" if _missing(value) or data["kind"] != "kd" else f"{value:+.1f}")
+            cells.append(_delta_cell(data, name))
         for key in extras:
             value = data[key]
             cells.append("" if _missing(value) else EXTRA_COLUMNS[key][1].format(value))
         lines.append("| " + " | ".join(cells) + " |")
+    if any(not _missing(v) for v in table.get("dAP_low", [])) or any(not _missing(v) for v in table.get("dAP_S_low", [])):
+        lines += ["", LEGEND]
     failures = [(r, e) for r, e in zip(table["row"], table["error"]) if e]
     if failures:
         lines += ["", "Failed trials:"] + [f"- {row}: {reason}" for row, reason in failures]
