@@ -1,4 +1,4 @@
-"""``kdsweep`` command line: ``data`` (synth, check, convert), ``ablation``, ``sweep``, ``ui``.
+"""``kdsweep`` command line: ``data`` (synth, check, convert), ``ablation``, ``sweep``, ``ui``, ``table``.
 
 Errors a user can fix (bad config, bad data) print one line and exit non-zero; no traceback.
 
@@ -44,6 +44,12 @@ def _ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=dict(os.environ))
 
 
+def _table(args: argparse.Namespace) -> int:
+    from kdsweep.report.compare import run_table
+
+    return run_table(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdsweep.data.cli import register
 
@@ -63,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ui.add_argument("--tracking-uri", help="another MLflow backend store URI")
     ui.set_defaults(func=_ui)
+    table = sub.add_parser("table", help="the ablation tables of finished parent runs, rebuilt from MLflow, side by side")
+    table.add_argument("parents", nargs="+", metavar="PARENT_RUN", help="parent run ids of finished ablations")
+    table.add_argument("--tracking-uri", help="the MLflow store (default: the embedded SQLite under KDSWEEP_HOME)")
+    table.add_argument("--out", help="also write the table to this .md or .parquet file")
+    table.set_defaults(func=_table)
     return parser
 
 
