@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import time
 from typing import Sequence
 
 from kdsweep import paths
@@ -32,7 +34,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    """Serve the MLflow UI for the embedded store (or ``--tracking-uri``) on 127.0.0.1."""
+    """Serve the MLflow UI for the embedded store (or ``--tracking-uri``) on 127.0.0.1.
+
+    ``mlflow ui`` runs in a process group of its own (with its job runner and huey consumers);
+    SIGTERM or SIGINT to this command stops that whole group, so nothing is left serving."""
     uri = args.tracking_uri or paths.mlflow_uri()
     cmd = [
         sys.executable, "-m", "mlflow", "ui",
@@ -40,8 +45,69 @@ def _ui(args: argparse.Namespace) -> int:
         "--default-artifact-root", paths.mlflow_artifacts().as_uri(),
         "--host", args.host, "--port", str(args.port),
     ]
-    print(f"kdsweep: MLflow UI for {uri} at http://{args.host}:{args.port}", flush=True)
-    return subprocess.call(cmd, env=dict(os.environ))
+    base = f"http://{args.host}:{args.port}"
+    print(f"kdsweep: MLflow UI for {uri} at {base}", flush=True)
+    runs = runs_url(uri, base, args.experiment)
+    if runs:
+        print(f"kdsweep: the runs of {runs[0]!r} (model-training view): {runs[1]}", flush=True)
+    proc = subprocess.Popen(cmd, env=dict(os.environ), start_new_session=True)
+
+    def stop(signum: int, frame: object) -> None:
+        _stop_group(proc)
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if runs and args.open:
+            import webbrowser
+
+            webbrowser.open(runs[1])
+        return proc.wait()
+    finally:
+        _stop_group(proc)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def runs_url(uri: str, base: str, experiment: str | None = None) -> tuple[str, str] | None:
+    """``(experiment name, URL)`` of the runs view of ``experiment`` (default: the most recently
+    updated experiment other than MLflow's Default) in model-training mode, or None when the store
+    has none. MLflow 3's UI opens an experiment on its GenAI overview unless the URL asks for
+    ``workflowType=machine_learning`` (its ``experimentPageTabbed`` route, tab ``runs``)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        found = ([client.get_experiment_by_name(experiment)] if experiment else
+                 [e for e in client.search_experiments(order_by=["last_update_time DESC"]) if e.name != "Default"][:1])
+    except Exception:  # noqa: BLE001 - a store the UI can still serve; the link is a convenience
+        return None
+    if not found or found[0] is None:
+        return None
+    return found[0].name, f"{base}/#/experiments/{found[0].experiment_id}/runs?workflowType=machine_learning"
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM to ``proc``'s whole process group, SIGKILL to what is left after ``grace`` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _table(args: argparse.Namespace) -> int:
@@ -68,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ui.add_argument("--tracking-uri", help="another MLflow backend store URI")
+    ui.add_argument("--experiment", help="the experiment whose runs URL to print (default: the most recently updated)")
+    ui.add_argument("--open", action="store_true", help="open that URL in a browser")
     ui.set_defaults(func=_ui)
     table = sub.add_parser("table", help="the ablation tables of finished parent runs, rebuilt from MLflow, side by side")
     table.add_argument("parents", nargs="+", metavar="PARENT_RUN", help="parent run ids of finished ablations")

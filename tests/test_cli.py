@@ -91,3 +91,61 @@ def test_ui_serves_the_embedded_store_on_loopback(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_ui_prints_the_runs_url_and_sigterm_stops_its_whole_process_group(tmp_path):
+    """`kdsweep ui` prints the runs view of the newest experiment in model-training mode; a SIGTERM
+    to `kdsweep ui` alone stops mlflow's server and every process it started (its job runner and
+    huey consumers, about 2 GB), not only the kdsweep process."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    import psutil
+
+    from kdsweep.report.tracking import Tracker
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    home = tmp_path / "home"
+    env = dict(os.environ, KDSWEEP_HOME=str(home))
+    (home / "mlflow").mkdir(parents=True)
+    exp_id = Tracker(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}", "kdsweep-ablation_ssim").experiment_id
+    proc = subprocess.Popen([sys.executable, "-m", "kdsweep.cli", "ui", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    groups = set()
+    try:
+        deadline, served = time.time() + 120, False
+        while time.time() < deadline and not served:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    served = response.read().decode().strip() == "OK"
+            except OSError:
+                time.sleep(1)
+        assert served
+        children = psutil.Process(proc.pid).children(recursive=True)
+        groups = {os.getpgid(c.pid) for c in children} - {os.getpgid(proc.pid)}
+        assert groups  # mlflow runs in a process group of its own
+        proc.send_signal(signal.SIGTERM)  # to kdsweep ui only
+        out, _ = proc.communicate(timeout=90)
+        assert f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning" in out
+        for group in groups:
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                try:
+                    os.killpg(group, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.5)
+            with pytest.raises(ProcessLookupError):
+                os.killpg(group, 0)  # nothing of it is left
+    finally:
+        for group in groups | {proc.pid}:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=60)

@@ -109,3 +109,31 @@ def test_summarize_error_picks_the_root_cause():
     text = "Traceback (most recent call last):\n  File x\nray.exceptions.RayTaskError: boom\nNonFiniteLossError: non-finite loss at epoch 3\n"
     assert summarize_error(text).startswith("NonFiniteLossError")
     assert summarize_error("") == ""
+
+
+def test_experiments_open_on_their_runs_and_the_parent_shows_its_table(tracker):
+    """MLflow 3 opens an experiment of kind custom_model_development on its runs, not on the GenAI
+    overview; an experiment created before this tag gets it when reused."""
+    from kdsweep.report.tracking import EXPERIMENT_KIND, MODEL_TRAINING, NOTE
+
+    assert tracker.client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND] == MODEL_TRAINING
+    old = tracker.client.create_experiment("made by an older kdsweep")
+    assert EXPERIMENT_KIND not in tracker.client.get_experiment(old).tags
+    again = Tracker(tracker.uri, "made by an older kdsweep")
+    assert again.client.get_experiment(old).tags[EXPERIMENT_KIND] == MODEL_TRAINING
+    run = tracker.start_run("parent")
+    tracker.set_note(run, "| row | AP |\n|---|---|\n| ssim | 6.5 |\n", "ablation.md")
+    assert tracker.client.get_run(run).data.tags[NOTE].startswith("| row | AP |")
+    tracker.set_note(run, "| a | b |\n" * 2000, "ablation.md")
+    note = tracker.client.get_run(run).data.tags[NOTE]
+    assert len(note) < 8000 and note.rstrip().endswith("(cut here; the whole table is the artifact ablation.md)")
+
+
+def test_child_runs_are_named_row_and_seed_with_flat_kd_params():
+    from kdsweep.config import ExperimentConfig, KDTermConfig
+    from kdsweep.orchestrate.launch import TrialDescriber
+
+    exp = ExperimentConfig(kd=(KDTermConfig("ssim", weight=3.0, params={"alpha": 0.5}), KDTermConfig("l2")))
+    name, params, tags, _ = TrialDescriber(rows={"ssim": exp}, samplers={}, role="student")({"row": "ssim", "seed": 2})
+    assert name == "ssim / seed 2" and tags["kdsweep.row"] == "ssim" and tags["kdsweep.seed"] == "2"
+    assert params["kd.ssim.weight"] == 3.0 and params["kd.ssim.alpha"] == 0.5 and params["kd.l2.weight"] == 1.0

@@ -113,6 +113,7 @@ def _body(args: argparse.Namespace, prepared: Prepared, session: Session, seeds:
     folder = write_temp(markdown, "ablation.md").parent
     tracker = session.tracker
     tracker.log_artifact(session.parent, folder / "ablation.md")
+    tracker.set_note(session.parent, markdown, "ablation.md")  # the run page shows the table itself
     tracker.log_artifact(session.parent, write_parquet(seed_table(trials, prepared.space.labels, teachers.single_record),
                                                        folder / "ablation.parquet"))  # one row per (row, seed)
     tracker.log_artifact(session.parent, write_parquet(table, folder / "ablation_summary.parquet"))

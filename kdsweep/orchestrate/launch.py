@@ -33,6 +33,7 @@ from kdsweep.orchestrate.space import Sampler, SearchSpace, load_space
 from kdsweep.orchestrate.trials import row_configs, trial_config, variants
 from kdsweep.presets import PRESETS, Preset, get_preset
 from kdsweep.report.tracking import TAG_ROLE, TAG_ROW, TAG_SEED, Tracker, default_tracking_uri, flatten
+from kdsweep.train.distiller import term_names
 
 __all__ = ["Prepared", "Session", "TrialDescriber", "add_arguments", "cli_overrides", "open_session", "prepare",
            "print_dry_run", "run_guarded", "storage_path"]
@@ -316,10 +317,23 @@ class TrialDescriber:
     name: Callable[[dict[str, Any]], str] | None = None  # run name from the Tune config
 
     def __call__(self, config: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]:
-        exp = to_dict(trial_config(self.rows, self.samplers, config, self.source))
+        typed = trial_config(self.rows, self.samplers, config, self.source)
+        exp = to_dict(typed)
         row, seed = config["row"], config.get("seed", exp["train"]["seed"])
         sampled = config.get("params") or {}
-        params = {"row": row, "seed": seed, **{f"space.{k}": v for k, v in sampled.items()}, **flatten(exp)}
+        params = {"row": row, "seed": seed, **{f"space.{k}": v for k, v in sampled.items()}, **flatten(exp),
+                  **kd_params(typed)}
         tags = {TAG_ROLE: self.role, TAG_ROW: row, TAG_SEED: str(seed), **self.tags, **self.tags_by_row.get(row, {})}
-        name = self.name(config) if self.name is not None else f"{row} | seed {seed}"
+        name = self.name(config) if self.name is not None else f"{row} / seed {seed}"
         return name, params, tags, exp
+
+
+def kd_params(exp: ExperimentConfig) -> dict[str, Any]:
+    """The KD hyperparameters as flat params named by term (``kd.ssim.weight``, ``kd.ssim.alpha``;
+    a repeated loss ``kd.ssim_1...``), so that MLflow's compare and parallel-coordinates views can
+    plot them across runs whatever the position of the term in the ``kd`` list."""
+    out: dict[str, Any] = {}
+    for name, term in zip(term_names(exp.kd), exp.kd):
+        out[f"kd.{name}.weight"] = term.weight
+        out.update({f"kd.{name}.{key}": value for key, value in term.params.items()})
+    return out

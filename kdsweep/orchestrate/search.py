@@ -194,7 +194,7 @@ def _body(args: argparse.Namespace, prepared: Prepared, session: Session, plan: 
     def run_name(config: dict[str, Any]) -> str:
         sampled = config.get("params") or {}
         short = ", ".join(f"{_short(p)}={_fmt(space.space[p].decode(v))}" for p, v in sampled.items() if p in space.space)
-        return f"{config['row']} | {short}" if short else f"{config['row']} | seed {config.get('seed', 0)}"
+        return f"{config['row']} | {short}" if short else f"{config['row']} / seed {config.get('seed', 0)}"
 
     max_epochs = max(exp.train.epochs for exp in prepared.rows.values())
     results = run_students(session, prepared, teachers, space_of_tune, max_concurrent=plan.max_concurrent,
@@ -208,6 +208,7 @@ def _body(args: argparse.Namespace, prepared: Prepared, session: Session, plan: 
     folder = write_temp(markdown, "sweep.md").parent
     tracker = session.tracker
     tracker.log_artifact(session.parent, folder / "sweep.md")
+    tracker.set_note(session.parent, markdown, "sweep.md")
     tracker.log_artifact(session.parent, write_parquet(table, folder / "sweep.parquet"))
     best = best_index(table, metric, mode)
     best_value = float(table[metric][best]) if best is not None else None

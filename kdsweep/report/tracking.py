@@ -29,6 +29,10 @@ TAG_SEED = "kdsweep.seed"
 TAG_TRIAL = "kdsweep.trial_id"
 TAG_REASON = "kdsweep.failure_reason"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+"""MLflow 3's UI opens an experiment of this kind on its runs, not on the GenAI overview."""
+NOTE = "mlflow.note.content"
+"""A run's description in the MLflow UI (Markdown): the ablation table on the parent run."""
 
 
 def default_tracking_uri() -> str:
@@ -62,9 +66,12 @@ class Tracker:
             if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
                 location = (paths.mlflow_artifacts() / experiment).as_uri()
             try:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                                   tags={EXPERIMENT_KIND: MODEL_TRAINING})
             except Exception:  # created concurrently by another launcher
                 self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        if existing is not None and existing.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
 
     @classmethod
     def bound(cls, uri: str, experiment_id: str) -> "Tracker":
@@ -104,6 +111,14 @@ class Tracker:
         ]
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def set_note(self, run_id: str, markdown: str, artifact: str) -> None:
+        """Make ``markdown`` the run's description in the MLflow UI (:data:`NOTE`), cut to what a
+        tag holds, with a pointer to ``artifact`` (the whole text) when cut."""
+        limit = 7500  # MLflow keeps tag values up to 8,000 characters
+        if len(markdown) > limit:
+            markdown = markdown[:limit].rsplit("\n", 1)[0] + f"\n\n(cut here; the whole table is the artifact {artifact})\n"
+        self.client.set_tag(run_id, NOTE, markdown)
 
     def log_dict(self, run_id: str, data: Any, name: str) -> None:
         """Store ``data`` as a JSON or YAML artifact called ``name``."""
