@@ -44,6 +44,9 @@ def _ui(args: argparse.Namespace) -> int:
         "--backend-store-uri", uri,
         "--default-artifact-root", paths.mlflow_artifacts().as_uri(),
         "--host", args.host, "--port", str(args.port),
+        # one server process: a local UI needs no more, and uvicorn's supervisor of several
+        # restarts workers that boot slowly (on a 2-core machine busy training, forever)
+        "--workers", "1",
     ]
     base = f"http://{args.host}:{args.port}"
     print(f"kdsweep: MLflow UI for {uri} at {base}", flush=True)
