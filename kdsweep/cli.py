@@ -90,8 +90,9 @@ def runs_url(uri: str, base: str, experiment: str | None = None) -> tuple[str, s
     return found[0].name, f"{base}/#/experiments/{found[0].experiment_id}/runs?workflowType=machine_learning"
 
 
-def _stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM to ``proc``'s whole process group, SIGKILL to what is left after ``grace`` seconds."""
+def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to ``proc``'s whole process group; SIGKILL to whatever of it is left once ``proc``
+    has exited (or ``grace`` seconds have passed): mlflow's job runner and huey consumers."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -100,16 +101,20 @@ def _stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pass
-    deadline = time.monotonic() + grace
+    deadline = time.monotonic() + 2.0  # the others had the same SIGTERM; a moment to act on it
     while time.monotonic() < deadline:
         try:
             os.killpg(proc.pid, 0)
         except ProcessLookupError:
             return
-        time.sleep(0.2)
+        time.sleep(0.1)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
         pass
 
 
