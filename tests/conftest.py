@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -15,3 +17,16 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def mlflow_serves(port: int, timeout: float = 120.0) -> bool:
+    """Whether an MLflow server on 127.0.0.1:``port`` answers /health with OK within ``timeout`` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.read().decode().strip() == "OK":
+                    return True
+        except OSError:
+            time.sleep(1)
+    return False

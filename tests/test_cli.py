@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import mlflow_serves
 
 from kdsweep import cli
 from kdsweep.orchestrate.ablation import run_ablation
@@ -65,8 +66,6 @@ def test_ui_serves_the_embedded_store_on_loopback(tmp_path):
     import os
     import signal
     import socket
-    import time
-    import urllib.request
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -75,14 +74,7 @@ def test_ui_serves_the_embedded_store_on_loopback(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "kdsweep.cli", "ui", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline, body = time.time() + 120, ""
-        while time.time() < deadline and not body:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    body = response.read().decode()
-            except OSError:
-                time.sleep(1)
-        assert body.strip() == "OK"
+        assert mlflow_serves(port)
         assert (tmp_path / "home" / "mlflow" / "mlflow.db").is_file()  # the embedded store it serves
         with socket.socket() as probe:  # not on another address of this machine
             host = socket.gethostbyname(socket.gethostname())
@@ -93,6 +85,7 @@ def test_ui_serves_the_embedded_store_on_loopback(tmp_path):
         proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_ui_prints_the_runs_url_and_sigterm_stops_its_whole_process_group(tmp_path):
     """`kdsweep ui` prints the runs view of the newest experiment in model-training mode; a SIGTERM
     to `kdsweep ui` alone stops mlflow's server and every process it started (its job runner and
@@ -101,7 +94,6 @@ def test_ui_prints_the_runs_url_and_sigterm_stops_its_whole_process_group(tmp_pa
     import signal
     import socket
     import time
-    import urllib.request
 
     import psutil
 
@@ -118,14 +110,7 @@ def test_ui_prints_the_runs_url_and_sigterm_stops_its_whole_process_group(tmp_pa
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     groups = set()
     try:
-        deadline, served = time.time() + 120, False
-        while time.time() < deadline and not served:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    served = response.read().decode().strip() == "OK"
-            except OSError:
-                time.sleep(1)
-        assert served
+        assert mlflow_serves(port)
         children = psutil.Process(proc.pid).children(recursive=True)
         groups = {os.getpgid(c.pid) for c in children} - {os.getpgid(proc.pid)}
         assert groups  # mlflow runs in a process group of its own

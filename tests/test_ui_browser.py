@@ -18,10 +18,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import mlflow_serves
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,14 +75,7 @@ def test_kdsweep_ui_opens_on_the_runs_with_the_ablation_table_in_the_parents_des
             printed += ui.stdout.readline()
         runs_url = re.search(r"http://\S+workflowType=machine_learning", printed).group(0)
         assert runs_url == f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
-        deadline, served = time.time() + 120, False
-        while time.time() < deadline and not served:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    served = response.read().decode().strip() == "OK"
-            except OSError:
-                time.sleep(1)
-        assert served
+        assert mlflow_serves(port)
 
         runs = _text(_chromium(browser, runs_url, "--dump-dom").stdout)
         parent_url = (f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
