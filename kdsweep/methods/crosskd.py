@@ -63,6 +63,7 @@ from kdsweep.config import ConfigError
 from kdsweep.kd.adapters import check_widths, resolve_adapter
 from kdsweep.kd.step import KDStep
 from kdsweep.kd.term import KDTerm, Need, TermSpec, reject_unknown
+from kdsweep.methods.pkd import channel_std, channel_standardize  # the same per-channel statistics
 from kdsweep.models.detectors import level_names
 
 __all__ = ["CROSSKD_DEFAULTS", "CrossKDTerm", "build_crosskd", "kd_quality_focal_loss", "tower_cut"]
@@ -75,7 +76,6 @@ CROSSKD_DEFAULTS: dict[str, dict[str, float]] = {
 
 TOWERS = ("classification_head", "regression_head")
 PREDICTORS = {"classification_head": ("cls_logits",), "regression_head": ("bbox_reg",)}
-STD_EPS = 1e-6
 
 
 def _arch(model: nn.Module | None) -> str | None:
@@ -111,17 +111,6 @@ def _flatten(x: Tensor, per_anchor: int) -> Tensor:
     """``(N, A*K, H, W) -> (N, H*W*A, K)``, torchvision's dense-head layout."""
     n, _, h, w = x.shape
     return x.view(n, -1, per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, per_anchor)
-
-
-def _std(x: Tensor) -> Tensor:
-    """Per-channel ``sqrt(var + eps^2)`` over ``(N, H, W)``, population variance: finite on a 1x1
-    map of one image (the authors' Bessel-corrected std is NaN there)."""
-    return (x.var(dim=(0, 2, 3), keepdim=True, unbiased=False) + STD_EPS**2).sqrt()
-
-
-def _standardize(x: Tensor) -> Tensor:
-    """Zero mean and unit variance per channel over ``(N, H, W)`` (the authors' ``align_scale``)."""
-    return (x - x.mean(dim=(0, 2, 3), keepdim=True)) / _std(x)
 
 
 def kd_quality_focal_loss(logits: Tensor, teacher_logits: Tensor, beta: float = 1.0) -> Tensor:
@@ -224,7 +213,7 @@ class CrossKDTerm(KDTerm):
                         "the teacher must see the student's resolution (teacher_scale 1)")
                 if self.adapters is not None:
                     s = self.adapters[tower](s)
-                s = _standardize(s) * _std(t_held) + t_held.mean((0, 2, 3), keepdim=True)
+                s = channel_standardize(s) * channel_std(t_held) + t_held.mean((0, 2, 3), keepdim=True)
                 crossed.append(self._predict(tower, predictors, _run(after, s), classes))
             outputs[tower] = (torch.cat(crossed, dim=1), torch.cat(target, dim=1))
         logits, t_logits = outputs["classification_head"]

@@ -29,11 +29,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["PKD_EPS", "channel_standardize", "pkd_feature_loss"]
+__all__ = ["PKD_EPS", "channel_std", "channel_standardize", "pkd_feature_loss"]
 
 PKD_EPS = 1e-6
 """Each channel's standard deviation is ``sqrt(var + eps^2)``: a constant channel maps to zeros,
 and its gradient stays finite (``sqrt`` has none at 0)."""
+
+
+def channel_std(x: Tensor, eps: float = PKD_EPS) -> Tensor:
+    """Per-channel ``sqrt(var + eps^2)`` over ``(N, H, W)``, population variance (finite on a 1x1
+    map of one image, and with a finite gradient on a constant channel).
+
+    Shape:
+        - x: ``(N, C, H, W)``; output: ``(1, C, 1, 1)``.
+    """
+    return (x.var(dim=(0, 2, 3), keepdim=True, unbiased=False) + eps**2).sqrt()
 
 
 def channel_standardize(x: Tensor, eps: float = PKD_EPS) -> Tensor:
@@ -42,9 +52,7 @@ def channel_standardize(x: Tensor, eps: float = PKD_EPS) -> Tensor:
     Shape:
         - x: ``(N, C, H, W)``; output: same. Statistics over ``(N, H, W)``, one pair per channel.
     """
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    std = (x.var(dim=(0, 2, 3), keepdim=True, unbiased=False) + eps**2).sqrt()
-    return (x - mean) / std
+    return (x - x.mean(dim=(0, 2, 3), keepdim=True)) / channel_std(x, eps)
 
 
 def pkd_feature_loss(student: Tensor, teacher: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -89,8 +90,7 @@ def apply_sampled(exp: ExperimentConfig, sampled: Mapping[str, Any], samplers: M
     data = to_dict(exp)
     menu = [term["loss"] for term in data.get("kd") or []]
     if KD_USE in sampled:
-        indexed = next((p for p in sampled if p.split(".")[0] == "kd" and p.split(".")[1:2] and p.split(".")[1].isdigit()),
-                       None)
+        indexed = next((p for p in sampled if re.fullmatch(r"kd\.\d+(\..*)?", p)), None)
         if indexed:
             raise ConfigError(f"{source}: space.{indexed}: with kd.use the kd list depends on the trial; name the term "
                               f"instead (kd.<loss>.{'.'.join(indexed.split('.')[2:])})")

@@ -21,14 +21,13 @@ import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kdsweep.config import ConfigError
-from kdsweep.report.tables import EXTRA_COLUMNS, ablation_table, to_markdown, write_parquet
+from kdsweep.report.tables import EXTRA_COLUMNS, _missing, ablation_table, format_delta, to_markdown, write_parquet
 from kdsweep.report.tracking import PARENT_TAG, TAG_REASON, TAG_ROLE, TAG_ROW, TAG_SEED, default_tracking_uri
 from kdsweep.train.evaluation import STAT_NAMES
 
@@ -110,19 +109,12 @@ def _markdown(combined: pd.DataFrame, titles: Sequence[str]) -> str:
         for t in titles:
             ap, aps, d, lo, hi, n = (r[f"{t} | {c}"] for c in ("AP_mean", "AP_S_mean", "dAP", "dAP_low", "dAP_high",
                                                               "seeds"))
-            cells.append("" if _nan(ap) else f"{ap:.1f}")
-            cells.append("" if _nan(aps) else f"{aps:.1f}")
-            delta = "" if _nan(d) else f"{d:+.1f}"
-            if delta and not _nan(lo):
-                delta += f" [{lo:+.1f}, {hi:+.1f}]" + ("*" if lo > 0 or hi < 0 else "")
-            cells.append(delta)
-            cells.append("" if _nan(n) else str(int(n)))
+            cells.append("" if _missing(ap) else f"{ap:.1f}")
+            cells.append("" if _missing(aps) else f"{aps:.1f}")
+            cells.append(format_delta(d, lo, hi))
+            cells.append("" if _missing(n) else str(int(n)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _nan(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def run_table(args: argparse.Namespace) -> int:

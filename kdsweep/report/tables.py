@@ -27,8 +27,8 @@ from kdsweep.report.stats import paired_delta
 from kdsweep.report.tracking import summarize_error
 from kdsweep.train.evaluation import STAT_NAMES
 
-__all__ = ["EXTRA_COLUMNS", "LEGEND", "ablation_table", "best_index", "best_so_far", "seed_table", "sweep_markdown",
-           "sweep_table", "to_markdown", "trial_frame", "write_parquet"]
+__all__ = ["EXTRA_COLUMNS", "LEGEND", "ablation_table", "best_index", "best_so_far", "format_delta", "seed_table",
+           "sweep_markdown", "sweep_table", "to_markdown", "trial_frame", "write_parquet"]
 
 
 # ------------------------------------------------------------------------------------- trials
@@ -146,16 +146,23 @@ LEGEND = ("ΔAP, ΔAP_S: the mean of the per-seed differences to the baseline (a
           "on the paired differences); * marks an interval that excludes 0.")
 
 
-def _delta_cell(data: Mapping[str, Any], name: str) -> str:
-    value = data[name]
-    if _missing(value) or data["kind"] != "kd":
+def format_delta(value: float, low: float, high: float) -> str:
+    """``+2.5 [+0.2, +4.8]*``: a paired delta, its interval when there is one, ``*`` where it
+    excludes 0; empty for a missing delta."""
+    if _missing(value):
         return ""
     cell = f"{value:+.1f}"
-    low, high = data.get(f"{name}_low", math.nan), data.get(f"{name}_high", math.nan)
     if not _missing(low):
         cell += f" [{low:+.1f}, {high:+.1f}]" + ("*" if low > 0 or high < 0 else "")
+    return cell
+
+
+def _delta_cell(data: Mapping[str, Any], name: str) -> str:
+    if data["kind"] != "kd":
+        return ""
+    cell = format_delta(data[name], data.get(f"{name}_low", math.nan), data.get(f"{name}_high", math.nan))
     unpaired = data.get(f"{name}_unpaired", 0) or 0
-    return cell + (f" ({int(unpaired)} unpaired)" if unpaired else "")
+    return cell + (f" ({int(unpaired)} unpaired)" if cell and unpaired else "")
 
 
 def to_markdown(table: pd.DataFrame, title: str | None = None) -> str:
