@@ -88,3 +88,42 @@ def test_non_integer_image_ids_are_refused_naming_the_file(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"train\.json: image id 'abc' is not an integer"):
         load_compact(path, use_cache=False)
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:-9])  # the header stays, the data is short: np.load's mmap fails
+
+
+def _drop_last_box(file: Path) -> None:
+    """A well-formed .npy one row shorter than the others say (e.g. an array of another version)."""
+    np.save(file, np.load(file)[:-1])
+
+
+@pytest.mark.parametrize("name, damage", [("boxes", _truncate), ("labels", Path.unlink), ("name_ends", _truncate),
+                                          ("boxes", _drop_last_box), ("meta.json", lambda f: f.write_text("{"))])
+def test_a_damaged_cache_file_is_rebuilt_to_what_a_fresh_build_gives(tmp_path, monkeypatch, name, damage):
+    """Issue 24: the cache was trusted when meta.json existed; a truncated or missing array gave
+    "mmap length is greater than file size" (no path) in a worker. Every file is checked now, and a
+    damaged folder is rebuilt from the JSON, equal to a conversion without cache."""
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(_coco()))
+    folder = ensure_compact(path)
+    file = folder / (name if name.endswith(".json") else f"{name}.npy")
+    damage(file)
+    assert ensure_compact(path) == folder
+    compact, fresh = load_compact(path), load_compact(path, use_cache=False)
+    for array in ann_mod.ARRAYS:
+        np.testing.assert_array_equal(getattr(compact, array), getattr(fresh, array))
+    assert (compact.category_ids, compact.category_names) == (fresh.category_ids, fresh.category_names)
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # the broken copy is gone
+
+
+def test_a_cache_broken_after_its_check_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(_coco()))
+    folder = ensure_compact(path)
+    monkeypatch.setattr(ann_mod, "ensure_compact", lambda p: (_truncate(folder / "boxes.npy"), folder)[1])
+    with pytest.raises(DataError, match=r"train\.json: its compact cache is broken \(.*boxes\.npy: unreadable.*delete "):
+        load_compact(path)

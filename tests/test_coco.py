@@ -353,3 +353,64 @@ def test_cli_check_decodes_in_full_unless_told_headers_only(root, capsys):
     assert main(["data", "check", str(path)]) == 1
     assert "truncated.jpg' is not a readable image" in capsys.readouterr().err
     assert main(["data", "check", str(path), "--headers-only"]) == 0
+
+
+def _version(root: Path) -> str:
+    from kdsweep.data.coco import data_version
+
+    return data_version(resolve_data(DataConfig(root=str(root))))
+
+
+def test_the_data_version_follows_the_content_not_the_path_or_the_clock(tmp_path, monkeypatch):
+    """Issue 24: the teacher's identity includes the data's version (here: annotation bytes, image
+    listing). Edited at the same path -> another version; touched or copied byte for byte -> the same."""
+    import os
+    import shutil
+
+    from kdsweep.data.synthetic import generate
+
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    root = tmp_path / "ds"
+    generate(root, train=3, val=1, size=64, seed=0, progress=False, workers=1)
+    first = _version(root)
+    assert len(first) == 20 and _version(root) == first
+    os.utime(root / "train.json", ns=(1, 1))  # only the clock moves
+    assert _version(root) == first
+    shutil.copytree(root, tmp_path / "copy")
+    assert _version(tmp_path / "copy") == first
+    data = json.loads((root / "train.json").read_text())
+    data["annotations"][0]["bbox"][0] += 1.0  # one box moved by 1 px, the file rewritten in place
+    (root / "train.json").write_text(json.dumps(data))
+    edited = _version(root)
+    assert edited != first
+    (root / "images" / "extra.jpg").write_bytes(b"x")  # an image added
+    assert _version(root) not in (first, edited)
+    (root / "images" / "extra.jpg").unlink()
+    assert _version(root) == edited
+    image = next((root / "images").glob("val_*.jpg"))  # an image replaced by another (another size)
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert _version(root) not in (first, edited)
+
+
+def test_the_embedded_synthetic_data_regenerated_keeps_its_version_other_content_gets_another(tmp_path, monkeypatch):
+    """The synthetic dataset is generated on first use, deterministically in its seed: generated
+    again at the same path (a wiped KDSWEEP_HOME/data) it is the same version, so its teacher is
+    reused; other content regenerated at the same path is another version (its teacher retrains)."""
+    import shutil
+
+    from kdsweep.data.synthetic import ensure_synthetic, generate
+
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    cfg = DataConfig(synth_train=2, synth_val=1, synth_size=64)
+    root = ensure_synthetic(cfg)
+    first = data_version_of(cfg)
+    shutil.rmtree(root)
+    assert ensure_synthetic(cfg) == root and data_version_of(cfg) == first
+    generate(root, train=2, val=1, size=64, seed=7, progress=False, workers=1)  # other content, same path
+    assert data_version_of(cfg) != first
+
+
+def data_version_of(cfg: DataConfig) -> str:
+    from kdsweep.data.coco import data_version
+
+    return data_version(resolve_data(cfg))

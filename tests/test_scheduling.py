@@ -89,7 +89,7 @@ def test_num_workers_scales_every_rows_lr_and_gives_the_teacher_its_own_hash() -
         assert exp.train.num_workers == 4 and exp.train.lr == pytest.approx(base.rows[label].train.lr / 2)
         assert exp.teacher_train.lr == pytest.approx(base.rows[label].teacher_train.lr / 2)
     assert any("lr 0.01 -> 0.005" in note for note in half.notes) and base.notes == ()
-    data = {"val_ann": "v"}
+    data = dict.fromkeys(("train_ann", "val_ann", "train_images", "val_images", "version"), "v")
     assert teacher_hash(half.rows["ssim"], data) != teacher_hash(base.rows["ssim"], data)
     assert half.concurrency(None) == ("auto", "as many at once as the cluster holds (auto)")  # --dry-run
     assert half.concurrency(None, {"GPU": 16.0})[0] == 4  # 4-GPU trials on 16 GPUs

@@ -16,7 +16,8 @@ from kdsweep.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = PRESETS["smoke"].experiment
-DATA = {"train_ann": "/d/train.json", "val_ann": "/d/val.json", "train_images": "/d/images", "val_images": "/d/images"}
+DATA = {"train_ann": "/d/train.json", "val_ann": "/d/val.json", "train_images": "/d/images", "val_images": "/d/images",
+        "version": "0123456789abcdef0123"}
 
 
 def test_ssim_ablation_rows_read_like_the_paper():
@@ -162,9 +163,10 @@ def test_loading_and_evaluation_settings_do_not_change_the_teacher_new_fields_on
 def test_the_quick_and_smoke_teachers_keep_the_hash_of_earlier_versions():
     """Pinned: these hashes name teachers already trained in users' stores (and this repo's
     measured tables); a change of TrainConfig or ModelConfig must not move them by accident."""
-    data = {"a": "b"}
-    hashes = {name: teacher_hash(from_dict(ExperimentConfig, PRESETS[name].experiment), data) for name in ("smoke", "quick")}
-    assert hashes == {"smoke": "97225667c61c", "quick": "e64c77c8db8f"}
+    hashes = {name: teacher_hash(from_dict(ExperimentConfig, PRESETS[name].experiment), DATA) for name in ("smoke", "quick")}
+    # issue 24 moved them once, on purpose (the data's version and limits joined the hash; before:
+    # smoke 97225667c61c, quick e64c77c8db8f with paths alone): every stored teacher retrains once
+    assert hashes == {"smoke": "1df45510e881", "quick": "740f49b4a83a"}
 
 
 MENU = {"rows": [{"label": "methods", "kd": [{"loss": "l2", "weight": 1.0, "adapter": True},
@@ -200,3 +202,55 @@ def test_a_method_path_the_menu_cannot_serve_is_refused_before_anything_starts(s
     with pytest.raises(ConfigError) as err:
         variants(parsed, row_configs(parsed, PRESET))
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("field, value", [("max_train_images", 50), ("max_val_images", 10)])
+def test_a_teacher_trained_on_fewer_images_is_another_teacher(field, value):
+    """Issue 24: the limits were not in the hash, so a teacher trained on 50 images was reused for
+    a full-data ablation (and the other way round)."""
+    exp = from_dict(ExperimentConfig, PRESET)
+    limited = dataclasses.replace(exp, data=dataclasses.replace(exp.data, **{field: value}))
+    assert teacher_hash(limited, DATA) != teacher_hash(exp, DATA)
+    other = dataclasses.replace(exp, data=dataclasses.replace(exp.data, **{field: value + 1}))
+    assert teacher_hash(other, DATA) != teacher_hash(limited, DATA)
+    assert teacher_hash(limited, {**DATA, "version": "another"}) != teacher_hash(limited, DATA)  # nor the version
+
+
+def test_a_teacher_is_not_keyed_without_the_datas_version():
+    exp = from_dict(ExperimentConfig, PRESET)
+    paths_only = {k: v for k, v in DATA.items() if k != "version"}
+    with pytest.raises(ValueError, match=r"teacher_hash: the resolved data lacks version; .*data_version"):
+        teacher_hash(exp, paths_only)
+
+
+def test_a_dataset_edited_at_the_same_path_names_another_teacher_at_the_next_launch(tmp_path, monkeypatch):
+    """Issue 24, end to end on the driver: ``prepare`` resolves the data once (absolute paths and
+    its version, handed down to the workers in ``data``); an annotation file edited in place gives
+    the next launch another teacher hash, a byte-identical rewrite the same one."""
+    import argparse
+    import json
+
+    from kdsweep.data.synthetic import generate
+    from kdsweep.orchestrate.launch import add_arguments, prepare
+
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    root = tmp_path / "ds"
+    generate(root, train=3, val=2, size=64, seed=0, progress=False, workers=1)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--space", default=str(ROOT / "search_spaces" / "ablation_ssim.yaml"))
+    add_arguments(parser)
+    args = parser.parse_args(["--preset", "smoke", "--rows", "ssim", "--data", str(root)])
+
+    def launch_key() -> tuple[str, dict[str, str]]:
+        prepared = prepare(args)
+        return teacher_hash(prepared.rows["ssim"], prepared.data), prepared.data
+
+    before, data = launch_key()
+    text = (root / "train.json").read_text()
+    (root / "train.json").write_text(text)  # rewritten, same bytes: the same teacher
+    assert launch_key()[0] == before
+    edited = json.loads(text)
+    edited["annotations"] = edited["annotations"][1:]  # one box dropped, same path
+    (root / "train.json").write_text(json.dumps(edited))
+    assert launch_key()[0] != before
+    assert data["train_ann"] == str(root.resolve() / "train.json") and len(data["version"]) == 20

@@ -6,7 +6,8 @@ Python objects costs gigabytes per process, and every DataLoader process touchin
 copies them (reference counts defeat copy-on-write). Here the file is converted once into
 ``.npy`` arrays under ``KDSWEEP_HOME/compact/<key>/`` (the key, like the validation cache's:
 the file's path, size and modification time), and every process memory-maps them: the pages are
-shared between processes and read on demand.
+shared between processes and read on demand. Every file of a cache folder is checked before it is
+used (:func:`ensure_compact`); a missing, truncated or inconsistent one is rebuilt.
 
 Layout (``N`` images in id order, ``M`` kept boxes)::
 
@@ -29,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,11 +151,44 @@ def _write(compact: CompactAnnotations, folder: Path, source: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _Broken(Exception):
+    """A cache folder that cannot be used as it is (the message says what is wrong)."""
+
+
 def _read(folder: Path) -> CompactAnnotations:
-    meta = json.loads((folder / "meta.json").read_text())
-    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-    return CompactAnnotations(**arrays, category_ids=tuple(c["id"] for c in meta["categories"]),
-                              category_names=tuple(c["name"] for c in meta["categories"]))
+    """The cached arrays of ``folder``, memory-mapped, after checking every file the loader needs.
+
+    Checked: ``meta.json`` parses and has this :data:`FORMAT_VERSION`; each of :data:`ARRAYS`
+    exists and its ``.npy`` header's shape fits the file's size (``np.load`` with ``mmap_mode``
+    reads the header, then maps that many bytes: a truncated file fails there); and the arrays
+    agree with each other (N images in ``image_ids``, ``sizes``, ``name_ends``, ``box_ends``;
+    ``name_ends[-1]`` bytes of names; ``box_ends[-1]`` boxes and labels).
+
+    Raises:
+        _Broken: what is wrong, naming the file.
+    """
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        version, categories = meta["version"], meta["categories"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _Broken(f"{folder / 'meta.json'}: unreadable ({exc.__class__.__name__}: {exc})") from None
+    if version != FORMAT_VERSION:
+        raise _Broken(f"{folder / 'meta.json'}: format version {version!r}, not {FORMAT_VERSION}")
+    arrays = {}
+    for name in ARRAYS:
+        try:
+            arrays[name] = np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # missing, truncated ("mmap length is greater"), garbled
+            raise _Broken(f"{folder / f'{name}.npy'}: unreadable ({exc.__class__.__name__}: {exc})") from None
+    n, m = arrays["image_ids"].size, arrays["labels"].size  # a wrong rank fails the comparison below
+    shapes = {name: array.shape for name, array in arrays.items()}
+    consistent = shapes == {"image_ids": (n,), "sizes": (n, 2), "name_bytes": (arrays["name_bytes"].size,),
+                            "name_ends": (n,), "box_ends": (n,), "boxes": (m, 4), "labels": (m,)} and (
+        (int(arrays["name_ends"][-1]), int(arrays["box_ends"][-1])) if n else (0, 0)) == (shapes["name_bytes"][0], m)
+    if not consistent:
+        raise _Broken(f"{folder}: the arrays disagree in length ({', '.join(f'{k} {v}' for k, v in shapes.items())})")
+    return CompactAnnotations(**arrays, category_ids=tuple(c["id"] for c in categories),
+                              category_names=tuple(c["name"] for c in categories))
 
 
 def load_compact(ann_path: str | Path, *, use_cache: bool = True) -> CompactAnnotations:
@@ -163,13 +198,33 @@ def load_compact(ann_path: str | Path, *, use_cache: bool = True) -> CompactAnno
     path = Path(ann_path)
     if not use_cache:
         return convert(json.loads(path.read_text()), path)
-    return _read(ensure_compact(path))
+    folder = ensure_compact(path)
+    try:
+        return _read(folder)
+    except _Broken as exc:  # broken again after ensure_compact checked it: another process, or the disk
+        raise DataError(f"{path}: its compact cache is broken ({exc}); delete {folder} and run again") from None
 
 
 def ensure_compact(ann_path: str | Path) -> Path:
-    """Convert ``ann_path`` into the cache unless it is there; return the cache folder."""
+    """Convert ``ann_path`` into the cache unless a complete copy is there; return the cache folder.
+
+    Every file of the folder is checked (:func:`_read`), not only ``meta.json``: a missing,
+    truncated or inconsistent array (a full disk, a killed copy, a hand edit) is rebuilt from the
+    JSON, not memory-mapped into a worker's error. The broken folder is first renamed aside (one
+    atomic rename; a process that mapped it keeps its pages), then the new one is written as on
+    first use (:func:`_write`)."""
     path = Path(ann_path)
     folder = cache_dir(path)
-    if not (folder / "meta.json").is_file():
-        _write(convert(json.loads(path.read_text()), path), folder, path)
+    if folder.exists():
+        try:
+            _read(folder)
+            return folder
+        except _Broken:
+            aside = folder.with_name(f".{folder.name}-broken-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(folder, aside)
+            except FileNotFoundError:  # another process moved it first
+                pass
+            shutil.rmtree(aside, ignore_errors=True)
+    _write(convert(json.loads(path.read_text()), path), folder, path)
     return folder

@@ -26,7 +26,7 @@ from typing import Any
 from kdsweep import paths
 from kdsweep.config import ConfigError, ExperimentConfig, merge, teacher_model, to_dict
 from kdsweep.data.annotations import ensure_compact
-from kdsweep.data.coco import load_validated, resolve_data
+from kdsweep.data.coco import data_version, load_validated, resolve_data
 from kdsweep.orchestrate.preflight import RowModels, dataset_classes, describe_row, preflight
 from kdsweep.orchestrate.scheduling import max_concurrent, parse_concurrency, scale_lr
 from kdsweep.orchestrate.space import Sampler, SearchSpace, load_space
@@ -182,6 +182,7 @@ def prepare(args: argparse.Namespace, with_data: bool = True) -> Prepared:
             load_validated(ann, images)
             ensure_compact(ann)  # once, here: the workers memory-map it (kdsweep.data.annotations)
         data = {k: str(v) for k, v in data_paths.__dict__.items()}
+        data["version"] = data_version(data_paths)  # once, here: the teachers' identity (trials.teacher_hash)
     return Prepared(preset, space, rows, models, data, tuple(notes))
 
 

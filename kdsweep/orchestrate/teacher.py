@@ -1,7 +1,7 @@
 """The teachers' lifecycle: reused by config hash from the MLflow store, or trained, once each.
 
 Each row that distils names its teacher by a config hash (:func:`~kdsweep.orchestrate.trials.teacher_hash`:
-the teacher model, its training, the data files). For every distinct hash of a launch:
+the teacher model, its training, the data (paths, content version, image limits)). For every distinct hash of a launch:
 
 * a FINISHED teacher run with that hash anywhere in the MLflow store (every experiment: the SSIM
   and ScaleKD ablations share one teacher) gives its weights back (its ``teacher/model.pt``);

@@ -7,7 +7,7 @@ Tune sampled (``space:`` block) and its seed applied (:func:`trial_config`), by 
 the Tune trial driver and the MLflow callback call the same function.
 
 A teacher is keyed by its own config hash (:func:`teacher_hash`: its model, its training, the
-data), so rows may distil from different teachers; each is trained once and reused by every row,
+data's paths, version and limits), so rows may distil from different teachers; each is trained once and reused by every row,
 every later launch and every experiment of the MLflow store.
 """
 
@@ -32,8 +32,8 @@ from kdsweep.config import (
 from kdsweep.methods import TERMS
 from kdsweep.orchestrate.space import Sampler, SearchSpace
 
-__all__ = ["apply_sampled", "count_trials", "distinct_teachers", "row_configs", "set_path", "teacher_hash",
-           "trial_config", "tune_param_space", "variants", "with_seed"]
+__all__ = ["DATA_KEYS", "apply_sampled", "count_trials", "distinct_teachers", "row_configs", "set_path",
+           "teacher_hash", "trial_config", "tune_param_space", "variants", "with_seed"]
 
 
 def set_path(config: dict[str, Any], path: str, value: Any, source: str) -> None:
@@ -176,17 +176,39 @@ def variants(space: SearchSpace, rows: Mapping[str, ExperimentConfig]) -> list[t
 
 
 def _teacher_defining(exp: ExperimentConfig) -> dict[str, Any]:
-    """What :func:`teacher_hash` hashes, the data config standing for the resolved files."""
+    """The config part of what :func:`teacher_hash` hashes (the data config, which
+    :func:`teacher_hash` replaces by the resolved data and its limits)."""
     return {"teacher": run_hash_dict(teacher_model(exp)), "teacher_train": run_hash_dict(exp.teacher_train),
             "data": to_dict(exp.data)}
 
 
+DATA_KEYS = ("train_ann", "val_ann", "train_images", "val_images", "version")
+"""The keys of the launch's resolved data that :func:`teacher_hash` needs: the absolute paths and
+:func:`~kdsweep.data.coco.data_version`."""
+
+
 def teacher_hash(exp: ExperimentConfig, data: Mapping[str, str]) -> str:
     """The config hash that identifies ``exp``'s teacher: its model at the resolution it is trained
-    and run at (:func:`~kdsweep.config.teacher_model`: ``teacher_scale`` counts), its training and
-    the data files (``data``: the resolved paths). Rows with the same hash share one teacher. How the data
-    is loaded and when it is evaluated do not count (:func:`~kdsweep.config.run_hash_dict`)."""
-    return config_hash({**_teacher_defining(exp), "data": dict(data)})
+    and run at (:func:`~kdsweep.config.teacher_model`: ``teacher_scale`` counts), its training, and
+    what it learnt from: the data as the launch resolved it on the driver (``data``: the absolute
+    paths and ``version``, the content of the annotation files and the image folders' listing,
+    :func:`~kdsweep.data.coco.data_version`) with the run's limits ``data.max_train_images`` and
+    ``data.max_val_images``. A dataset regenerated or edited at the same path, or a limit changed,
+    names another teacher (issue 24: before, the paths alone stood for the data, so a teacher
+    trained on 50 images or on an earlier version of the files was reused). Rows with the same hash
+    share one teacher. How the data is loaded and when it is evaluated do not count
+    (:func:`~kdsweep.config.run_hash_dict`).
+
+    Raises:
+        ValueError: ``data`` lacks one of :data:`DATA_KEYS` (a caller that did not resolve the data).
+    """
+    missing = [key for key in DATA_KEYS if key not in data]
+    if missing:
+        raise ValueError(f"teacher_hash: the resolved data lacks {', '.join(missing)}; pass the launch's data "
+                         "(kdsweep.orchestrate.launch.prepare: paths from resolve_data, version from data_version)")
+    resolved = {key: str(data[key]) for key in DATA_KEYS}
+    limits = {"max_train_images": exp.data.max_train_images, "max_val_images": exp.data.max_val_images}
+    return config_hash({**_teacher_defining(exp), "data": {**resolved, **limits}})
 
 
 def distinct_teachers(rows: Mapping[str, ExperimentConfig], data: Mapping[str, str]) -> dict[str, ExperimentConfig]:
