@@ -186,29 +186,84 @@ def test_each_term_computes_in_float32_under_autocast(key: str) -> None:
     assert grad_error <= (2 * GRAD_RTOL if key == "crosskd" else GRAD_RTOL), grad_error
 
 
-def _fit(dtype: torch.dtype, scaler: torch.amp.GradScaler | None) -> tuple[dict[str, float], float]:
+@dataclasses.dataclass
+class _Fit:
+    """What :func:`_fit` saw: the epoch's means, the largest parameter change, per training forward
+    of the student ``(autocast on, autocast dtype, dtype of its first conv's output)``, and per step
+    the total gradient norm ``clip_grad_norm_`` measured (before clipping)."""
+
+    out: dict[str, float]
+    moved: float
+    forwards: list[tuple[bool, torch.dtype, torch.dtype]]
+    clip_norms: list[float]
+
+
+def _fit(dtype: torch.dtype, scaler: torch.amp.GradScaler | None, monkeypatch: pytest.MonkeyPatch) -> _Fit:
     distiller = _distiller("ssim")
     params = [p for p in distiller.trainable.parameters() if p.requires_grad]
     before = torch.cat([p.detach().reshape(-1) for p in params]).clone()
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     optimization = Optimization(optimizer, scheduler, params, grad_clip=10.0, scaler=scaler, amp_dtype=dtype)
-    out = train_one_epoch(distiller, optimization, [_batch()] * 3, device=torch.device("cpu"), epoch=1)
+    forwards: list[tuple[bool, torch.dtype, torch.dtype]] = []
+
+    def spy(module: nn.Module, _args, out: Tensor) -> None:
+        if module.training:  # not the level-probing forward (eval mode)
+            forwards.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype))
+
+    clip_norms: list[float] = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(*args, **kwargs) -> Tensor:
+        norm = clip(*args, **kwargs)
+        clip_norms.append(float(norm))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    handle = distiller.student.backbone.body.conv1.register_forward_hook(spy)
+    try:
+        out = train_one_epoch(distiller, optimization, [_batch()] * 3, device=torch.device("cpu"), epoch=1)
+    finally:
+        handle.remove()
     moved = float((torch.cat([p.detach().reshape(-1) for p in params]) - before).abs().max())
-    return out, moved
+    return _Fit(out, moved, forwards, clip_norms)
 
 
-def test_the_amp_branch_trains_in_bfloat16() -> None:
-    out, moved = _fit(torch.bfloat16, None)
-    assert all(torch.isfinite(torch.tensor(v)) for v in out.values()) and out["loss/kd_ssim"] > 0
-    assert moved > 0
+def test_the_amp_branch_trains_in_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    fit = _fit(torch.bfloat16, None, monkeypatch)
+    assert all(torch.isfinite(torch.tensor(v)) for v in fit.out.values()) and fit.out["loss/kd_ssim"] > 0
+    assert fit.moved > 0
+    # the student's forward ran under bfloat16 autocast at every step: a conv gave bfloat16
+    assert fit.forwards == [(True, torch.bfloat16, torch.bfloat16)] * 3
 
 
-def test_the_grad_scaler_path_trains_in_float16() -> None:
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    out, moved = _fit(torch.float16, scaler)
-    assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
-    assert moved > 0 and scaler.get_scale() > 0  # the scaler unscaled, stepped and updated
+def _unscaled_grad_norm(dtype: torch.dtype) -> float:
+    """Total gradient norm of :func:`_fit`'s first step (same model, batch and autocast), by a plain
+    backward with no loss scaling."""
+    distiller = _distiller("ssim")
+    distiller.train()
+    params = [p for p in distiller.trainable.parameters() if p.requires_grad]
+    images, targets = _batch()
+    with torch.autocast("cpu", dtype=dtype):
+        losses = distiller(images, targets, progress=0.0)
+    sum(losses.values()).backward()
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params
+                                                       if p.grad is not None])))
+
+
+def test_the_grad_scaler_path_trains_in_float16(monkeypatch: pytest.MonkeyPatch) -> None:
+    scale = 2.0**10
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    fit = _fit(torch.float16, scaler, monkeypatch)
+    assert all(torch.isfinite(torch.tensor(v)) for v in fit.out.values())
+    assert fit.moved > 0
+    assert fit.forwards == [(True, torch.float16, torch.float16)] * 3
+    # clipping saw the unscaled gradients (unscale_ before clip_grad_norm_): its norm is that of a
+    # plain backward, not ``scale`` (1024) times it. float16 gradients of the plain backward lose
+    # their smallest entries to underflow (what the scaler is for): 1e-4 here, 2 % allowed
+    reference = _unscaled_grad_norm(torch.float16)
+    assert len(fit.clip_norms) == 3 and all(torch.isfinite(torch.tensor(fit.clip_norms)))
+    assert fit.clip_norms[0] == pytest.approx(reference, rel=0.02), (fit.clip_norms[0], reference)
 
 
 def test_amp_settings_pick_the_dtype_and_the_scaler() -> None:

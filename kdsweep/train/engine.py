@@ -7,13 +7,15 @@ the training device.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
+from kdsweep.kd.precision import to_float32
 from kdsweep.train.collectives import all_true, broadcast_values, gather_rows, mean_over_workers, world_size
 from kdsweep.train.evaluation import STAT_NAMES, coco_stats, detection_rows, records_from_rows
 from kdsweep.train.optim import Optimization
@@ -133,6 +135,63 @@ def train_one_epoch(
     return out
 
 
+# Submodules whose outputs feed the box arithmetic of eval mode (anchors, decoding, NMS, rescaling).
+# Under AMP :func:`predict` casts their outputs to float32, so that every box is decoded in float32:
+#   backbone                 every arch: its FPN maps set the anchors' dtype (torchvision's
+#                            ``AnchorGenerator`` and MimicDet build anchors in ``feature_maps[0].dtype``)
+#   head                     RetinaNet, FCOS: class logits, box deltas / (l, t, r, b), centerness
+#   rpn.head                 Faster R-CNN: objectness, proposal deltas
+#   roi_heads.box_predictor  Faster R-CNN: class logits, box deltas of the second stage
+#   refine, s_head           MimicDet: objectness and refinement deltas; S-head logits and deltas
+# The next layer of each (a convolution, or RoIAlign, which autocast runs in float32 anyway) casts a
+# float32 input back to the autocast dtype, so this changes no arithmetic of the network itself.
+FLOAT32_OUTPUTS: tuple[str, ...] = ("backbone", "head", "rpn.head", "roi_heads.box_predictor", "refine", "s_head")
+
+
+def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    """``model``'s submodule at dotted ``path`` (e.g. ``rpn.head``), or None when it has none."""
+    try:
+        found = model.get_submodule(path)
+    except AttributeError:
+        return None
+    return found if isinstance(found, torch.nn.Module) else None
+
+
+@contextlib.contextmanager
+def float32_decoding(model: torch.nn.Module) -> Iterator[list[str]]:
+    """Within the block, the outputs of ``model``'s :data:`FLOAT32_OUTPUTS` submodules (those it
+    has) are cast to float32 (forward hooks, removed on exit); yields the paths hooked.
+
+    Why: torchvision's ``BoxCoder.decode_single`` casts the anchors to the dtype of the head's
+    output, and ``AnchorGenerator`` makes the anchors in the dtype of the feature maps. Under
+    autocast both are float16/bfloat16, so boxes are decoded in half precision: bfloat16 spaces
+    its values 4 px apart between 512 and 1024 px (8 bits of mantissa), and boxes of an 800x1333
+    input come out up to 8.2 px off a float32 decode of the same deltas (float16: about 2 px;
+    measured in issue 24). Here the backbone and heads still run under autocast; the anchors, the
+    decoding, the scores' sigmoid/softmax, NMS and the rescaling to the original image run in
+    float32 (mmdetection's ``force_fp32`` on its box decoding; detectron2 evaluates wholly in
+    float32).
+
+    Raises:
+        ValueError: ``model`` has none of those submodules (a detector this function does not know:
+            its boxes could not be kept in float32).
+    """
+    model = getattr(model, "module", model)  # a DDP-wrapped detector
+    hooked = [(path, module) for path in FLOAT32_OUTPUTS if (module := _submodule(model, path)) is not None]
+    if not hooked:
+        raise ValueError(
+            f"evaluation under AMP: {type(model).__name__} has none of the submodules {', '.join(FLOAT32_OUTPUTS)} "
+            "whose outputs are cast to float32 before boxes are decoded; add its head's path to "
+            "kdsweep.train.engine.FLOAT32_OUTPUTS, or set train.amp: false"
+        )
+    handles = [module.register_forward_hook(lambda _m, _args, out: to_float32(out)) for _, module in hooked]
+    try:
+        yield [path for path, _ in hooked]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def predict(
     model: torch.nn.Module,
@@ -141,30 +200,35 @@ def predict(
     *,
     amp_dtype: torch.dtype | None = None,
 ) -> list[tuple[int, dict[str, Tensor]]]:
-    """Run ``model`` (a torchvision detector) in eval mode; return ``[(image_id, output), ...]``
-    with the outputs left on ``device``.
+    """Run ``model`` (a torchvision detector, or MimicDet) in eval mode; return
+    ``[(image_id, output), ...]`` with the outputs (``boxes`` (K, 4) xyxy in original-image
+    pixels, ``scores`` (K,), ``labels`` (K,)) left on ``device``.
 
     Args:
-        amp_dtype: run the forward under ``torch.autocast(device.type, dtype=amp_dtype)`` (the
-            training run's AMP dtype, float16 or bfloat16), then convert every floating-point
-            output (``boxes`` (K, 4), ``scores`` (K,)) to float32, so that the rows packed from
-            them (:func:`~kdsweep.train.evaluation.detection_rows`) do not depend on the
-            autocast dtype of the layers that made them. None (the default): no autocast, and the
-            outputs are returned exactly as the model gave them.
+        amp_dtype: run the backbone and heads under ``torch.autocast(device.type, dtype=amp_dtype)``
+            (the training run's AMP dtype, float16 or bfloat16), but decode every box in float32:
+            the feature maps and head outputs are cast to float32 before the anchors, the box
+            decoding, the score thresholds, NMS and the rescaling use them
+            (:func:`float32_decoding`). The boxes then equal a float32 decode of the same head
+            outputs; the outputs are float32. None (the default): no autocast, and the outputs are
+            returned exactly as the model gave them.
     """
     model.eval()
     results: list[tuple[int, dict[str, Tensor]]] = []
-    for images, targets in loader:
-        images = images_to(images, device)
-        if amp_dtype is None:
-            outputs = model(images)
-        else:
-            with torch.autocast(device.type, dtype=amp_dtype):
+    with contextlib.ExitStack() as stack:
+        if amp_dtype is not None:
+            stack.enter_context(float32_decoding(model))
+        for images, targets in loader:
+            images = images_to(images, device)
+            if amp_dtype is None:
                 outputs = model(images)
-            outputs = [{k: (v.float() if isinstance(v, Tensor) and v.is_floating_point() else v)
-                        for k, v in out.items()} for out in outputs]
-        for out, tgt in zip(outputs, targets):
-            results.append((int(tgt["image_id"]), out))
+            else:
+                with torch.autocast(device.type, dtype=amp_dtype):
+                    outputs = model(images)
+                outputs = [{k: (v.float() if isinstance(v, Tensor) and v.is_floating_point() else v)
+                            for k, v in out.items()} for out in outputs]
+            for out, tgt in zip(outputs, targets):
+                results.append((int(tgt["image_id"]), out))
     return results
 
 
