@@ -15,6 +15,7 @@ from kdsweep.methods.scalekd.csa import (
     CrossScaleAssistant,
     CSAHead,
     MultiScaleCrossAttention,
+    anchor_matches,
     csa_distill_losses,
     pad_to_multiple,
 )
@@ -176,13 +177,15 @@ def test_distill_losses_at_equality_floor_and_gradient_flow() -> None:
     g = torch.Generator().manual_seed(4)
     cls = torch.randn(2, 30, 5, generator=g)
     box = torch.randn(2, 30, 4, generator=g)
+    foreground = torch.zeros(2, 30, dtype=torch.bool)
+    foreground[0, :3] = foreground[1, 5:10] = True  # 3 and 5 positives
     for temperature in (1.0, 2.0):
         student = {"cls_logits": cls.clone().requires_grad_(), "bbox_regression": box.clone().requires_grad_()}
         csa = {"cls_logits": cls.clone().requires_grad_(), "bbox_regression": box.clone().requires_grad_()}
-        l_cls, l_box = csa_distill_losses(student, csa, temperature=temperature)
+        l_cls, l_box = csa_distill_losses(student, csa, foreground, temperature=temperature)
         p = torch.sigmoid(cls / temperature)
-        entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
-        torch.testing.assert_close(l_cls, entropy)
+        entropy = -(p * p.log() + (1 - p) * (1 - p).log()).sum(dim=(1, 2))  # per image
+        torch.testing.assert_close(l_cls, (entropy[0] / 3 + entropy[1] / 5) / 2)
         assert l_box.item() == 0.0
         (l_cls + l_box).backward()
         assert student["cls_logits"].grad is not None and student["bbox_regression"].grad is not None
@@ -191,19 +194,49 @@ def test_distill_losses_at_equality_floor_and_gradient_flow() -> None:
 
 
 def test_distill_losses_by_hand() -> None:
-    s_cls = torch.tensor([[[0.0, 1.0], [2.0, -1.0]]], requires_grad=True)
-    c_cls = torch.tensor([[[math.log(3.0), -5.0], [-5.0, -math.log(3.0)]]])  # max probs 0.75, 0.25
-    s_box = torch.zeros(1, 2, 4, requires_grad=True)
-    c_box = torch.tensor([[[1.0, -1.0, 0.0, 2.0], [4.0, 0.0, 0.0, 0.0]]])  # mean |d|: 1.0 and 1.0
-    l_cls, l_box = csa_distill_losses(
-        {"cls_logits": s_cls, "bbox_regression": s_box}, {"cls_logits": c_cls, "bbox_regression": c_box}
-    )
-    expected_cls = F.binary_cross_entropy(torch.sigmoid(s_cls), torch.sigmoid(c_cls))
-    torch.testing.assert_close(l_cls, expected_cls)
-    # weights 0.75 and 0.25 (sum 1): 0.75 * mean(1, 1, 0, 2) + 0.25 * mean(4, 0, 0, 0)
-    assert l_box.item() == pytest.approx(0.75 * 1.0 + 0.25 * 1.0)
+    """Sums over anchors (L_cls: every anchor and class; L_bbox: the positives, 4 coordinates
+    summed) over max(1, #positives): per image then averaged (RetinaNet), or over the batch (FCOS)."""
+    s_cls = torch.tensor([[[0.0, 1.0], [2.0, -1.0]], [[0.5, 0.5], [-2.0, 3.0]]], requires_grad=True)
+    c_cls = torch.tensor([[[math.log(3.0), -5.0], [-5.0, -math.log(3.0)]], [[1.0, -1.0], [0.0, 2.0]]])
+    s_box = torch.zeros(2, 2, 4, requires_grad=True)
+    c_box = torch.tensor([[[1.0, -1.0, 0.0, 2.0], [4.0, 0.0, 0.0, 0.0]],   # image 0: |d| sums 4 and 4
+                          [[0.5, 0.5, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0]]])  # image 1: 1 and (background) 36
+    foreground = torch.tensor([[True, True], [True, False]])  # 2 and 1 positives
+    bce = F.binary_cross_entropy(torch.sigmoid(s_cls), torch.sigmoid(c_cls), reduction="none").sum(dim=(1, 2))
+    student, csa = {"cls_logits": s_cls, "bbox_regression": s_box}, {"cls_logits": c_cls, "bbox_regression": c_box}
+
+    l_cls, l_box = csa_distill_losses(student, csa, foreground)  # per image (RetinaNet)
+    torch.testing.assert_close(l_cls, (bce[0] / 2 + bce[1] / 1) / 2)
+    assert l_box.item() == pytest.approx(((4 + 4) / 2 + 1 / 1) / 2)  # the background anchor's 36 does not count
+    l_cls, l_box = csa_distill_losses(student, csa, foreground, per_image=False)  # the batch (FCOS)
+    torch.testing.assert_close(l_cls, bce.sum() / 3)
+    assert l_box.item() == pytest.approx((4 + 4 + 1) / 3)
+    l_cls, l_box = csa_distill_losses(student, csa, torch.zeros(2, 2, dtype=torch.bool))  # no positive: max(1, 0)
+    torch.testing.assert_close(l_cls, bce.mean())
+    assert l_box.item() == 0.0
     (l_cls + l_box).backward()
-    assert s_cls.grad.abs().sum() > 0 and s_box.grad.abs().sum() > 0
+    assert s_cls.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "fcos"])
+def test_anchor_matches_are_the_ones_torchvisions_own_loss_uses(arch: str) -> None:
+    from kdsweep.config import ModelConfig
+    from kdsweep.models.detectors import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(arch=arch, backbone="resnet18", fpn_channels=8, min_size=64, max_size=64,
+                                       anchor_scale=2.0), 2)
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 30.0, 60.0, 50.0]]), "labels": torch.tensor([1, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    seen = []
+    own = model.head.compute_loss
+    model.head.compute_loss = lambda t, h, a, m: (seen.append((a, m)), own(t, h, a, m))[1]
+    model(list(torch.rand(2, 3, 64, 64)), targets)
+    (anchors, expected), = seen
+    per_level = [8 * 8, 4 * 4, 2 * 2, 1, 1]  # FCOS's points on P3-P7 of a 64 px input
+    got = anchor_matches(model, targets, anchors, per_level)
+    assert all(torch.equal(x, y) for x, y in zip(got, expected))
+    assert (got[0] >= 0).sum() > 0 and not (got[1] >= 0).any()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -235,7 +268,10 @@ def test_bad_assistant_and_loss_params_raise_config_errors() -> None:
     with pytest.raises(ConfigError, match="num_convs 5"):
         CSAHead(8, 1, 2, num_convs=5)
     x = {"cls_logits": torch.zeros(1, 2, 3), "bbox_regression": torch.zeros(1, 2, 4)}
+    fg = torch.ones(1, 2, dtype=torch.bool)
     with pytest.raises(ConfigError, match="temperature 0"):
-        csa_distill_losses(x, x, temperature=0.0)
+        csa_distill_losses(x, x, fg, temperature=0.0)
     with pytest.raises(ValueError, match="bbox_regression"):
-        csa_distill_losses(x, {**x, "bbox_regression": torch.zeros(1, 3, 4)})
+        csa_distill_losses(x, {**x, "bbox_regression": torch.zeros(1, 3, 4)}, fg)
+    with pytest.raises(ValueError, match=r"foreground must be a bool \(N, A\) = \(1, 2\) mask"):
+        csa_distill_losses(x, x, torch.ones(1, 3, dtype=torch.bool))

@@ -30,7 +30,9 @@ class Optimization:
 
     Attributes:
         optimizer, scheduler: the main optimizer and its per-step LR schedule.
-        params: every trainable parameter (the gradient-norm clip covers them together).
+        params: the main optimizer's parameters, which the gradient-norm clip covers together. The
+            parameters of a term that brings its own optimizer (ScaleKD's assistant and its Adam) are
+            not among them: their gradients neither count in the student's norm nor get clipped.
         grad_clip: max total gradient norm, or None.
         scaler: a ``GradScaler`` for float16 steps, or None.
         amp_dtype: the autocast dtype of the forward (float16, bfloat16), or None (float32).
@@ -150,9 +152,9 @@ def amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dt
 def build_optimization(trainable: nn.Module, student: nn.Module, cfg: TrainConfig, device: torch.device,
                        steps_per_epoch: int) -> Optimization:
     """The :class:`Optimization` of a run: the KD terms in ``trainable`` that bring their own
-    optimizer get it (their parameters leave the main optimizer), everything else trains under
-    ``cfg``'s optimizer with a warm-up then ``cfg.lr_schedule`` over ``cfg.epochs`` epochs; the
-    student's backbone body is frozen for the first ``cfg.freeze_backbone`` of training.
+    optimizer get it (their parameters leave the main optimizer and its gradient clip), everything
+    else trains under ``cfg``'s optimizer with a warm-up then ``cfg.lr_schedule`` over ``cfg.epochs``
+    epochs; the student's backbone body is frozen for the first ``cfg.freeze_backbone`` of training.
 
     Args:
         trainable: the module that trains (possibly wrapped by DDP): the student and the terms.
@@ -178,6 +180,6 @@ def build_optimization(trainable: nn.Module, student: nn.Module, cfg: TrainConfi
     )
     _, amp_dtype, scaler = amp_settings(cfg, device)
     frozen = list(student.backbone.body.parameters()) if cfg.freeze_backbone > 0 else []
-    return Optimization(optimizer=optimizer, scheduler=scheduler, params=params, grad_clip=cfg.grad_clip, scaler=scaler,
+    return Optimization(optimizer=optimizer, scheduler=scheduler, params=main, grad_clip=cfg.grad_clip, scaler=scaler,
                         amp_dtype=amp_dtype, term_optimizers=term_optimizers, frozen=frozen,
                         freeze_until=cfg.freeze_backbone)

@@ -52,12 +52,15 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from kdsweep.config import ConfigError
 from kdsweep.models.detectors import fcos_head
 
-__all__ = ["CSAHead", "CrossScaleAssistant", "MultiScaleCrossAttention", "csa_distill_losses", "pad_to_multiple"]
+__all__ = [
+    "CSAHead", "CrossScaleAssistant", "MultiScaleCrossAttention", "anchor_matches", "csa_distill_losses", "pad_to_multiple",
+]
 
 _WHERE = "kd.csa.params"
 """Config path named by the error messages."""
@@ -405,10 +408,65 @@ class CrossScaleAssistant(nn.Module):
         return self.head(self.features(student_levels, teacher_levels))
 
 
+class _MatchRecorder:
+    """Stands in for a dense head: its ``compute_loss`` keeps the anchor matching it is handed."""
+
+    def __init__(self) -> None:
+        self.matched: list[Tensor] | None = None
+
+    def compute_loss(self, targets: object, head_outputs: object, anchors: object, matched_idxs: list[Tensor]) -> dict:
+        self.matched = matched_idxs
+        return {}
+
+
+class _MatchingView:
+    """A detector seen through its own ``compute_loss`` with the head replaced by a recorder."""
+
+    def __init__(self, detector: nn.Module, head: _MatchRecorder) -> None:
+        self._detector, self.head = detector, head
+
+    def __getattr__(self, name: str) -> object:  # everything but ``head``: the detector's own
+        return getattr(self._detector, name)
+
+
+def anchor_matches(
+    detector: nn.Module,
+    targets: Sequence[dict[str, Tensor]],
+    anchors: Sequence[Tensor],
+    num_anchors_per_level: Sequence[int] | None = None,
+) -> list[Tensor]:
+    r"""Torchvision's own anchor-to-ground-truth matching of a RetinaNet or FCOS ``detector``.
+
+    Runs the detector class's ``compute_loss`` with its head replaced by a recorder, so the
+    matching is torchvision's code itself (RetinaNet: ``proposal_matcher`` on the IoU, ignored
+    anchors ``-2``; FCOS: centre sampling and scale ranges), not a copy of it.
+
+    Shape:
+        - targets: per image ``boxes`` ``(n, 4)`` xyxy, ``labels`` ``(n,)``.
+        - anchors: per image ``(A, 4)``; ``num_anchors_per_level``: FCOS's points per level.
+        - output: per image ``(A,)`` int64: the matched box's index, ``< 0`` for background
+          (``-1``) and RetinaNet's between-threshold anchors (``-2``).
+    """
+    recorder = _MatchRecorder()
+    view = _MatchingView(detector, recorder)
+    if isinstance(detector, FCOS):
+        if num_anchors_per_level is None:
+            raise ValueError("csa: FCOS's matching needs num_anchors_per_level")
+        type(detector).compute_loss(view, list(targets), {}, list(anchors), list(num_anchors_per_level))
+    elif isinstance(detector, RetinaNet):
+        type(detector).compute_loss(view, list(targets), {}, list(anchors))
+    else:
+        raise TypeError(f"csa: anchor matching needs a RetinaNet or FCOS student, got {type(detector).__name__}")
+    assert recorder.matched is not None
+    return recorder.matched
+
+
 def csa_distill_losses(
     student_head: dict[str, Tensor],
     csa_head: dict[str, Tensor],
+    foreground: Tensor,
     *,
+    per_image: bool = True,
     temperature: float = 1.0,
     beta: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
@@ -416,26 +474,36 @@ def csa_distill_losses(
 
     With student logits ``s``, assistant logits ``c`` (per anchor ``a`` and class ``k``,
     per-class sigmoid as in RetinaNet/FCOS), temperature ``T``, student and assistant box
-    deltas ``b``, ``\hat b``:
+    deltas ``b``, ``\hat b``, and ``F`` the foreground (positive) anchors of the student's own
+    ground-truth matching (:func:`anchor_matches`), per image ``n``:
 
     .. math::
-        p_{ak} &= \sigma(c_{ak} / T), \qquad
-        L_{cls} = \frac{1}{AK} \sum_{a,k} \mathrm{BCE}\big(\sigma(s_{ak} / T), p_{ak}\big), \\
-        w_a &= \max_k \sigma(c_{ak}), \qquad
-        L_{bbox} = \frac{\sum_a w_a \frac{1}{4} \sum_{j=1}^{4} \ell_\beta(b_{aj} - \hat b_{aj})}
-                        {\max(\sum_a w_a, \epsilon)}
+        p_{ak} = \sigma(c_{ak} / T), \qquad
+        L_{cls} = \frac{\sum_{a,k} \mathrm{BCE}\big(\sigma(s_{ak} / T), p_{ak}\big)}{\max(1, |F|)}, \qquad
+        L_{bbox} = \frac{\sum_{a \in F} \sum_{j=1}^{4} \ell_\beta(b_{aj} - \hat b_{aj})}{\max(1, |F|)}
 
-    (``A`` counts anchors of the whole batch.) Both logits are divided by ``T``, so the minimum
-    of ``L_cls`` is at ``s = c`` for every ``T``; its value there is the entropy of ``p`` (not
-    0). No ``T^2`` factor: the loss weight absorbs it. ``w_a`` is the assistant's (untempered)
-    confidence, so background anchors count little. ``\ell_\beta`` is smooth-L1
-    (:func:`torch.nn.functional.smooth_l1_loss`); the default ``beta = 0`` is plain L1, the loss
-    torchvision's RetinaNet uses on the same deltas. The assistant tensors are detached here;
-    ``\epsilon = 10^{-6}``.
+    **The normaliser is our reading; the paper gives none.** Its weights ``(beta, gamma)`` sit
+    next to ``L_det`` in ``L = L_det + alpha L_feat + beta L_cls + gamma L_bbox``, so both losses
+    are normalised as the student's own detection loss is (torchvision's ``retinanet.py`` /
+    ``fcos.py``): summed over anchors (``L_cls``: every anchor and class, as the assistant has a
+    soft target everywhere; ``L_bbox``: the positive anchors, as the detection regression loss) and
+    divided by the number of positive anchors, :math:`\max(1, |F|)`. ``per_image=True``
+    (RetinaNet): per image, then the mean over images; ``False`` (FCOS): over the batch. (Until
+    issue 24 ``L_cls`` was a mean over all ``N A K`` entries, ~600x weaker on the student's logits
+    at the quick preset, ~1e5x at COCO scale, and ``L_bbox`` was normalised by the assistant's
+    confidence summed over every anchor, which background dominates.)
+
+    Both logits are divided by ``T``, so the minimum of ``L_cls`` is at ``s = c`` for every
+    ``T``; its value there is the entropy of ``p`` over ``|F|`` (not 0). No ``T^2`` factor: the
+    loss weight absorbs it. ``\ell_\beta`` is smooth-L1
+    (:func:`torch.nn.functional.smooth_l1_loss`), summed over the 4 coordinates as torchvision's
+    RetinaNet L1; the default ``beta = 0`` is plain L1. The assistant tensors are detached here.
 
     Args:
         student_head: the student head's ``{"cls_logits", "bbox_regression"}``.
         csa_head: the assistant's, same shapes (same anchors in the same order).
+        foreground: ``(N, A)`` bool, the positive anchors (``matched_idxs >= 0``).
+        per_image: normalise per image then average (RetinaNet) or over the batch (FCOS).
         temperature: ``T > 0``.
         beta: smooth-L1 threshold ``>= 0`` (``0``: L1).
 
@@ -444,15 +512,16 @@ def csa_distill_losses(
 
     Raises:
         ConfigError: ``temperature <= 0`` or ``beta < 0``.
-        ValueError: shapes differ or are not ``(N, A, K)`` / ``(N, A, 4)``.
+        ValueError: shapes differ or are not ``(N, A, K)`` / ``(N, A, 4)`` / ``(N, A)``.
 
     Shape:
-        - cls_logits: ``(N, A, K)``; bbox_regression: ``(N, A, 4)``.
+        - cls_logits: ``(N, A, K)``; bbox_regression: ``(N, A, 4)``; foreground: ``(N, A)``.
         - outputs: ``()``, ``()``.
 
     Reference:
         Zhu et al., "ScaleKD: Distilling Scale-Aware Knowledge in Small Object Detector",
-        CVPR 2023 (the student distilled from the assistant's outputs).
+        CVPR 2023 (the student distilled from the assistant's outputs); Lin et al., "Focal Loss
+        for Dense Object Detection", ICCV 2017 (normalised by the number of positive anchors).
     """
     if not temperature > 0 or not math.isfinite(temperature):
         raise ConfigError(f"{_WHERE}.temperature {temperature} must be a finite number > 0")
@@ -467,13 +536,20 @@ def csa_distill_losses(
             f"csa: bbox_regression must be equal (N, A, 4) with A = {s_cls.shape[1]}: student "
             f"{tuple(s_box.shape)}, csa {tuple(c_box.shape)}"
         )
+    if foreground.shape != s_cls.shape[:2] or foreground.dtype != torch.bool:
+        raise ValueError(f"csa: foreground must be a bool (N, A) = {tuple(s_cls.shape[:2])} mask, got "
+                         f"{foreground.dtype} {tuple(foreground.shape)}")
     c_cls, c_box = c_cls.to(s_cls.dtype), c_box.to(s_box.dtype)
     target = torch.sigmoid(c_cls / temperature)
-    loss_cls = F.binary_cross_entropy_with_logits(s_cls / temperature, target)
-    weight = torch.sigmoid(c_cls).amax(dim=-1)  # (N, A)
-    per_anchor = F.smooth_l1_loss(s_box, c_box, reduction="none", beta=beta).mean(dim=-1)
-    loss_box = (weight * per_anchor).sum() / weight.sum().clamp_min(1e-6)
-    return loss_cls, loss_box
+    cls_sum = F.binary_cross_entropy_with_logits(s_cls / temperature, target, reduction="none").sum(dim=(1, 2))  # (N,)
+    box = F.smooth_l1_loss(s_box, c_box, reduction="none", beta=beta).sum(dim=-1)  # (N, A)
+    box_sum = torch.where(foreground, box, torch.zeros_like(box)).sum(dim=1)  # (N,)
+    num_pos = foreground.sum(dim=1).to(s_cls.dtype)  # (N,)
+    if per_image:
+        norm = num_pos.clamp_min(1.0)
+        return (cls_sum / norm).mean(), (box_sum / norm).mean()
+    norm = num_pos.sum().clamp_min(1.0)
+    return cls_sum.sum() / norm, box_sum.sum() / norm
 
 
 def _check_attention(dim: int, key_dim: int, num_heads: int, ratios: Sequence[int], dropout: float) -> tuple[int, ...]:

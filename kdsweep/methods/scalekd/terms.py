@@ -24,7 +24,9 @@ Both read more of the step than matched FPN maps (their :attr:`~kdsweep.kd.term.
     detached on the way in, so this trains only the assistant;
   - ``cls`` = ``beta * L_cls`` and ``bbox`` = ``gamma * L_bbox``: the student's dense head
     distilled from the assistant's (detached) outputs, see
-    :func:`~kdsweep.methods.scalekd.csa.csa_distill_losses`. These train only the student.
+    :func:`~kdsweep.methods.scalekd.csa.csa_distill_losses`. These train only the student. Like the
+    detection loss they are normalised by the number of positive anchors of the student's own
+    matching (our reading: the paper gives no normaliser; see there).
 
   Before ``start`` (a fraction of training; ScaleKD warms the student up for 30k of 90k
   iterations, ~0.33) all three parts are multiplied by 0: the assistant is still computed, so
@@ -46,7 +48,7 @@ from torchvision.models.detection import FCOS, RetinaNet
 from kdsweep.config import ConfigError
 from kdsweep.kd.step import KDStep, body_channels
 from kdsweep.kd.term import KDTerm, Need, TermSpec, reject_unknown
-from kdsweep.methods.scalekd.csa import HEADS, CrossScaleAssistant, csa_distill_losses
+from kdsweep.methods.scalekd.csa import HEADS, CrossScaleAssistant, anchor_matches, csa_distill_losses
 from kdsweep.methods.scalekd.sdf import SDFLoss
 
 SCALEKD_DEFAULTS: dict[str, dict[str, float]] = {
@@ -185,12 +187,13 @@ class CSATerm(KDTerm):
             frozen = {name: p.detach() for name, p in head.named_parameters()}
             features = self.assistant.features([s.detach() for s in students], teachers)
             assist_out = torch.func.functional_call(head, frozen, (features,))
-        if self.detector == "fcos":  # FCOS's loss also takes the points per level (one per position)
-            per_level = [s.shape[-2] * s.shape[-1] for s in students]
-            det = step.student.compute_loss(step.targets, assist_out, step.anchors, per_level)
-        else:
-            det = step.student.compute_loss(step.targets, assist_out, step.anchors)
-        loss_cls, loss_box = csa_distill_losses(step.head_outputs, assist_out, temperature=self.temperature)
+        # torchvision's own matching (FCOS's also takes the points per level, one per position);
+        # the assistant's loss is then the student's compute_loss, and the positives normalise L_cls/L_bbox
+        per_level = [s.shape[-2] * s.shape[-1] for s in students]
+        matched = anchor_matches(step.student, step.targets, step.anchors, per_level)
+        det = step.student.head.compute_loss(step.targets, assist_out, step.anchors, matched)
+        loss_cls, loss_box = csa_distill_losses(step.head_outputs, assist_out, torch.stack(matched) >= 0,
+                                                per_image=self.detector != "fcos", temperature=self.temperature)
         join = 1.0 if step.progress >= self.start else 0.0
         return {
             "assist": join * sum(det.values()),
