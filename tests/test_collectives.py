@@ -288,3 +288,33 @@ def test_single_process_collectives_are_identities():
     with pytest.raises(ValueError, match=r"\(n, D\)"):
         collectives.gather_rows(x)
 
+
+
+def test_the_guard_restores_the_very_functions_it_replaced_on_exit_and_on_exception(monkeypatch):
+    """Every ``torch.distributed`` function the guard wraps is, after the block, the object that was
+    there before it (identity, not merely "something callable"), whether the block ends normally
+    or by an exception; a host tensor then reaches the original all_reduce unchecked."""
+    from kdsweep.train.collective_check import OBJECT_COLLECTIVES, TENSOR_COLLECTIVES
+
+    calls = []
+
+    def original_all_reduce(t, *a, **k):
+        calls.append(t)
+
+    monkeypatch.setattr(dist, "all_reduce", original_all_reduce)
+    names = [n for n in TENSOR_COLLECTIVES + OBJECT_COLLECTIVES if hasattr(dist, n)]
+    before = {n: getattr(dist, n) for n in names}
+    assert "all_reduce" in names and "all_gather_object" in names
+    with guard():
+        assert dist.all_reduce is not original_all_reduce  # wrapped inside the block
+        assert all(getattr(dist, n) is not before[n] for n in names)
+    assert dist.all_reduce is original_all_reduce
+    assert {n for n in names if getattr(dist, n) is not before[n]} == set()
+    with pytest.raises(KeyError, match="inside the block"):
+        with guard():
+            raise KeyError("inside the block")
+    assert dist.all_reduce is original_all_reduce
+    assert {n for n in names if getattr(dist, n) is not before[n]} == set()
+    host = torch.ones(1).cpu()
+    dist.all_reduce(host)  # the original: no check, no CollectiveDeviceError
+    assert len(calls) == 1 and calls[0] is host

@@ -85,3 +85,37 @@ def test_a_run_that_is_not_an_ablation_parent_is_one_line(tracker, capsys) -> No
     assert main(["table", "0123456789abcdef", "--tracking-uri", tracker.uri]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is not in this store" in err
+
+
+def test_a_negative_delta_gets_its_star_and_a_seed_without_a_metric_does_not_pair(tracker, tmp_path, capsys) -> None:
+    """Rebuilt from MLflow: a row significantly *below* the baseline is starred like one above it,
+    and a finished child run without an AP_S metric (NaN) is left out of that row's ΔAP_S pairs.
+
+    worse - baseline per seed: -2.0, -2.2, -1.9 -> mean -2.033, s_d 0.1528, half 4.303 * 0.1528 /
+    sqrt(3) = 0.380: [-2.41, -1.65]*. gap's AP_S (= AP / 2) on seeds 0, 2 only: differences 1.5, 1.0
+    -> +1.25 [-1.93, +4.43] (n = 2, t(0.975, 1) = 12.706), 1 unpaired; pairing seed 1 would give
+    n = 3 and [+0.63, +1.87]*."""
+    parent = tracker.start_run("neg", tags={TAG_ROLE: "ablation"})
+    values = {"baseline": [4.0, 5.0, 4.5], "worse": [2.0, 2.8, 2.6], "gap": [7.0, 7.0, 6.5]}
+    for row, per_seed in values.items():
+        for seed, ap in enumerate(per_seed):
+            child = tracker.start_run(f"{row} / seed {seed}", parent=parent,
+                                      tags={TAG_ROLE: "student", TAG_ROW: row, TAG_SEED: str(seed)})
+            metrics = {"AP": ap, "AP50": ap + 10, "AP75": ap, "AP_S": ap / 2, "AP_M": ap, "AP_L": ap}
+            if row == "gap" and seed == 1:
+                del metrics["AP_S"]  # finished, but no AP_S (e.g. logged before the metric existed)
+            tracker.log_metrics(child, metrics, step=1)
+            tracker.end_run(child)
+    tracker.end_run(parent)
+    assert main(["table", parent, "--tracking-uri", tracker.uri]) == 0
+    md = capsys.readouterr().out
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip().strip("|").split("|")]
+                              for line in md.splitlines() if line.startswith("| "))}
+    assert rows["worse"][8] == "-2.0 [-2.4, -1.7]*"
+    assert rows["gap"][1] == "n=3" and rows["gap"][9] == "+1.2 [-1.9, +4.4] (1 unpaired)"
+    assert rows["gap"][8].startswith("+2.3 [") and "unpaired" not in rows["gap"][8]  # AP: all three seeds pair
+    other = _ablation(tracker, "other", {"baseline": [4.0, 5.0], "ssim": [6.0, 7.5]}, tmp_path, summary=False)
+    assert main(["table", parent, other, "--tracking-uri", tracker.uri]) == 0
+    side = capsys.readouterr().out
+    worse = next(line for line in side.splitlines() if line.startswith("| worse |"))
+    assert "| -2.0 [-2.4, -1.7]* |" in worse

@@ -182,3 +182,58 @@ def test_what_crosskd_cannot_run_on_is_refused_in_one_line() -> None:
         with pytest.raises(ConfigError, match=match):
             build_distiller(ExperimentConfig(student=_cfg(), kd=(KDTermConfig("crosskd", adapter=True, params=params),)),
                             K, teacher)
+
+
+@pytest.mark.parametrize("matching", ["hand-made", "torchvision's"])
+def test_the_normaliser_is_the_positive_count_and_ignored_anchors_are_left_out(
+        matching: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins Eq. 4-5's normalisation with the per-element losses set to 1 (KD-QFL) and the GIoU
+    loss set to 1, so that ``cls = C * #valid / n_pos`` (C logits per anchor) and ``reg = sum_{a valid} sigmoid(max_k
+    t_ak) / n_pos`` exactly: ``n_pos`` the foreground anchors (matched index >= 0) of the batch,
+    not the anchor count; "valid" leaves out RetinaNet's ignored anchors (matched -2,
+    BETWEEN_THRESHOLDS).
+
+    Hand-made matching on 2 images of R anchors each: image 0 has positives at anchors 0, 1, 2
+    (GT 0) and ignored 3, 4, 5; image 1 a positive at 10 (GT 0) and ignored 11, 12. So n_pos = 4,
+    #valid = 2R - 5 and cls = C (2R - 5) / 4. With torchvision's own matching of the test batch,
+    the counts come from the matching (which has both positives and ignored anchors)."""
+    from kdsweep.methods import crosskd
+
+    torch.manual_seed(1)
+    teacher = build_detector(_cfg("retinanet", 32, "resnet34"), K)
+    distiller = build_distiller(ExperimentConfig(student=_cfg(), kd=(KDTermConfig("crosskd", adapter=True),)), K,
+                                teacher)
+    seen: dict = {}
+    real_matching = crosskd.matched_anchors
+
+    def matching_spy(student, targets, anchors, per_level):
+        matched = real_matching(student, targets, anchors, per_level)
+        if matching == "hand-made":
+            matched = [torch.full_like(m, -1) for m in matched]
+            matched[0][[0, 1, 2]], matched[0][[3, 4, 5]] = 0, -2
+            matched[1][10], matched[1][[11, 12]] = 0, -2
+        seen["matched"] = torch.stack(matched)
+        return matched
+
+    def qfl_ones(logits, teacher_logits, beta=1.0):
+        seen["t_logits"] = teacher_logits.detach()
+        return torch.ones_like(logits)
+
+    monkeypatch.setattr(crosskd, "matched_anchors", matching_spy)
+    monkeypatch.setattr(crosskd, "kd_quality_focal_loss", qfl_ones)
+    monkeypatch.setattr(crosskd, "generalized_box_iou_loss", lambda a, b, reduction="none": torch.ones(a.shape[0]))
+    losses = distiller(*_batch())
+    matched = seen["matched"]
+    n, r = matched.shape
+    if matching == "hand-made":
+        n_pos, valid = 4, torch.ones(n, r, dtype=torch.bool)
+        valid[0, 3:6] = valid[1, 11:13] = False
+        assert n == 2 and int(valid.sum()) == 2 * r - 5
+    else:
+        n_pos, valid = int((matched >= 0).sum()), matched != -2
+        assert 0 < n_pos < int(valid.sum()) < n * r  # the batch has positives and ignored anchors
+    classes = distiller._inner.student.head.classification_head.num_classes  # K + 1 (torchvision's background)
+    assert seen["t_logits"].shape == (n, r, classes)
+    assert losses["kd_crosskd_cls"].item() == pytest.approx(classes * int(valid.sum()) / n_pos, rel=1e-6)
+    confidence = seen["t_logits"].max(-1).values.sigmoid()  # (N, R): RetinaNet's boxes always have an area
+    assert losses["kd_crosskd_reg"].item() == pytest.approx(float(confidence[valid].sum()) / n_pos, rel=1e-5)

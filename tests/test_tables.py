@@ -182,3 +182,53 @@ def test_trial_frame_keeps_trials_that_never_reported_with_their_reason() -> Non
     assert frame["error"][1] == ("kdsweep.orchestrate.runner.TrialFailure: non-finite loss at epoch 1 step 0 "
                                  "(not retried)") and frame["error"][0] == ""
     assert frame["params/w"][1] == 2.0 and frame["AP"][0] == 4.0 and math.isnan(frame["AP"][1])
+
+
+def test_a_significantly_negative_delta_is_significant_and_gets_its_star() -> None:
+    """An interval entirely below 0 excludes 0 just as one above it does: KD that hurts must be
+    flagged too. Per-seed differences (n = 2, t(0.975, 1) = 12.706, half = 12.706 * s_d / sqrt(2)):
+    worse -2.0, -2.2 -> -2.1 [-3.37, -0.83]*; better +2.0, +2.2 -> +2.1 [+0.83, +3.37]*;
+    noise +0.5, -0.5 -> 0.0 [-6.35, +6.35], no star."""
+    base = {0: 10.0, 1: 11.0}
+    per_row = {"worse": {0: 8.0, 1: 8.8}, "better": {0: 12.0, 1: 13.2}, "noise": {0: 10.5, 1: 10.5}}
+    worse = paired_delta(pd.Series(per_row["worse"]), pd.Series(base))
+    half = 12.706205 * math.sqrt(0.02) / math.sqrt(2)  # s_d of (-2.0, -2.2) = sqrt(0.02)
+    assert worse.mean == pytest.approx(-2.1) and worse.low == pytest.approx(-2.1 - half, rel=1e-6)
+    assert worse.high == pytest.approx(-2.1 + half, rel=1e-6) and worse.high < 0
+    assert worse.significant  # high < 0
+    assert paired_delta(pd.Series(per_row["better"]), pd.Series(base)).significant
+    assert not paired_delta(pd.Series(per_row["noise"]), pd.Series(base)).significant
+    trials = pd.DataFrame([_rec("baseline", v, seed=s) for s, v in base.items()]
+                          + [_rec(r, v, seed=s) for r, values in per_row.items() for s, v in values.items()])
+    md = to_markdown(ablation_table(trials, ["baseline", "worse", "better", "noise"]))
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip().strip("|").split("|")]
+                              for line in md.splitlines() if line.startswith("| "))}
+    assert rows["worse"][8] == "-2.1 [-3.4, -0.8]*"
+    assert rows["better"][8] == "+2.1 [+0.8, +3.4]*"
+    assert rows["noise"][8] == "+0.0 [-6.4, +6.4]"
+
+
+def test_a_nan_seed_does_not_pair() -> None:
+    """A finished seed whose metric is NaN (no value for that area range) pairs with nothing: it
+    leaves the count of pairs, the mean and the interval, and is counted unpaired. AP_S of the
+    row on seeds 0, 1, 2: 3, NaN, 5; of the baseline: 1, 1, 2. Pairs: seeds 0 and 2, differences
+    2 and 3: mean 2.5, s_d = sqrt(0.5), half = t(0.975, 1) * s_d / sqrt(2) = 6.353, so
+    [-3.85, +8.85], not significant. (Pairing the NaN seed would give n = 3, t(0.975, 2) and
+    [+0.74, +4.26]: a spurious star.)"""
+    row, base = pd.Series({0: 3.0, 1: math.nan, 2: 5.0}), pd.Series({0: 1.0, 1: 1.0, 2: 2.0})
+    half = 12.706205 * math.sqrt(0.5) / math.sqrt(2)
+    delta = paired_delta(row, base)
+    assert delta.pairs == 2 and delta.unpaired == 1
+    assert delta.mean == pytest.approx(2.5)
+    assert (delta.low, delta.high) == (pytest.approx(2.5 - half, rel=1e-6), pytest.approx(2.5 + half, rel=1e-6))
+    assert not delta.significant
+    flipped = paired_delta(base, row)  # the NaN on the baseline's side: the same seed drops out
+    assert flipped.pairs == 2 and flipped.unpaired == 1 and flipped.mean == pytest.approx(-2.5)
+    trials = pd.DataFrame([_rec("baseline", 20.0 + s, seed=s, AP_S=v) for s, v in base.items()]
+                          + [_rec("r", 21.0 + s, seed=s, AP_S=v) for s, v in row.items()])
+    table = ablation_table(trials, ["baseline", "r"])
+    r = table.iloc[1]
+    assert r["dAP_S_pairs"] == 2 and r["dAP_S_unpaired"] == 1 and r["dAP_S"] == pytest.approx(2.5)
+    assert r["dAP_S_low"] == pytest.approx(2.5 - half, rel=1e-6)
+    assert r["dAP_pairs"] == 3 and r["dAP_unpaired"] == 0  # AP itself has all three seeds
+    assert "| +2.5 [-3.9, +8.9] (1 unpaired) |" in to_markdown(table)
