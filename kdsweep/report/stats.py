@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pandas as pd
 from scipy import stats as scipy_stats
 
-__all__ = ["PairedDelta", "paired_delta"]
+__all__ = ["PairedDelta", "excludes_zero", "paired_delta"]
 
 LEVEL = 0.95
 """The confidence level of every interval kdsweep prints."""
@@ -47,7 +47,13 @@ class PairedDelta:
     @property
     def significant(self) -> bool:
         """The interval excludes 0."""
-        return not math.isnan(self.low) and (self.low > 0 or self.high < 0)
+        return excludes_zero(self.low, self.high)
+
+
+def excludes_zero(low: float, high: float) -> bool:
+    """The interval [low, high] lies wholly above or wholly below 0 (False for a NaN bound): the
+    one rule behind :attr:`PairedDelta.significant` and the tables' ``*``."""
+    return not (math.isnan(low) or math.isnan(high)) and (low > 0 or high < 0)
 
 
 def paired_delta(row: pd.Series, baseline: pd.Series, level: float = LEVEL) -> PairedDelta:

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from kdsweep.report.stats import paired_delta
+from kdsweep.report.stats import excludes_zero, paired_delta
 from kdsweep.report.tracking import summarize_error
 from kdsweep.train.evaluation import STAT_NAMES
 
@@ -153,7 +153,7 @@ def format_delta(value: float, low: float, high: float) -> str:
         return ""
     cell = f"{value:+.1f}"
     if not _missing(low):
-        cell += f" [{low:+.1f}, {high:+.1f}]" + ("*" if low > 0 or high < 0 else "")
+        cell += f" [{low:+.1f}, {high:+.1f}]" + ("*" if excludes_zero(low, high) else "")
     return cell
 
 
