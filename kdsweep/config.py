@@ -153,6 +153,9 @@ class TrainConfig:
     bfloat16 on the CPU (``float16`` or ``bfloat16`` to choose; KD terms always compute in float32).
     ``grad_clip``: max total gradient norm, or None (mmdetection's RetinaNet 1x, the papers'
     reference, has none: ``_base_/schedules/schedule_1x.py``, ``grad_clip=None``).
+    ``init_student``: before the first step (not on a resume), copy every teacher neck (FPN) and
+    head tensor whose name and shape match into the student (MGD's and FGD's ``init_student=True``,
+    :mod:`kdsweep.models.init_student`); a student-run setting: it needs KD terms (a teacher).
 
     The data pipeline (:mod:`kdsweep.data.loader`):
     ``hflip``: probability of a random horizontal flip of a training image and its boxes (0: off;
@@ -194,6 +197,7 @@ class TrainConfig:
     loader_workers: int | str = "auto"
     eval_every: int = 1
     evaluator: str = "pycocotools"
+    init_student: bool = False
 
     def __post_init__(self) -> None:
         if self.evaluator not in ("pycocotools", "faster-coco-eval"):
@@ -265,6 +269,11 @@ class ExperimentConfig:
         if self.kd and self.teacher.upsample != 1:
             raise ConfigError("teacher.upsample: a teacher's maps are compared at its own strides; use 1 (upsample is "
                               "for Li et al.'s half-resolution student)")
+        if self.teacher_train.init_student:
+            raise ConfigError("teacher_train.init_student: a teacher has no teacher to start from; set it under train")
+        if self.train.init_student and not self.kd:
+            raise ConfigError("train.init_student copies the teacher's neck and head into the student: it needs kd "
+                              "terms (a teacher); add a kd term or set init_student false")
 
 
 def _scaled(model: ModelConfig, base: ModelConfig, scale: float) -> ModelConfig:
@@ -396,7 +405,7 @@ HASH_NEUTRAL = {"TrainConfig": ("loader_workers", "eval_every", "evaluator")}
 """Fields that never change what a run learns (how data is loaded, when it is evaluated): left out
 of :func:`run_hash_dict`, so that a teacher trained with other values is reused."""
 
-LEGACY_VALUES = {"TrainConfig": {"hflip": 0.0, "aspect_grouping": 0}, "ModelConfig": {"upsample": 1}}
+LEGACY_VALUES = {"TrainConfig": {"hflip": 0.0, "aspect_grouping": 0, "init_student": False}, "ModelConfig": {"upsample": 1}}
 """Fields added after teachers were first stored, with the value that reproduces the earlier
 behaviour: at that value they are left out of :func:`run_hash_dict`, so that stores of earlier versions
 keep their teachers."""

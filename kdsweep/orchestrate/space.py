@@ -209,8 +209,6 @@ def _parse_rows(source: str, rows: Any) -> tuple[Row, ...]:
         if not isinstance(item, Mapping) or not isinstance(item.get("label"), str) or not item["label"]:
             raise ConfigError(f"{source}: rows[{i}] needs a non-empty 'label'")
         overrides = {k: v for k, v in item.items() if k not in ("label", "presets")}
-        if any(r.label == item["label"] for r in parsed):
-            raise ConfigError(f"{source}: rows[{i}] label '{item['label']}' is used twice; labels must be unique")
         presets = item.get("presets")
         if presets is not None:
             from kdsweep.presets import PRESETS
@@ -219,6 +217,11 @@ def _parse_rows(source: str, rows: Any) -> tuple[Row, ...]:
                 raise ConfigError(f"{source}: rows[{i}] ('{item['label']}') presets must be a non-empty list of "
                                   f"{', '.join(PRESETS)}, got {presets!r}")
             presets = tuple(presets)
+        # one label may name rows of disjoint presets (a method's paper row and its CPU rows)
+        if any(r.label == item["label"] and (r.presets is None or presets is None or set(r.presets) & set(presets))
+               for r in parsed):
+            raise ConfigError(f"{source}: rows[{i}] label '{item['label']}' is used twice; labels must be unique "
+                              "(or the rows' presets disjoint)")
         parsed.append(Row(item["label"], overrides, presets))
     return tuple(parsed)
 
