@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Sequence
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -324,3 +325,181 @@ def test_two_data_parallel_workers_average_the_kd_terms_gradients() -> None:
         assert not torch.allclose(results[0]["local"][0][name], results[0]["local"][1][name])  # the batches differ
         torch.testing.assert_close(value, mean, rtol=1e-4, atol=1e-7)  # DDP's mean of the two workers'
         torch.testing.assert_close(results[1]["ddp"][name], value)  # the same on both workers
+
+
+# ------------------------------------------------- synchronised BatchNorm of from-scratch students
+def _synced_batchnorm_workers(rank: int, world: int, port: int, queue) -> None:
+    """Rank ``rank`` of a 2-process gloo group: the worker's own preparation
+    (:func:`kdsweep.train.worker.prepare_distiller`, DDP for ``prepare_model``) of a from-scratch
+    student (``weights: None``: trainable BatchNorm) with a from-scratch teacher, then one
+    training step on this rank's own image, under the collective checker as the tests' Ray runs.
+    Also a lone SyncBatchNorm layer against one BatchNorm2d over both ranks' inputs (rank 0)."""
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        from kdsweep.train import collective_check
+        from kdsweep.train.distiller import HostSyncBatchNorm
+        from kdsweep.train.worker import prepare_distiller
+
+        def build() -> Distiller:
+            torch.manual_seed(1)
+            teacher = build_detector(ModelConfig(backbone="resnet18", fpn_channels=32, min_size=64, max_size=64,
+                                                 anchor_scale=2.0), K)
+            torch.manual_seed(0)
+            cfg = ExperimentConfig(student=ModelConfig(backbone="resnet18", fpn_channels=16, min_size=64, max_size=64,
+                                                       anchor_scale=2.0, weights=None),
+                                   kd=(KDTermConfig("l2", adapter=True),))
+            return build_distiller(cfg, K, teacher)
+
+        def batch_of(r: int):
+            g = torch.Generator().manual_seed(10 + r)
+            images = [torch.rand(3, 64, 64, generator=g) * (1 + r)]  # rank 1's image is brighter
+            targets = [{"boxes": torch.tensor([[4.0 + 8 * r, 6.0, 30.0 + 8 * r, 40.0]]), "labels": torch.tensor([1 + r])}]
+            return images, targets
+
+        def stats(student: nn.Module) -> dict:
+            return {f"{name}.{buf}": getattr(m, buf).detach().numpy().copy() for name, m in student.named_modules()
+                    if isinstance(m, _BatchNorm) for buf in ("running_mean", "running_var")}
+
+        out: dict = {}
+        distiller = build()
+        teacher_before = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
+        out["converted"] = prepare_distiller(distiller, world, torch.device("cpu"), prepare=DistributedDataParallel)
+        kinds = [type(m) for m in distiller.student.modules() if isinstance(m, _BatchNorm)]
+        out["student_bn"] = (len(kinds), sum(k is HostSyncBatchNorm for k in kinds))
+        out["teacher_bn"] = sorted({type(m).__name__ for m in distiller.teacher.modules() if isinstance(m, _BatchNorm)})
+        optimizer = torch.optim.SGD(distiller.trainable.parameters(), lr=0.01)
+        with collective_check.guard():  # a host tensor in a collective fails here, as NCCL would on GPUs
+            losses = distiller(*batch_of(rank))
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+        out["ddp"] = stats(distiller.student)
+        out["teacher_unchanged"] = all(torch.equal(v, teacher_before[k]) for k, v in distiller.teacher.state_dict().items())
+        out["teacher_eval"] = not distiller.teacher.training
+
+        # a lone layer: its output and input gradient are one BatchNorm2d's over both ranks' inputs
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.randn(2, 4, 3, 3, generator=g) * (1 + 2 * r) + r for r in range(world)]
+        ws = [torch.randn(2, 4, 3, 3, generator=g) for _ in range(world)]
+        torch.manual_seed(3)
+        ref = nn.BatchNorm2d(4)
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-0.5, 0.5)
+        layer = nn.Sequential(nn.BatchNorm2d(4))
+        layer.load_state_dict({f"0.{k}": v for k, v in ref.state_dict().items()})
+        from kdsweep.train.distiller import sync_batchnorm
+
+        sync_batchnorm(layer, "cpu")
+        x = xs[rank].clone().requires_grad_(True)
+        y = layer(x)
+        (y * ws[rank]).sum().backward()
+        dist.all_reduce(layer[0].weight.grad)  # what DDP sums (then averages) of the parameters
+        if rank == 0:
+            x_all = torch.cat(xs).requires_grad_(True)
+            y_all = ref(x_all)
+            (y_all * torch.cat(ws)).sum().backward()
+            out["lone_ref"] = [a.detach().numpy().copy() for a in (y_all, x_all.grad, ref.weight.grad, ref.running_var)]
+        out["lone"] = [a.detach().numpy().copy() for a in (y, x.grad, layer[0].weight.grad, layer[0].running_var)]
+
+        if rank == 0:  # the oracle: one BatchNorm model on both ranks' images; and each rank's image alone
+            oracle = {}
+            for key, rs in (("both", (0, 1)), ("own0", (0,)), ("own1", (1,))):
+                plain = build()
+                images = [im for r in rs for im in batch_of(r)[0]]
+                targets = [t for r in rs for t in batch_of(r)[1]]
+                sum(plain(images, targets).values()).backward()
+                oracle[key] = stats(plain.student)
+            out["oracle"] = oracle
+        queue.put((rank, out))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent instead of a 300 s wait
+        queue.put((rank, {"error": f"{type(exc).__name__}: {exc}"}))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_workers_synchronise_a_from_scratch_students_batchnorm() -> None:
+    """Issue 24.5: with 2 workers the worker turns a from-scratch student's BatchNorm into
+    SyncBatchNorm (never the teacher's), so after one step each rank's running statistics are
+    those of one BatchNorm over both ranks' images (while the ranks' own statistics differ)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_synced_batchnorm_workers, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for rank in (0, 1):
+        assert "error" not in results[rank], results[rank].get("error")
+    r0, r1 = results[0], results[1]
+    n, synced = r0["student_bn"]
+    assert n > 0 and synced == n == r0["converted"]  # every student BatchNorm, and only those, is synchronised
+    assert r0["teacher_bn"] == ["BatchNorm2d"] and r0["teacher_unchanged"] and r0["teacher_eval"]  # never the teacher
+    oracle = r0["oracle"]
+    differ = [k for k in oracle["own0"] if not np.allclose(oracle["own0"][k], oracle["own1"][k], rtol=1e-3, atol=1e-5)]
+    assert len(differ) > len(oracle["own0"]) // 2  # the ranks' own statistics differ: each sees different data
+    for key, value in r0["ddp"].items():
+        np.testing.assert_allclose(r1["ddp"][key], value, rtol=1e-5, atol=1e-6, err_msg=key)  # the ranks agree
+        np.testing.assert_allclose(value, oracle["both"][key], rtol=1e-4, atol=1e-6, err_msg=key)  # global batch
+    for rank, res in results.items():  # the lone layer: outputs and input gradients are the global BN's slice
+        y_all, gx_all, gw, rv = r0["lone_ref"]
+        y, gx, gw_r, rv_r = res["lone"]
+        np.testing.assert_allclose(y, y_all[2 * rank:2 * rank + 2], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(gx, gx_all[2 * rank:2 * rank + 2], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(gw_r, gw, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(rv_r, rv, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_batchnorm_converts_the_trainable_batchnorm_only_and_keeps_the_state() -> None:
+    """On a GPU run the student's BatchNorm becomes torch's nn.SyncBatchNorm with the same
+    parameters (the very objects) and buffers; the teacher's BatchNorm, the FrozenBatchNorm2d of
+    an ImageNet-style backbone and the GroupNorm of the heads stay what they were."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from kdsweep.train.distiller import HostSyncBatchNorm, sync_batchnorm
+
+    torch.manual_seed(0)
+    student = build_detector(ModelConfig(backbone="resnet18", fpn_channels=16, min_size=64, max_size=64,
+                                         head_norm=True), K)
+    student.backbone.body.bn1 = FrozenBatchNorm2d(64)  # as an ImageNet backbone's stem
+    student.train()
+    teacher = build_detector(ModelConfig(backbone="resnet18", fpn_channels=32, min_size=128, max_size=128), K)
+    distiller = Distiller(student, teacher, {"l2": (1.0, StandInL2(16, 32, 2))}, ("p3", "p4"))
+    with torch.no_grad():
+        for m in student.modules():
+            if isinstance(m, _BatchNorm):  # non-default statistics, to see them carried over
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in distiller.state_dict().items()}
+    params = {k: id(p) for k, p in distiller.trainable.named_parameters()}
+    bn = sum(isinstance(m, _BatchNorm) for m in student.modules())
+    teacher_kinds = [type(m) for m in teacher.modules()]
+    assert nn.BatchNorm2d in teacher_kinds  # a from-scratch teacher: trainable-kind BatchNorm, frozen
+
+    assert distiller.sync_batchnorm(torch.device("cuda", 0)) == bn > 0
+    assert not any(type(m) in (nn.BatchNorm2d, HostSyncBatchNorm) for m in student.modules())
+    assert sum(type(m) is nn.SyncBatchNorm for m in student.modules()) == bn
+    assert all(m.training for m in student.modules() if isinstance(m, nn.SyncBatchNorm))
+    assert isinstance(student.backbone.body.bn1, FrozenBatchNorm2d)
+    assert sum(isinstance(m, nn.GroupNorm) for m in student.head.modules()) > 0
+    assert [type(m) for m in teacher.modules()] == teacher_kinds  # the teacher keeps its nn.BatchNorm2d
+    after = distiller.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert {k: id(p) for k, p in distiller.trainable.named_parameters()} == params
+
+    layer, n = sync_batchnorm(nn.BatchNorm1d(3), "cpu")  # a CPU run gets the host layer
+    assert n == 1 and type(layer) is HostSyncBatchNorm
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(layer(x), nn.BatchNorm1d(3)(x))  # one rank: a plain BatchNorm

@@ -246,8 +246,10 @@ def teacher_outputs(teacher: nn.Module, images: list[Tensor], levels: Sequence[s
     return TeacherOutputs(feats=feats, body=seen.get("body"), image_sizes=seen.get("sizes", []))
 
 
-_TENSOR_LAYERS = (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm, nn.ReLU, nn.Identity, nn.Linear)
-"""Layers whose output is one tensor: what :attr:`Need.MODULE_OUTPUTS` may tap."""
+_TENSOR_LAYERS = (nn.Conv2d, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.ReLU, nn.Identity, nn.Linear)
+"""Layers whose output is one tensor: what :attr:`Need.MODULE_OUTPUTS` may tap (``_BatchNorm``
+covers BatchNorm2d and its synchronised forms, ``nn.SyncBatchNorm`` and
+:class:`~kdsweep.train.distiller.HostSyncBatchNorm`, which a multi-worker run converts it to)."""
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:

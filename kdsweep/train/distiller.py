@@ -11,10 +11,12 @@ sits in ``distiller.trainable`` (a :class:`Trainable`), which is what the traini
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from kdsweep.config import ConfigError, ExperimentConfig, KDTermConfig, ModelConfig, student_model, teacher_model
 from kdsweep.kd.precision import autocast_off, to_float32
@@ -159,6 +161,116 @@ def freeze(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
+class HostSyncBatchNorm(_BatchNorm):
+    """Synchronised BatchNorm for host (CPU, gloo) tensors: what :func:`sync_batchnorm` converts to
+    on a CPU run (on GPUs it converts to torch's ``nn.SyncBatchNorm``).
+
+    torch's own cannot run there: its forward raises ``SyncBatchNorm expected input tensor to be
+    on GPU ...`` for a CPU input once a process group exists, and DDP refuses to wrap it on the
+    CPU ("SyncBatchNorm layers only work with GPU modules"; torch 2.14). So CPU runs with several
+    workers, and the tests' two-worker gloo runs, use this layer: the same statistics as torch's,
+    all-reduced over the default group. Parameters, buffers and ``state_dict`` keys are
+    ``nn.BatchNorm2d``'s. In eval mode, or with one rank, it is a plain BatchNorm.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return self._synced(input)
+        return super().forward(input)
+
+    def _synced(self, x: Tensor) -> Tensor:
+        """Batch statistics over every rank's batch (Ioffe & Szegedy 2015, Algorithm 1 over the
+        global batch, as torch's CUDA SyncBatchNorm and Peng et al.'s MegDet CGBN).
+
+        Args:
+            x: (N_r, C, *) this rank's input; N_r may differ between ranks.
+        Returns:
+            (N_r, C, *) ``(x - mu) / sqrt(var + eps) * weight + bias``, where ``mu`` and the biased
+            ``var`` (C,) are over all ranks' ``sum_r N_r * prod(*)`` values per channel, computed
+            in float32 (two all-reduces: the mean, then the centred squares) and returned in
+            ``x``'s dtype. ``running_var`` gets the unbiased variance, as torch's. Gradients flow
+            through both all-reduces (``torch.distributed.nn.functional``: the backward of a sum
+            is the sum of every rank's gradient), so each rank's input gradient is its slice of one
+            BatchNorm's over the concatenated global batch.
+        """
+        from torch.distributed.nn.functional import all_reduce
+
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        xf = x.float()
+        local = xf.numel() // xf.shape[1]
+        # the element count travels with the sums (ranks may hold different batch sizes); made
+        # from x, so it lives on x's device as every collective's tensor must
+        sums = all_reduce(torch.cat([xf.sum(dims), xf.new_full((1,), float(local))]))
+        count = sums[-1]
+        mean = sums[:-1] / count
+        centred = xf - mean.view(shape)
+        var = all_reduce(centred.pow(2).sum(dims)) / count
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                assert self.num_batches_tracked is not None
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(module: nn.Module, device_type: str, exclude: Iterable[nn.Module] = ()) -> tuple[nn.Module, int]:
+    """Replace every trainable BatchNorm under ``module`` by a synchronised one, in place:
+    torch's ``nn.SyncBatchNorm`` (what ``nn.SyncBatchNorm.convert_sync_batchnorm`` builds) for a
+    ``device_type`` other than ``"cpu"``, :class:`HostSyncBatchNorm` for ``"cpu"``.
+
+    *Trainable* BatchNorm is any ``nn.BatchNorm1d/2d/3d`` (its statistics update in train mode,
+    whatever ``requires_grad`` says); torchvision's ``FrozenBatchNorm2d`` (ImageNet backbones) is
+    not one and stays. Parameters (the same ``nn.Parameter`` objects), running statistics, the
+    batch counter and the training flag carry over, so the state_dict keeps its keys and values
+    (checkpoints load either way). Modules in ``exclude`` (the frozen teacher) are neither
+    converted nor entered.
+
+    Why: with 2 images per GPU each rank's BatchNorm normalises by the statistics of its 2 images
+    and DDP broadcasts rank 0's running statistics every step; from-scratch training needs the
+    global batch's (He et al., "Rethinking ImageNet Pre-training", ICCV 2019: SyncBN or GroupNorm).
+
+    Returns:
+        ``(module, n)``: the module (a new one when ``module`` itself is a BatchNorm) and the
+        number of layers converted.
+    """
+    skip = {id(m) for m in exclude}
+    return _sync_batchnorm(module, HostSyncBatchNorm if device_type == "cpu" else nn.SyncBatchNorm, skip)
+
+
+def _sync_batchnorm(module: nn.Module, kind: type[_BatchNorm], skip: set[int]) -> tuple[nn.Module, int]:
+    if id(module) in skip:
+        return module, 0
+    if isinstance(module, _BatchNorm) and not isinstance(module, (nn.SyncBatchNorm, HostSyncBatchNorm)):
+        out = kind(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+        if hasattr(module, "qconfig"):
+            out.qconfig = module.qconfig
+        return out, 1
+    converted = 0
+    for name, child in module.named_children():
+        new, n = _sync_batchnorm(child, kind, skip)
+        if new is not child:
+            module.add_module(name, new)
+        converted += n
+    return module, converted
+
+
 class Distiller(nn.Module):
     """Frozen teacher + :class:`Trainable` -> ``{detection losses..., kd_<name>: weighted term}``.
 
@@ -223,6 +335,22 @@ class Distiller(nn.Module):
         """
         self.trainable = fn(self.trainable)
         return self
+
+    def sync_batchnorm(self, device: torch.device | str) -> int:
+        """Convert the trainable part's BatchNorm to synchronised BatchNorm for ``device``
+        (:func:`sync_batchnorm`: ``nn.SyncBatchNorm`` on GPUs, :class:`HostSyncBatchNorm` on
+        the CPU), never the teacher's; call before :meth:`wrap` and before building the optimiser.
+
+        The worker calls it for every run with more than one worker (``kdsweep.train.worker``):
+        from-scratch students (``weights: null``) then normalise over the global batch. Returns
+        the number of layers converted (0 for ImageNet backbones, whose FrozenBatchNorm2d stays,
+        with GroupNorm or norm-free heads).
+        """
+        if self.trainable is not self._inner:
+            raise RuntimeError("Distiller.sync_batchnorm: call it before wrap() (DDP records the modules it wraps)")
+        exclude = self.teacher.modules() if self.teacher is not None else ()
+        _, converted = sync_batchnorm(self.trainable, torch.device(device).type, exclude)
+        return converted
 
     # ------------------------------------------------------------------------- module state
     def train(self, mode: bool = True) -> "Distiller":

@@ -18,7 +18,7 @@ import contextlib
 import os
 import random
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,14 +29,16 @@ import torch
 
 from kdsweep.config import ExperimentConfig, TrainConfig
 from kdsweep.data.loader import build_loaders
+from kdsweep.models.init_student import maybe_init_student
 from kdsweep.train import collective_check
 from kdsweep.train.checkpoint import load_checkpoint, read_metrics, save_checkpoint, write_metrics
 from kdsweep.train.collectives import count_distinct
+from kdsweep.train.distiller import Distiller
 from kdsweep.train.engine import console, evaluate, train_one_epoch
 from kdsweep.train.model import build_model
 from kdsweep.train.optim import build_optimization
 
-__all__ = ["evaluates", "seed_everything", "train_fn_per_worker"]
+__all__ = ["evaluates", "prepare_distiller", "seed_everything", "train_fn_per_worker"]
 
 
 def seed_everything(seed: int) -> None:
@@ -56,6 +58,30 @@ def count_nodes(device: torch.device) -> int:
     """Number of distinct Ray nodes among the run's workers (1 without DDP); the node ids are
     compared as int64 codes all-gathered on ``device`` (:func:`kdsweep.train.collectives.count_distinct`)."""
     return count_distinct(ray.get_runtime_context().get_node_id(), device)
+
+
+def prepare_distiller(
+    distiller: Distiller, world: int, device: torch.device,
+    prepare: Callable[[torch.nn.Module], torch.nn.Module] = ray.train.torch.prepare_model,
+) -> int:
+    """Make ``distiller`` ready to train on ``world`` workers, in place: with more than one worker
+    its trainable BatchNorm becomes synchronised BatchNorm (:meth:`Distiller.sync_batchnorm`:
+    ``nn.SyncBatchNorm`` on GPUs, :class:`~kdsweep.train.distiller.HostSyncBatchNorm` on the CPU,
+    where torch's refuses to run; the frozen teacher is never converted), then it moves to
+    ``device`` and its trainable part is wrapped by ``prepare`` (DDP).
+
+    Without it a from-scratch student (``weights: null``: nn.BatchNorm2d with trainable
+    statistics) normalised each rank's 2 images alone, and DDP broadcast rank 0's running
+    statistics every step (He et al., "Rethinking ImageNet Pre-training", ICCV 2019: SyncBN).
+    ImageNet backbones use FrozenBatchNorm2d and the heads GroupNorm: nothing to convert there.
+
+    Returns:
+        The number of BatchNorm layers converted.
+    """
+    synced = distiller.sync_batchnorm(device) if world > 1 else 0
+    distiller.to(device)
+    distiller.wrap(prepare)
+    return synced
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -86,8 +112,10 @@ def _run_worker(config: dict[str, Any]) -> None:
     if state is not None and not isinstance(state, Mapping):  # an ObjectRef of the teacher's weights
         state = ray.get(state)
     distiller = build_model(exp, val_ds.num_classes, state)
-    distiller.to(device)
-    distiller.wrap(ray.train.torch.prepare_model)
+    maybe_init_student(distiller, cfg.init_student, resuming=ray.train.get_checkpoint() is not None, log=log)
+    synced = prepare_distiller(distiller, world, device)
+    if log and synced:
+        log(f"{synced} BatchNorm layers synchronised across the {world} workers (SyncBatchNorm)")
     iters = len(train_loader) if cfg.max_iters_per_epoch is None else min(len(train_loader), cfg.max_iters_per_epoch)
     optimization = build_optimization(distiller.trainable, distiller.student, cfg, device, iters)
 
