@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,12 +61,31 @@ def test_unknown_preset_is_an_argparse_error():
     assert proc.returncode == 2 and "invalid choice: 'huge'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """``(ip, port)`` of every listening TCP socket (IPv4 and IPv6) held by process ``pid`` or any
+    of its descendants, whatever their process group (mlflow runs in one of its own)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        for conn in conns:
+            if conn.status == psutil.CONN_LISTEN:
+                found.add((conn.laddr.ip, conn.laddr.port))
+    return found
+
+
 @pytest.mark.slow
 def test_ui_serves_the_embedded_store_on_loopback(tmp_path):
-    """`kdsweep ui` serves the MLflow UI of KDSWEEP_HOME's store, bound to 127.0.0.1."""
+    """`kdsweep ui` serves the MLflow UI of KDSWEEP_HOME's store, bound to 127.0.0.1: every socket
+    that the server's processes listen on is on loopback, read from the sockets themselves (so the
+    check holds where the host name resolves to 127.0.0.1, as on CI machines)."""
     import os
     import signal
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -76,10 +96,9 @@ def test_ui_serves_the_embedded_store_on_loopback(tmp_path):
     try:
         assert mlflow_serves(port)
         assert (tmp_path / "home" / "mlflow" / "mlflow.db").is_file()  # the embedded store it serves
-        with socket.socket() as probe:  # not on another address of this machine
-            host = socket.gethostbyname(socket.gethostname())
-            if host != "127.0.0.1":
-                assert probe.connect_ex((host, port)) != 0
+        bound = listening_addresses(proc.pid)
+        assert ("127.0.0.1", port) in bound, bound
+        assert {ip for ip, _ in bound} <= {"127.0.0.1", "::1"}, bound  # nothing on 0.0.0.0, :: or a LAN address
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
@@ -92,7 +111,6 @@ def test_ui_prints_the_runs_url_and_sigterm_stops_its_whole_process_group(tmp_pa
     huey consumers, about 2 GB), not only the kdsweep process."""
     import os
     import signal
-    import socket
     import time
 
     import psutil

@@ -10,13 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import ray_instance
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -50,38 +50,37 @@ def services(tmp_path):
         KDSWEEP_HOME=str(tmp_path / "home"),
     )
     gcs, dash, mlf = free_port(), free_port(), free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short path: unix socket names are limited
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={ray_tmp}",
-         "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=180,
-    )
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(mlf),
-         "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
-        wait_http(f"http://127.0.0.1:{mlf}/health", 120)
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlf}"}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    with ray_instance(env, tmp_path) as nodes:  # stopped alone: no `ray stop`, which stops every Ray here
+        nodes.start("--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats")
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(mlf),
+             "--workers", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # not Ray's: stopped by its own process group below
+        try:
+            wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
+            wait_http(f"http://127.0.0.1:{mlf}/health", 120)
+            # `ray job submit` and the job's driver carry the instance's marker: stopped with it
+            yield {"env": nodes.env(), "dashboard": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlf}"}
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
 
 
 def test_ray_job_submit_smoke_ablation_records_full_table(services, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    job = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", services["dashboard"], "--working-dir", str(ROOT), "--",
-         "python", "launch/ablation_ssim.py", "--preset", "smoke", "--tracking-uri", services["mlflow"],
-         "--experiment", "e2e"],
-        env=services["env"], capture_output=True, text=True, timeout=1500,
-    )
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", services["dashboard"], "--working-dir", str(ROOT), "--",
+           "python", "launch/ablation_ssim.py", "--preset", "smoke", "--tracking-uri", services["mlflow"],
+           "--experiment", "e2e"]
+    deadline = time.time() + 180
+    while True:  # the head's job agent registers after the dashboard answers: Ray asks to retry
+        job = subprocess.run(cmd, env=services["env"], capture_output=True, text=True, timeout=1500)
+        if "No available agent to submit job" not in job.stderr or time.time() > deadline:
+            break
+        time.sleep(5)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in (job.stdout + job.stderr).lower()
 

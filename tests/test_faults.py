@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from ray import tune
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 16, "min_size": 64, "max_size": 64, "anchor_scale": 2.0}
@@ -27,9 +27,32 @@ def _preset(epochs: int, train_images: int) -> dict:
             "teacher": TINY, "student": TINY, "train": train, "teacher_train": train}
 
 
+class KillWorkersOnReport(tune.Callback):
+    """Kills (SIGKILL) the Ray Train workers of this driver's job the moment Tune receives the
+    report of epoch ``epoch``, on that event rather than after a sleep: the workers then die in
+    the next epoch, before its report, so the restarted run resumes from epoch ``epoch``'s
+    checkpoint. ``killed``: the PIDs; ``checkpoints``: the checkpoints on the storage then."""
+
+    def __init__(self, epoch: int, job_id: str, storage: Path) -> None:
+        self.epoch, self.job_id, self.storage = epoch, job_id, storage
+        self.killed: list[int] = []
+        self.checkpoints: list[str] = []
+
+    def on_trial_result(self, iteration: int, trials: list, trial: object, result: dict, **info: object) -> None:
+        from ray.util.state import list_actors
+
+        if self.killed or result.get("epoch") != self.epoch:
+            return
+        self.checkpoints = glob.glob(str(self.storage / "train-*" / "checkpoint_*"))
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
+                                       ("job_id", "=", self.job_id)])  # this test's workers only
+        for actor in workers:
+            os.kill(actor.pid, signal.SIGKILL)
+            self.killed.append(actor.pid)
+
+
 def test_killed_worker_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_path, monkeypatch):
     import ray
-    from ray.util.state import list_actors
 
     from kdsweep.config import ExperimentConfig, from_dict
     from kdsweep.data.coco import resolve_data
@@ -49,31 +72,17 @@ def test_killed_worker_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "faults")
     parent = tracker.start_run("parent")
     callback = MLflowTrialCallback(tracker.uri, tracker.experiment_id, parent, lambda c: (c["row"], {"row": c["row"]}, {}, {}))
-    killed: list[int] = []
-
-    def kill_after_first_checkpoint() -> None:
-        # epoch 1's report (with its checkpoint) has reached Tune once the callback logged it
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            children = tracker.children(parent) if glob.glob(str(storage / "train-*" / "checkpoint_*")) else []
-            if any("AP" in run.data.metrics for run in children):
-                break
-            time.sleep(0.2)
-        time.sleep(1.0)  # into epoch 2
-        for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
-            os.kill(actor.pid, signal.SIGKILL)
-            killed.append(actor.pid)
-
     init_ray(num_cpus=2)
     try:
-        thread = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-        thread.start()
-        results, _ = run_trials(plan, tune_param_space(space, [0]), name="faults", callbacks=[callback],
+        # after the MLflow callback, so that epoch 1 is logged before its workers die
+        killer = KillWorkersOnReport(epoch=1, job_id=ray.get_runtime_context().get_job_id(), storage=storage)
+        results, _ = run_trials(plan, tune_param_space(space, [0]), name="faults", callbacks=[callback, killer],
                                 max_concurrent_trials=1)
-        thread.join(timeout=10)
     finally:
         ray.shutdown()
-    assert killed, "no worker was running after the first checkpoint"
+    killed = killer.killed
+    assert killed, "no worker was running when epoch 1 was reported"
+    assert killer.checkpoints, "epoch 1's checkpoint was not on the storage when its report arrived"
     [record] = trial_frame(results).to_dict("records")
     assert record["status"] == "FINISHED" and record["epoch"] == 3
     assert record["start_epoch"] == 2  # the restarted worker resumed after epoch 1, not from scratch

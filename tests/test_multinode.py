@@ -9,11 +9,11 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from conftest import ray_instance
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,15 +37,12 @@ def test_two_nodes_one_worker_each_shared_storage_mlflow_record(tmp_path):
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="disabled",
                RAY_USAGE_STATS_ENABLED="0", KDSWEEP_HOME=str(tmp_path / "home"))
     gcs, dash = _free_port(), _free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths are limited
     address = f"127.0.0.1:{gcs}"
-    ray = str(BIN / "ray")
-    try:
-        subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={ray_tmp}",
-                        "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
-        subprocess.run([ray, "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                        "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+    with ray_instance(env, tmp_path) as nodes:  # both nodes stopped alone: no `ray stop`, which stops every Ray here
+        env = nodes.env()
+        nodes.start("--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--disable-usage-stats")
+        nodes.start(f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats")
         deadline = time.time() + 120
         while _alive_nodes(env, address) < 2:
             assert time.time() < deadline, "the second node did not join"
@@ -57,8 +54,6 @@ def test_two_nodes_one_worker_each_shared_storage_mlflow_record(tmp_path):
                "--storage-path", str(shared), "--tracking-uri", uri, "--experiment", "two-nodes", "--no-throughput"]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
     from mlflow.tracking import MlflowClient
 

@@ -53,26 +53,22 @@ def test_a_local_launch_uses_the_ray_instance_already_running(tmp_path) -> None:
     import socket
     import subprocess
     import sys
-    import tempfile
     from pathlib import Path
 
+    from conftest import ray_instance
+
     root = Path(__file__).resolve().parents[1]
-    bin_dir = Path(sys.executable).parent
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", KDSWEEP_HOME=str(tmp_path / "home"))
     env.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths are limited
-    subprocess.run([str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=0",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
-    try:
+    with ray_instance(env, tmp_path) as nodes:  # stopped alone: no `ray stop`, which stops every Ray here
+        nodes.start("--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", "--dashboard-port=0", "--disable-usage-stats")
         out = subprocess.run([sys.executable, str(root / "launch" / "ablation_ssim.py"), "--preset", "smoke", "--rows", "baseline",
                               "--no-throughput", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
-                             env=env, capture_output=True, text=True, timeout=900)
-    finally:
-        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+                             env=nodes.env(), capture_output=True, text=True, timeout=900)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
     assert "using the Ray instance already running on this machine (" in out.stdout
