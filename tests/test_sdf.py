@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,8 @@ SMALL = dict(embed=8, pool=2, hidden_ratio=2)
 
 
 def _n_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Weights of the module, trainable or held as buffers (the frozen target keeps them as buffers)."""
+    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -139,9 +142,10 @@ def test_different_inputs_give_positive_loss() -> None:
 
 @pytest.mark.parametrize("adapter", [False, True])
 def test_gradients_reach_student_and_module_not_teacher(adapter: bool) -> None:
+    """``target: bare`` (the module trained through the student side)."""
     torch.manual_seed(0)
     cs = 6 if adapter else 8
-    loss = SDFLoss(student_channels=cs, teacher_channels=8, num_levels=1, adapter=adapter, **SMALL)
+    loss = SDFLoss(student_channels=cs, teacher_channels=8, num_levels=1, adapter=adapter, target="bare", **SMALL)
     s = _randn(2, cs, 5, 5, seed=1).requires_grad_(True)
     t = _randn(2, 8, 5, 5, seed=2).requires_grad_(True)
     loss([s], [t]).backward()
@@ -202,6 +206,9 @@ def test_bad_dilations_raise(dilations: object) -> None:
         (dict(direct=-1.0), "direct"),
         (dict(shared="yes"), "shared"),
         (dict(dilatons=[1, 2]), "dilatons"),
+        (dict(target="online"), "target"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(momentum="0.9"), "momentum"),
     ],
 )
 def test_bad_params_raise(kwargs: dict[str, object], field: str) -> None:
@@ -243,3 +250,88 @@ def test_batch_size_one_on_1x1_maps_is_zero_for_the_same_map_and_teaches_otherwi
     value = loss([s], [_randn(1, 4, 2, 2, seed=2)])
     value.backward()
     assert value.item() > 0 and s.grad is not None and s.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- (h) target readings (issue 24.3)
+
+QUICK_LR, QUICK_WD = 0.002, 1e-4  # kdsweep/presets.py: the quick preset's AdamW
+
+
+def _c5_maps() -> tuple[torch.Tensor, torch.Tensor]:
+    """C5-like student and teacher maps: 8 x 512 x 4 x 4, post-ReLU (non-negative) activations."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 512, 4, 4, generator=g).relu(), 1.5 * torch.randn(8, 512, 4, 4, generator=g).relu()
+
+
+def _train_alone(target: str, steps: int = 400) -> list[float]:
+    """The term alone in a plain loop (forward, backward, AdamW step) at the quick preset's lr."""
+    torch.manual_seed(0)
+    term = SDFLoss(student_channels=512, teacher_channels=512, num_levels=1, target=target, embed=64)
+    params = [p for p in term.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=QUICK_LR, weight_decay=QUICK_WD) if params else None
+    s, t = _c5_maps()
+    losses = []
+    for _ in range(steps):
+        loss = term([s], [t])
+        losses.append(loss.item())
+        if opt is not None:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return losses
+
+
+def test_the_default_target_stays_bounded_and_the_bare_one_runs_away_under_adamw() -> None:
+    """Trained alone by AdamW for 400 steps: the default term stays within 10x of its first value,
+    the ``bare`` reading (one trained module making prediction and target) grows > 1e3x."""
+    default = _train_alone("frozen")
+    assert all(math.isfinite(v) and v <= 10 * default[0] for v in default)
+    bare = _train_alone("bare")
+    assert max(bare) > 1e3 * bare[0]
+
+
+def test_the_default_keeps_a_student_gradient_comparable_to_an_l2_on_c5() -> None:
+    """The default's gradient on the student's C5 is within 10x of an unweighted L2's (3.1x smaller
+    with these maps and the default embed 256) and is the same after the term has been "trained"
+    (nothing in it trains): no collapse."""
+    torch.manual_seed(0)
+    term = SDFLoss(student_channels=512, teacher_channels=512, num_levels=1)
+    assert term.target == "frozen" and not list(term.parameters())
+    s, t = _c5_maps()
+    s = s.requires_grad_(True)
+    (grad_sdf,) = torch.autograd.grad(term([s], [t]), s)
+    (grad_l2,) = torch.autograd.grad(F.mse_loss(s, t), s)
+    ratio = grad_l2.norm() / grad_sdf.norm()
+    assert 1.0 < ratio < 10.0
+
+
+def test_gradients_reach_the_student_and_never_the_target_copy() -> None:
+    """``frozen``: the student gets a gradient, the module none (buffers, not parameters).
+    ``ema``: the student and the online module get gradients; the EMA copy holds buffers only,
+    gets no gradient, and takes exactly one EMA step per training forward (none in eval)."""
+    torch.manual_seed(0)
+    s, t = _randn(2, 8, 5, 5, seed=1).requires_grad_(True), _randn(2, 8, 5, 5, seed=2).requires_grad_(True)
+    frozen = SDFLoss(student_channels=8, teacher_channels=8, num_levels=1, **SMALL)
+    frozen([s], [t]).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+    assert not list(frozen.parameters()) and "branches.0.mlps.0.fc2.weight" in frozen.state_dict()
+
+    s.grad = None
+    ema = SDFLoss(student_channels=8, teacher_channels=8, num_levels=1, target="ema", momentum=0.9, **SMALL)
+    assert ema.target_branches is not None and not list(ema.target_branches.parameters())
+    assert {f"target_branches.{k}" for k, _ in ema.branches.named_parameters()} <= set(ema.state_dict())
+    opt = torch.optim.SGD(ema.parameters(), lr=0.5)
+    ema([s], [t]).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+    online = dict(ema.branches.named_parameters())
+    assert all(p.grad is not None for p in online.values())
+    assert all(b.grad is None and not b.requires_grad for b in ema.target_branches.buffers())
+    before = {k: ema.target_branches.get_buffer(k).clone() for k in online}
+    opt.step()
+    ema([s], [t])  # one training forward: theta' <- 0.9 theta' + 0.1 theta
+    for k, p in online.items():
+        torch.testing.assert_close(ema.target_branches.get_buffer(k), 0.9 * before[k] + 0.1 * p.detach())
+    moved = {k: ema.target_branches.get_buffer(k).clone() for k in online}
+    ema.eval()
+    ema([s], [t])
+    assert all(torch.equal(ema.target_branches.get_buffer(k), moved[k]) for k in online)
