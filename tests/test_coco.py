@@ -362,8 +362,8 @@ def _version(root: Path) -> str:
 
 
 def test_the_data_version_follows_the_content_not_the_path_or_the_clock(tmp_path, monkeypatch):
-    """Issue 24: the teacher's identity includes the data's version (here: annotation bytes, image
-    listing). Edited at the same path -> another version; touched or copied byte for byte -> the same."""
+    """Issue 24: the teacher's identity includes the data's version (here: annotation bytes, sizes
+    of the referenced images). Edited at the same path -> another version; touched or copied byte for byte -> the same."""
     import os
     import shutil
 
@@ -383,13 +383,50 @@ def test_the_data_version_follows_the_content_not_the_path_or_the_clock(tmp_path
     (root / "train.json").write_text(json.dumps(data))
     edited = _version(root)
     assert edited != first
-    (root / "images" / "extra.jpg").write_bytes(b"x")  # an image added
-    assert _version(root) not in (first, edited)
-    (root / "images" / "extra.jpg").unlink()
-    assert _version(root) == edited
     image = next((root / "images").glob("val_*.jpg"))  # an image replaced by another (another size)
     image.write_bytes(image.read_bytes() + b"\0")
     assert _version(root) not in (first, edited)
+
+
+def test_the_data_version_ignores_files_the_annotations_do_not_reference(tmp_path, monkeypatch):
+    """``--images`` may point at a whole COCO root: a file no annotation references, added or
+    changed beside the images or in a sibling folder (test2017, stray outputs), is not the data's
+    version (it would silently retrain the teacher), and that folder is not walked."""
+    from kdsweep.data.synthetic import generate
+
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    root = tmp_path / "ds"
+    generate(root, train=3, val=1, size=64, seed=0, progress=False, workers=1)
+    first = _version(root)
+    (root / "images" / "extra.jpg").write_bytes(b"x")  # an unreferenced file beside the images
+    (root / "images" / "test2017").mkdir()
+    (root / "images" / "test2017" / "000000000001.jpg").write_bytes(b"xyz")  # a sibling subfolder
+    assert _version(root) == first
+    (root / "images" / "extra.jpg").write_bytes(b"longer")  # changed
+    assert _version(root) == first
+    (root / "images" / "loop").symlink_to(root / "images")  # a symlink cycle: never followed
+    assert _version(root) == first
+
+
+def test_the_data_version_follows_the_size_of_each_referenced_image_and_survives_a_missing_one(tmp_path, monkeypatch):
+    """A referenced image of another size is another version; a referenced image that is missing
+    gives a version (validation reports it, this does not raise), and putting it back restores it."""
+    from kdsweep.data.synthetic import generate
+
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    root = tmp_path / "ds"
+    generate(root, train=3, val=1, size=64, seed=0, progress=False, workers=1)
+    first = _version(root)
+    image = next((root / "images").glob("train_*.jpg"))
+    content = image.read_bytes()
+    image.write_bytes(content + b"\0")  # one referenced image, one byte longer
+    grown = _version(root)
+    assert grown != first
+    image.unlink()  # missing: counted with size -1
+    missing = _version(root)
+    assert len(missing) == 20 and missing not in (first, grown)
+    image.write_bytes(content)
+    assert _version(root) == first
 
 
 def test_the_embedded_synthetic_data_regenerated_keeps_its_version_other_content_gets_another(tmp_path, monkeypatch):

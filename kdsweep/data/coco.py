@@ -88,26 +88,29 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def folder_listing_digest(folder: Path) -> str:
-    """SHA-256 (hex) of the sorted ``(relative path, size in bytes)`` of every file under ``folder``
-    (one ``stat`` per file, no file read: about 0.1 s per 10k files on a local disk; a broken link
-    counts with size -1)."""
-    entries: list[str] = []
-    pending = [("", str(folder))]
-    while pending:
-        prefix, directory = pending.pop()
-        with os.scandir(directory) as listing:
-            for entry in listing:
-                if entry.is_dir(follow_symlinks=True):
-                    pending.append((f"{prefix}{entry.name}/", entry.path))
-                else:
-                    try:
-                        size = entry.stat().st_size
-                    except OSError:  # a broken link: listed, so that mending it changes the version
-                        size = -1
-                    entries.append(f"{prefix}{entry.name}\t{size}")
-    entries.sort()
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+def referenced_images_digest(ann_path: Path, images_dir: Path) -> str:
+    """SHA-256 (hex) of the ``(file_name, size in bytes)`` of exactly the images ``ann_path``
+    references, in its image-id order, each looked up in ``images_dir`` as the dataset loads it
+    (:class:`~kdsweep.data.dataset.CocoDetection`). The names come from the compact cache, which
+    the launcher has just built (:func:`~kdsweep.data.annotations.ensure_compact`); one ``os.stat``
+    per image, no file read, nothing else in ``images_dir`` is listed. A referenced image that is
+    missing or unreadable counts with size -1 (validation has already reported it), so that adding
+    it later changes the version."""
+    from kdsweep.data.annotations import load_compact  # here: annotations imports this module
+
+    compact = load_compact(ann_path)
+    ends, raw = compact.name_ends.tolist(), bytes(compact.name_bytes)  # names: UTF-8, concatenated
+    digest = hashlib.sha256()
+    start = 0
+    for end in ends:
+        name = raw[start:end].decode()
+        start = end
+        try:
+            size = os.stat(os.path.join(images_dir, name)).st_size
+        except (OSError, ValueError):  # missing, a broken link, a name the OS refuses (NUL)
+            size = -1
+        digest.update(f"{name}\t{size}\n".encode())
+    return digest.hexdigest()
 
 
 def data_version(paths: DataPaths) -> str:
@@ -116,18 +119,22 @@ def data_version(paths: DataPaths) -> str:
     launch, on the driver, and handed down with the paths (``data["version"]``).
 
     Our reading of issue 24's "the data's version": a **content** hash of both annotation files
-    (:func:`file_digest`; the boxes and the image list are what a teacher learns from), and of each
-    image folder the **listing**: every file's relative path and size (:func:`folder_listing_digest`).
-    The images are not read (COCO's are 18 GB); an image replaced by another almost always has
-    another size (JPEG), and a file added or removed changes the listing. Modification times are
-    left out on purpose: a byte-identical regeneration (the synthetic data is deterministic in its
-    seed, :func:`~kdsweep.data.synthetic.generate`), a copy or an rsync without ``-t`` keeps its
-    version, hence its teacher, while any change of content that reaches the JSON or the listing
-    gives a new one and so retrains the teacher instead of silently reusing a stale one.
-    """
+    (:func:`file_digest`; the boxes and the image list, file names included, are what a teacher
+    learns from), and for each split the **size** of every image its annotation file references
+    (:func:`referenced_images_digest`), one ``stat`` each (a few seconds for COCO's 123k images).
+
+    Detected: any change of either JSON's bytes; a referenced image added, removed, or replaced
+    by one of another size (JPEG re-encodes almost always differ). Not detected, on purpose or by
+    cost: an image replaced by another of identical byte size (the images, 18 GB for COCO, are not
+    read); modification times (a byte-identical regeneration, e.g. the synthetic data, which is
+    deterministic in its seed (:func:`~kdsweep.data.synthetic.generate`), a copy or an rsync
+    without ``-t`` keeps its version, hence its teacher); and any file the annotations do not
+    reference, so that ``--images`` may point at a whole COCO root (train2017, val2017,
+    test2017, stray outputs) without a new version, and a retrained teacher, for every unrelated
+    file added there, and without walking that folder."""
     parts = [f"{name}={file_digest(getattr(paths, name))}" for name in ("train_ann", "val_ann")]
-    folders = dict.fromkeys((paths.train_images, paths.val_images))  # the synth layout shares one folder
-    parts += [f"images={folder_listing_digest(folder)}" for folder in folders]
+    parts += [f"{split}_images={referenced_images_digest(getattr(paths, f'{split}_ann'), getattr(paths, f'{split}_images'))}"
+              for split in ("train", "val")]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
