@@ -144,6 +144,34 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _run_ranks(worker, world: int = 2, timeout: float = 300) -> dict:
+    """Run ``worker(rank, world, port, queue)`` on ``world`` spawned processes; return
+    ``{rank: what it put}``. The processes are daemons, and whatever is still alive when this
+    returns or raises (a rank hung in gloo, a ``queue.get`` timeout) is terminated, then killed,
+    so pytest never waits on them at exit."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, queue), daemon=True) for r in range(world)]
+    try:
+        for p in procs:
+            p.start()
+        results = dict(queue.get(timeout=timeout) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+        return results
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
 def test_ddp_wraps_trainable_only() -> None:
     distiller = make_distiller()
     teacher_before = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
@@ -306,17 +334,7 @@ def _two_workers(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_two_data_parallel_workers_average_the_kd_terms_gradients() -> None:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_two_workers, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = _run_ranks(_two_workers)
     results = {rank: {k: ({n: torch.from_numpy(a) for n, a in v.items()} if k == "ddp"
                           else [{n: torch.from_numpy(a) for n, a in g.items()} for g in v])
                       for k, v in out.items()} for rank, out in results.items()}
@@ -426,17 +444,7 @@ def test_two_workers_synchronise_a_from_scratch_students_batchnorm() -> None:
     """Issue 24.5: with 2 workers the worker turns a from-scratch student's BatchNorm into
     SyncBatchNorm (never the teacher's), so after one step each rank's running statistics are
     those of one BatchNorm over both ranks' images (while the ranks' own statistics differ)."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_synced_batchnorm_workers, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = _run_ranks(_synced_batchnorm_workers)
     for rank in (0, 1):
         assert "error" not in results[rank], results[rank].get("error")
     r0, r1 = results[0], results[1]
