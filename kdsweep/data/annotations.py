@@ -198,10 +198,12 @@ def load_compact(ann_path: str | Path, *, use_cache: bool = True) -> CompactAnno
     path = Path(ann_path)
     if not use_cache:
         return convert(json.loads(path.read_text()), path)
-    folder = ensure_compact(path)
+    folder, checked = _ensure(path)
+    if checked is not None:  # the copy that was there, read and checked once
+        return checked
     try:
         return _read(folder)
-    except _Broken as exc:  # broken again after ensure_compact checked it: another process, or the disk
+    except _Broken as exc:  # broken right after it was written: another process, or the disk
         raise DataError(f"{path}: its compact cache is broken ({exc}); delete {folder} and run again") from None
 
 
@@ -213,12 +215,17 @@ def ensure_compact(ann_path: str | Path) -> Path:
     JSON, not memory-mapped into a worker's error. The broken folder is first renamed aside (one
     atomic rename; a process that mapped it keeps its pages), then the new one is written as on
     first use (:func:`_write`)."""
-    path = Path(ann_path)
+    return _ensure(Path(ann_path))[0]
+
+
+def _ensure(path: Path) -> tuple[Path, CompactAnnotations | None]:
+    """:func:`ensure_compact`'s work: the cache folder, and its arrays when a complete copy was
+    already there (read and checked once, so that :func:`load_compact` does not read it again);
+    None when it was (re)built here."""
     folder = cache_dir(path)
     if folder.exists():
         try:
-            _read(folder)
-            return folder
+            return folder, _read(folder)
         except _Broken:
             aside = folder.with_name(f".{folder.name}-broken-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             try:
@@ -227,4 +234,4 @@ def ensure_compact(ann_path: str | Path) -> Path:
                 pass
             shutil.rmtree(aside, ignore_errors=True)
     _write(convert(json.loads(path.read_text()), path), folder, path)
-    return folder
+    return folder, None
