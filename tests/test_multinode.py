@@ -6,24 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ray_instance
+from conftest import free_port, ray_instance
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _alive_nodes(env: dict, address: str) -> int:
@@ -36,7 +29,7 @@ def _alive_nodes(env: dict, address: str) -> int:
 def test_two_nodes_one_worker_each_shared_storage_mlflow_record(tmp_path):
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="disabled",
                RAY_USAGE_STATS_ENABLED="0", KDSWEEP_HOME=str(tmp_path / "home"))
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     address = f"127.0.0.1:{gcs}"
     with ray_instance(env, tmp_path) as nodes:  # both nodes stopped alone: no `ray stop`, which stops every Ray here
         env = nodes.env()

@@ -5,21 +5,14 @@ test's instance ends, a detached actor's worker included, and another Ray instan
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import RayNodes, ray_instance, ray_processes
+from conftest import RayNodes, free_port, ray_instance, ray_processes
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _head(nodes: RayNodes, port: int) -> None:
@@ -33,10 +26,10 @@ def test_a_tests_ray_instance_stops_alone_and_whole(tmp_path: Path) -> None:
     (tmp_path / "other").mkdir()
     other = RayNodes(env, tmp_path / "other")  # stands in for a user's instance
     try:
-        _head(other, _free_port())
+        _head(other, free_port())
         before = set(ray_processes(other.temp_dir))
         with ray_instance(env, tmp_path) as nodes:
-            port = _free_port()
+            port = free_port()
             _head(nodes, port)
             # a detached actor outlives its driver: its worker is a daemon of the instance
             code = (f"import os, ray\nray.init(address='127.0.0.1:{port}', namespace='t')\n"
