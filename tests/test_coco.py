@@ -95,6 +95,19 @@ CASES: list[tuple[str, Any, tuple[str, ...]]] = [
     ("unhashable_annotation_id", _edit(lambda d: _ann(2)(d).update(id=[2])), ("annotation #1", "'id'")),
     ("unhashable_image_id_ref", _edit(lambda d: _ann(1)(d).update(image_id=[1])), ("annotation 1", "image_id [1]")),
     ("no_annotations", _edit(lambda d: d.update(annotations=[])), ("no annotations", "3 image(s)")),
+    ("no_images", {"images": [], "annotations": [], "categories": [{"id": 1, "name": "car"}]},
+     ("field 'images' is empty", "no image to train or evaluate on", "use an instances file that lists its images")),
+    # training sorts category ids and keys images by integer id: a string among integers cannot be
+    ("string_category_id", _edit(lambda d: d["categories"].append({"id": "9", "name": "truck"})),
+     ("category #2", "field 'id' '9' must be an integer", "give every category an integer id")),
+    ("string_image_id", _edit(lambda d: d["images"].append({"id": "4", "file_name": "c.png", "width": W, "height": H})),
+     ("image #3", "field 'id' '4' must be an integer", "give every image an integer id")),
+    ("string_annotation_id", _edit(lambda d: d["annotations"].append({**_ann(1)(d), "id": "a5"})),
+     ("annotation #4", "field 'id' 'a5' must be an integer", "give every annotation an integer id")),
+    ("huge_image_id", _edit(lambda d: d["images"].append({"id": 10**400, "file_name": "c.png", "width": W, "height": H})),
+     ("image #3", "must be an integer (training needs 64-bit integer COCO ids)")),
+    ("bool_category_id_ref", _edit(lambda d: d["categories"].append({"id": 1, "name": "van"}) or _ann(1)(d).update(category_id=True)),
+     ("annotation 1", "category_id True is not a category id")),
 ]
 
 
@@ -180,6 +193,36 @@ def test_load_validated(root):
     assert "bad.json" in str(info.value) and "annotation 1" in str(info.value)
     report = load_validated(_write(root, "ok.json", _valid()), root / "images")
     assert report.ok and report.num_annotations == 4
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: d.update(images=[], annotations=[]), "field 'images' is empty"),
+    (lambda d: d["categories"][0].update(id="7") or [a.update(category_id="7") for a in d["annotations"] if a["category_id"] == 7],
+     "category #0: field 'id' '7' must be an integer (training needs 64-bit integer COCO ids); give every category an integer id "
+     "(and 2 more problem(s); `kdsweep data check"),
+])
+def test_load_validated_refuses_what_the_launch_cannot_train_on_in_one_line(root, edit, expected):
+    """An empty file and mixed category ids: refused before the compact conversion (which sorts
+    the ids: a TypeError for 3 and '7'), in the one line a launch prints."""
+    path = _write(root, "train.json", _edit(edit))
+    with pytest.raises(DataError) as info:
+        load_validated(path, root / "images", use_cache=False)
+    assert str(info.value).startswith(f"{path}: {expected}") and "\n" not in str(info.value)
+
+
+def test_a_clean_result_remembered_under_earlier_rules_is_checked_again(root, tmp_path, monkeypatch):
+    """A file an earlier version passed (string category ids were then fine) is validated again
+    under today's rules, not waved through by the remembered result."""
+    from kdsweep import paths as kdsweep_paths
+
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    path = _write(root, "train.json", _edit(lambda d: d["categories"].append({"id": "9", "name": "truck"})))
+    old_key = kdsweep_paths.file_version_key(path, str((root / "images").resolve()))  # the key before the rules' version
+    stamp = kdsweep_paths.home() / "validated" / f"{old_key}-headers.json"
+    stamp.parent.mkdir(parents=True)
+    stamp.write_text(json.dumps({"num_images": 3, "num_annotations": 4}))
+    with pytest.raises(DataError, match="field 'id' '9' must be an integer"):
+        load_validated(path, root / "images")
 
 
 def test_dataset_items_shapes_dtypes_and_labels(root):

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from kdsweep.config import ExperimentConfig, TrainConfig
+from kdsweep.config import DataConfig, ExperimentConfig, KDTermConfig, TrainConfig
+from kdsweep.data.coco import DataError
 from kdsweep.data.dataset import CocoDetection
-from kdsweep.data.loader import build_loaders, loader_processes
+from kdsweep.data.loader import build_loaders, check_steps, loader_processes, steps_per_epoch
 
 W, H = 96, 64
 BOXES = [[10, 8, 22, 20], [60, 30, 90, 60]]  # xyxy, one bright rectangle each, off-centre
@@ -98,3 +99,39 @@ def test_auto_loader_processes_leave_one_cpu_to_the_training_loop():
     assert loader_processes(TrainConfig(cpus_per_worker=4)) == 3
     assert loader_processes(TrainConfig(cpus_per_worker=0.9)) == 0  # the CPU presets: in the training process
     assert loader_processes(TrainConfig(cpus_per_worker=8, loader_workers=2)) == 2
+
+
+@pytest.mark.parametrize("max_images, batch_size, world", [(6, 2, 1), (6, 3, 2), (5, 2, 2), (6, 4, 2), (3, 4, 1), (6, 2, 4)])
+@pytest.mark.parametrize("grouping", [0, 3])
+def test_steps_per_epoch_is_what_each_ranks_train_loader_yields(data, max_images, batch_size, world, grouping):
+    """drop_last in the DistributedSampler and in the batches: a rank gets images // world of
+    them, in whole batches; none below batch_size x world images."""
+    exp = ExperimentConfig(data=DataConfig(max_train_images=max_images))
+    cfg = TrainConfig(batch_size=batch_size, num_workers=world, loader_workers=0, aspect_grouping=grouping)
+    steps = steps_per_epoch(max_images, cfg)
+    for rank in range(world):
+        loaders = build_loaders(data, exp, cfg, rank=rank, world=world)
+        assert len(loaders.train) == len(list(loaders.train)) == steps
+    assert (steps == 0) == (max_images < batch_size * world)
+
+
+def test_a_training_set_smaller_than_one_step_is_refused_in_one_line_naming_the_field_and_fix():
+    small = ExperimentConfig(train=TrainConfig(batch_size=4, num_workers=2))
+    check_steps([("baseline", small)], 8, "/d/train.json")  # exactly one step per epoch
+    with pytest.raises(DataError) as info:
+        check_steps([("baseline", small)], 7, "/d/train.json")
+    assert str(info.value) == (
+        "/d/train.json: row 'baseline': 7 training image(s) are fewer than one step's train.batch_size 4 x "
+        "train.num_workers 2 = 8, so an epoch would have no step; lower train.batch_size or train.num_workers "
+        "(--num-workers), or train on at least 8 images")
+    limited = ExperimentConfig(data=DataConfig(max_train_images=3), train=TrainConfig(batch_size=4))
+    with pytest.raises(DataError, match=r"row 'few': 3 training image\(s\) \(data\.max_train_images 3\) are fewer .* "
+                                        r"or raise data\.max_train_images$"):
+        check_steps([("ok", ExperimentConfig(train=TrainConfig(batch_size=4))), ("few", limited)], 100, "/d/train.json")
+    # a distilling row's teacher trains with teacher_train; a row without KD trains no teacher
+    teacher = TrainConfig(batch_size=16)
+    check_steps([("baseline", ExperimentConfig(teacher_train=teacher))], 8, "/d/train.json")
+    distil = ExperimentConfig(kd=(KDTermConfig(loss="l2"),), teacher_train=teacher)
+    with pytest.raises(DataError, match=r"row 'l2': 8 training image\(s\) .* teacher_train\.batch_size 16 x "
+                                        r"teacher_train\.num_workers 1 = 16.*lower teacher_train\.batch_size"):
+        check_steps([("l2", distil)], 8, "/d/train.json")

@@ -68,11 +68,37 @@ def test_non_yaml_file_and_missing_file(tmp_path):
         load_space(tmp_path / "missing.yaml")
 
 
-def test_yaml_tags_are_not_executed(tmp_path):
+@pytest.mark.parametrize("value, tag", [("!!python/object/apply:os.system ['echo hacked']", "!!python/object/apply:os.system"),
+                                        ("!!python/object:os.system {}", "!!python/object:os.system"),
+                                        ("!custom 1", "!custom"),
+                                        ("!!int x", "!!int"),  # safe_load: a ValueError traceback
+                                        ("!!timestamp soon", "!!timestamp")])  # safe_load: an AttributeError
+def test_yaml_tags_are_not_executed_and_the_line_says_tags_are_not_allowed(tmp_path, value, tag):
     bad = tmp_path / "evil.yaml"
-    bad.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    bad.write_text(f"rows:\n  - label: a\nname: {value}\n")
+    with pytest.raises(ConfigError) as info:
         load_space(bad)
+    assert str(info.value) == (f"{bad}: the YAML tag {tag} at line 3 is not allowed: a search-space file holds plain data "
+                               "(mappings, lists, strings, numbers); remove the tag")
+
+
+@pytest.mark.parametrize("data, source, shown, suggestion", [
+    ({"name": "it's mine"}, "x.yaml", "name \"it's mine\"", "'it_s_mine'"),  # --resume's MLflow filter quotes with '
+    ({"name": "../../etc"}, "x.yaml", "name '../../etc'", "'etc'"),  # the Tune folder, the experiment's artifacts
+    ({"name": "a/b"}, "x.yaml", "name 'a/b'", "'a_b'"),
+    ({}, "/spaces/my space.yaml", "name (taken from the file name; set name:) 'my space'", "'my_space'"),
+])
+def test_a_space_name_that_would_break_paths_or_mlflow_filters_is_refused_in_one_line(data, source, shown, suggestion):
+    with pytest.raises(ConfigError) as info:
+        parse_space({**data, "rows": [{"label": "a"}]}, source)
+    assert str(info.value) == (f"{source}: {shown} may hold only letters, digits, '_', '-' and '.', starting with a letter "
+                               f"or digit (it names folders and MLflow queries); use e.g. {suggestion}")
+
+
+def test_every_shipped_space_name_is_a_valid_name():
+    for path in sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml")):
+        assert load_space(path).name == path.stem
+    assert parse_space({"name": "v1.2_ssim-tune", "rows": [{"label": "a"}]}, "x.yaml").name == "v1.2_ssim-tune"
 
 
 # ------------------------------------------------------------------- each ablation's own paper setting

@@ -235,7 +235,7 @@ def test_a_dataset_edited_at_the_same_path_names_another_teacher_at_the_next_lau
 
     monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
     root = tmp_path / "ds"
-    generate(root, train=3, val=2, size=64, seed=0, progress=False, workers=1)
+    generate(root, train=8, val=2, size=64, seed=0, progress=False, workers=1)  # the smoke batch: 8 images
     parser = argparse.ArgumentParser()
     parser.add_argument("--space", default=str(ROOT / "search_spaces" / "ablation_ssim.yaml"))
     add_arguments(parser)

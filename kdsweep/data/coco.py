@@ -23,6 +23,7 @@ from kdsweep.data.image_check import check_images, printer
 from kdsweep.data.synthetic import ensure_synthetic
 
 MAX_LINES_PER_KIND = 20
+RULES_VERSION = 2  # of validate_coco's checks: a clean result of older rules is checked again (_validation_stamp)
 SMALL, MEDIUM = 32**2, 96**2
 
 
@@ -184,13 +185,15 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _hashable(value: Any) -> bool:
-    """True when ``value`` can be a dict key (JSON lists and objects cannot)."""
-    try:
-        hash(value)
-    except TypeError:
+def _integer_id(value: Any) -> bool:
+    """True for a COCO id: a 64-bit integer (``3``, or ``3.0`` as some writers emit it), not a bool
+    or a string (training sorts category ids and keeps image ids in an int64 array: mixed types
+    cannot be sorted, a larger number not stored)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return True
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return False
+    return -2**63 <= int(value) < 2**63
 
 
 def _read_json(path: Path, report: ValidationReport) -> dict[str, Any] | None:
@@ -226,8 +229,9 @@ def _check_records(records: list[Any], kind: str, keys: tuple[str, ...], out: _P
         if missing:
             out.add(f"{kind}-key", f"{kind} {rec.get('id', '#' + str(i))}: missing field '{missing[0]}'")
             continue
-        if not _hashable(rec["id"]):
-            out.add(f"{kind}-id", f"{kind} #{i}: field 'id' {rec['id']!r} must be a number or string")
+        if not _integer_id(rec["id"]):
+            out.add(f"{kind}-id", f"{kind} #{i}: field 'id' {rec['id']!r} must be an integer (training needs 64-bit "
+                                  f"integer COCO ids); give every {kind} an integer id")
             continue
         if rec["id"] in by_id:
             out.add(f"{kind}-dup", f"{kind} {rec['id']}: duplicate id; ids must be unique")
@@ -262,10 +266,10 @@ def _check_images(images: dict[Any, dict[str, Any]], images_dir: Path | None, ou
 
 def _check_annotation(ann: dict[str, Any], images: dict, categories: dict, out: _Problems, report: ValidationReport) -> None:
     aid, bbox = ann["id"], ann["bbox"]
-    if not _hashable(ann["image_id"]) or ann["image_id"] not in images:
+    if not _integer_id(ann["image_id"]) or ann["image_id"] not in images:
         out.add("ann-image", f"annotation {aid}: image_id {ann['image_id']!r} is not an image id")
         return
-    if not _hashable(ann["category_id"]) or ann["category_id"] not in categories:
+    if not _integer_id(ann["category_id"]) or ann["category_id"] not in categories:
         out.add("ann-cat", f"annotation {aid}: category_id {ann['category_id']!r} is not a category id")
         return
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
@@ -314,6 +318,9 @@ def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *,
     _check_images(images, directory, out, decode=decode, progress=progress)
     for ann in annotations.values():
         _check_annotation(ann, images, categories, out, report)
+    if not data["images"]:
+        out.add("no-images", "field 'images' is empty: no image to train or evaluate on; "
+                "use an instances file that lists its images and their boxes")
     if images and not out.total and not report.class_counts:
         crowd = f" ({len(annotations)} crowd region(s) only)" if annotations else ""
         out.add("no-annotations", f"no annotations: {len(images)} image(s) and no box to learn or evaluate{crowd}; "
@@ -326,9 +333,10 @@ def validate_coco(ann_path: str | Path, images_dir: str | Path | None = None, *,
 
 def _validation_stamp(ann_path: Path, images_dir: str | Path | None, decode: bool) -> Path:
     """Marker file of a successful validation of this annotation file version and image folder
-    (``<key>.json`` after a full decode, ``<key>-headers.json`` after reading headers)."""
+    under these rules (:data:`RULES_VERSION`): ``<key>.json`` after a full decode,
+    ``<key>-headers.json`` after reading headers."""
     folder = Path(images_dir).resolve() if images_dir else ann_path.resolve().parent / "images"
-    key = kdsweep_paths.file_version_key(ann_path, str(folder))
+    key = kdsweep_paths.file_version_key(ann_path, f"{folder}|rules {RULES_VERSION}")
     return kdsweep_paths.home() / "validated" / f"{key}{'' if decode else '-headers'}.json"
 
 

@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,9 +21,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from kdsweep.config import ExperimentConfig, TrainConfig
 from kdsweep.data.batching import GroupedBatchSampler, aspect_ratio_groups
+from kdsweep.data.coco import DataError
 from kdsweep.data.dataset import CocoDetection, collate
 
-__all__ = ["Loaders", "build_loaders", "loader_processes"]
+__all__ = ["Loaders", "build_loaders", "check_steps", "loader_processes", "steps_per_epoch"]
 
 PREFETCH = 4  # batches per loader process
 
@@ -79,3 +81,33 @@ def build_loaders(data: Mapping[str, str], exp: ExperimentConfig, cfg: TrainConf
     shard = Subset(val_set, list(range(rank, len(val_set), world)))
     val = DataLoader(shard, batch_size=cfg.eval_batch_size, shuffle=False, **_options(processes, device, persistent=False))
     return Loaders(train, val, sampler, val_set)
+
+
+def steps_per_epoch(images: int, cfg: TrainConfig) -> int:
+    """Training steps of an epoch over ``images`` images, as :func:`build_loaders` batches them:
+    the DistributedSampler's ``drop_last`` share of each of ``num_workers`` ranks,
+    ``images // num_workers``, in whole batches of ``batch_size`` (grouped batching keeps that
+    count, :class:`~kdsweep.data.batching.GroupedBatchSampler`). 0 when ``images`` is below
+    ``batch_size * num_workers``."""
+    return images // cfg.num_workers // cfg.batch_size
+
+
+def check_steps(trials: Sequence[tuple[str, ExperimentConfig]], images: int, train_ann: str | Path) -> None:
+    """Raise a one-line :class:`DataError` for the first trial (or its teacher's run, for a row that
+    distils) whose epoch over the ``images`` training images of ``train_ann`` (at most
+    ``data.max_train_images``) would have no step: such a run would end without a loss to report.
+
+    ``trials``: ``[(row label, config), ...]``, every configuration of the launch
+    (:func:`~kdsweep.orchestrate.trials.variants`)."""
+    for label, exp in trials:
+        limit = exp.data.max_train_images
+        used = images if limit is None else min(images, limit)
+        for name, cfg in (("train", exp.train), ("teacher_train", exp.teacher_train))[: 2 if exp.kd else 1]:
+            if steps_per_epoch(used, cfg) == 0:
+                need = cfg.batch_size * cfg.num_workers
+                limited = f" (data.max_train_images {limit})" if limit is not None and limit < images else ""
+                more = "raise data.max_train_images" if limited else f"train on at least {need} images"
+                raise DataError(
+                    f"{train_ann}: row '{label}': {used} training image(s){limited} are fewer than one step's "
+                    f"{name}.batch_size {cfg.batch_size} x {name}.num_workers {cfg.num_workers} = {need}, so an epoch "
+                    f"would have no step; lower {name}.batch_size or {name}.num_workers (--num-workers), or {more}")

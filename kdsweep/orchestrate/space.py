@@ -57,6 +57,7 @@ from typing import Any, Mapping
 import yaml
 
 from kdsweep.config import ConfigError
+from kdsweep.names import check_space_name
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = ("name", "description", "metric", "mode", "baseline", "base", "rows", "space", "search", "presets")
@@ -261,7 +262,7 @@ def parse_space(data: Any, source: str) -> SearchSpace:
         raise ConfigError(f"{source}: base must be a mapping of config overrides")
     presets = _parse_presets(source, data.get("presets") or {})
     return SearchSpace(
-        name=str(data.get("name") or Path(source).stem),
+        name=check_space_name(str(data.get("name") or Path(source).stem), source, from_file_name=not data.get("name")),
         source=source,
         description=str(data.get("description") or ""),
         metric=str(data.get("metric", "AP")),
@@ -300,14 +301,22 @@ def _parse_presets(source: str, presets: Any) -> dict[str, dict[str, Any]]:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    """Read and parse a search-space YAML file (safe_load: data only)."""
+    """Read and parse a search-space YAML file: plain data only, no tag (``!!python/object:...``
+    and any other ``!tag``: safe_load refuses some with a traceback-free error and crashes on
+    others, ``!!int x``, so none is constructed)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such search-space file; check the path (e.g. search_spaces/ablation_ssim.yaml)")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        tagged = next((event for event in yaml.parse(text, Loader=yaml.SafeLoader) if getattr(event, "tag", None)), None)
+        data = yaml.safe_load(text) if tagged is None else None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         at = f" at line {line + 1}" if line is not None else ""
         raise ConfigError(f"{path}: not valid YAML{at}; fix the syntax") from None
+    if tagged is not None:
+        tag = tagged.tag.replace("tag:yaml.org,2002:", "!!")
+        raise ConfigError(f"{path}: the YAML tag {tag} at line {tagged.start_mark.line + 1} is not allowed: a search-space "
+                          "file holds plain data (mappings, lists, strings, numbers); remove the tag")
     return parse_space(data, str(path))
