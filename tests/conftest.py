@@ -107,8 +107,11 @@ class RayNodes:
     (it carries the marker, so that whatever Ray starts for it is found on ``stop``)."""
 
     def __init__(self, base_env: dict[str, str], log_dir: Path) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")
-        self._env = dict(base_env, **{MARKER: self.temp_dir})
+        # RAY_TMPDIR/ray is the head's --temp-dir: Ray's default temp dir for every process of the
+        # test, where `ray start` writes the address a launch finds (runner.ray_start_address)
+        base = tempfile.mkdtemp(prefix="r", dir="/tmp")
+        self.temp_dir = f"{base}/ray"
+        self._env = dict(base_env, **{MARKER: self.temp_dir, "RAY_TMPDIR": base})
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen] = []
 

@@ -157,6 +157,10 @@ SPACE_CASES: dict[str, Case] = {
                                            expect=("row 'a'", "config.trian is unknown", "known fields: data")),
     "unknown mimicdet option": Case("", "rows:\n  - label: a\n    student: {arch: mimicdet, options: {stagered: false}}\n",
                                     expect=("row 'a'", "student.options.stagered is unknown for mimicdet", "known: ")),
+    "space name with an apostrophe (--resume's MLflow filter)": Case(
+        "", "name: \"it's\"\n" + ROW_L2, expect=("name \"it's\"", "may hold only letters, digits, '_', '-' and '.'", "use e.g. 'it_s'")),
+    "a Python tag": Case("", "name: !!python/object:os.system {}\n" + ROW_L2,
+                         expect=("the YAML tag !!python/object:os.system at line 1 is not allowed", "remove the tag")),
 }
 
 
@@ -199,6 +203,11 @@ DATA_CASES: dict[str, Case] = {
                                "val.json", _dataset(_coco(images=lambda imgs: imgs[1].update(file_name="nope.png")))),
     "bbox outside the image": Case("", BASELINE, DATA_ARGS, ("annotation 2", "bbox [60, 10, 12, 8]", "outside image 2", "clip it"),
                                    "val.json", _dataset(_coco(annotations=lambda anns: anns[1].update(bbox=[60, 10, 12, 8])))),
+    "no images": Case("", BASELINE, DATA_ARGS, ("field 'images' is empty", "use an instances file that lists its images"),
+                      "val.json", _dataset({"images": [], "annotations": [], "categories": [{"id": 1, "name": "car"}]})),
+    "category ids of mixed types": Case("", BASELINE, DATA_ARGS,
+                                        ("category #1", "field 'id' '2' must be an integer", "give every category an integer id"),
+                                        "val.json", _dataset(_coco(categories=lambda cats: cats.append({"id": "2", "name": "bus"})))),
 }
 
 CASES: dict[str, Case] = {}
@@ -223,6 +232,15 @@ CASES.update({
     "ablation: missing.yaml": Case("ablation", None, [], ("no such search-space file", "check the path"), "missing.yaml"),
     "sweep: --num-samples 0": Case("sweep", BASELINE, ["--num-samples", "0"], ("--num-samples", "must be >= 1"), ""),
 })
+SMALL = ("row 'baseline'", "2 training image(s) are fewer than one step's train.batch_size 8 x train.num_workers 1 = 8",
+         "lower train.batch_size or train.num_workers", "train on at least 8 images")
+OUTSIDE = ("--experiment '../outside'", "must not contain '/'", "use e.g. kdsweep-mine")
+for _entry in ("ablation", "sweep-run"):  # valid files, 2 training images, the smoke preset's batch of 8: no step per epoch
+    CASES[f"{_entry}: fewer training images than one step"] = Case(_entry, BASELINE, DATA_ARGS, SMALL, "train.json",
+                                                                  _dataset(_coco()))
+    CASES[f"{_entry}: --experiment out of KDSWEEP_HOME"] = Case(_entry, BASELINE, [*DATA_ARGS, "--experiment", "../outside"],
+                                                               OUTSIDE, "", _dataset(_coco()))
+CASES["sweep: --experiment out of KDSWEEP_HOME"] = Case("sweep", BASELINE, ["--experiment", "../outside"], OUTSIDE, "")
 
 
 def _fill(text: str, folder: Path) -> str:

@@ -194,3 +194,150 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         assert run.info.end_time == end_time and "kdsweep.resumed" not in run.data.tags
     names = [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert "ablation.parquet" in names and "ablation.md" in names
+
+
+# --- issue 21: placements that can never be met, launches at once, a launcher killed -------------
+PLACE = """
+import os, sys
+from kdsweep.config import ExperimentConfig, from_dict
+from kdsweep.data.coco import resolve_data
+from kdsweep.orchestrate.runner import RunPlan, init_ray, run_trials
+from kdsweep.orchestrate.space import parse_space
+from kdsweep.orchestrate.trials import row_configs, tune_param_space
+from kdsweep.report.tables import trial_frame
+import json, ray
+preset = json.loads(sys.argv[1])
+space = parse_space({"name": "place", "rows": [{"label": "baseline"}]}, "place.yaml")
+data = {k: str(v) for k, v in resolve_data(from_dict(ExperimentConfig, preset).data).__dict__.items()}
+init_ray(num_cpus=2, num_gpus=8)  # one node: 8 (fake) GPUs, 2 CPUs
+plan = RunPlan(rows=row_configs(space, preset), data=data, storage_path=sys.argv[2])
+results, _ = run_trials(plan, tune_param_space(space, [0]), name="place", callbacks=[], max_concurrent_trials=1)
+[record] = trial_frame(results).to_dict("records")
+print("RESULT", json.dumps({"status": record["status"], "error": record.get("error") or ""}), flush=True)
+ray.shutdown()
+"""
+
+
+def test_a_placement_that_can_never_be_met_ends_the_trial_with_its_reason(tmp_path):
+    """8 GPU workers x 0.25 CPU on a node of 8 GPUs and 2 CPUs, whose Tune driver holds 0.05 CPU:
+    no placement ever fits. Ray Train used to retry starting the workers forever (here: the
+    test's timeout); now the trial ends after the placement wait, with a one-line reason."""
+    import json
+
+    preset = _preset(epochs=1, train_images=16)
+    preset["train"] = dict(preset["train"], num_workers=8, cpus_per_worker=0.25, use_gpu=True, placement_strategy="auto")
+    env = dict(os.environ, KDSWEEP_HOME=str(tmp_path / "home"), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5", KDSWEEP_PLACEMENT_WAIT_S="10")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-c", PLACE, json.dumps(preset), str(tmp_path / "ray")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail("the trial still waited for its workers after 300 s:\n" + out[-2000:])
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert lines, out[-3000:]
+    record = json.loads(lines[-1][len("RESULT "):])
+    assert record["status"] == "FAILED"
+    assert "Ray could not place the 8 worker(s)" in record["error"] and "in 10 s" in record["error"]
+    assert "lower --num-workers" in record["error"] and "\n" not in record["error"]
+
+
+TWO_ROWS = {"name": "together", "rows": [{"label": "baseline", "kd": []}, {"label": "l2", "kd": [{"loss": "l2", "adapter": True}]}]}
+
+
+def _store_runs(home: Path):
+    """Every run of the embedded MLflow store under ``home``, in every experiment."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home}/mlflow/mlflow.db")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, max_results=1000)
+
+
+def test_two_launches_at_once_train_their_teacher_once_and_both_finish(tmp_path):
+    """Two launches of one smoke ablation at once, into one KDSWEEP_HOME: each runs on a Ray of its
+    own (neither joins the other's, which would end with it), one trains the teacher and the other
+    waits for it and reuses it; both exit 0 and no run is left RUNNING."""
+    import tempfile
+
+    space_file = tmp_path / "together.yaml"
+    space_file.write_text(yaml.safe_dump(TWO_ROWS))
+    # Ray's default, token authentication, with a HOME of the test's own (the token goes there)
+    env = dict(os.environ, KDSWEEP_HOME=str(tmp_path / "home"), HOME=tempfile.mkdtemp(prefix="h", dir="/tmp"),
+               RAY_USAGE_STATS_ENABLED="0")
+    for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(var, None)
+    cmd = [sys.executable, str(ROOT / "launch" / "ablation_ssim.py"), "--space", str(space_file), "--preset", "smoke",
+           "--max-concurrent", "1", "--no-throughput"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for _ in range(2)]
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=1500)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out[-3000:]
+    runs = _store_runs(tmp_path / "home")
+    teachers = [r for r in runs if r.data.tags.get("kdsweep.role") == "teacher"]
+    assert [r.info.status for r in teachers] == ["FINISHED"], "\n=====\n".join(
+        "\n".join(line for line in out.splitlines() if line.startswith("kdsweep")) for out in outs)  # trained once
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert sum("reusing teacher run" in out for out in outs) == 1
+    assert sum("started a private Ray instance" in out and "authentication: token" in out for out in outs) == 2
+    parents = [r for r in runs if r.data.tags.get("kdsweep.role") == "ablation"]
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED"]
+
+
+def test_a_launcher_killed_while_its_teacher_trains_resumes_to_its_table(tmp_path):
+    """SIGKILL to the launcher (nothing runs its handlers) while the teacher trains; the same
+    command with --resume continues from there (the teacher's Tune run from its checkpoint, or
+    anew without one), runs the students and prints the table; nothing is left RUNNING."""
+    space_file = tmp_path / "killed.yaml"
+    # a teacher of 3 epochs, killed after the first: --resume continues it from that checkpoint
+    space_file.write_text(yaml.safe_dump(dict(TWO_ROWS, name="killed", base={"teacher_train": {"epochs": 3}})))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = dict(os.environ, KDSWEEP_HOME=str(tmp_path / "home"), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(ROOT / "launch" / "ablation_ssim.py"), "--space", str(space_file), "--preset", "smoke",
+           "--tracking-uri", uri, "--experiment", "killed", "--max-concurrent", "1", "--no-throughput"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        teacher = None
+        while time.time() < deadline and proc.poll() is None and teacher is None:
+            client, runs = _runs(uri, "killed")
+            started = [r for r in runs if r.data.tags.get("kdsweep.role") == "teacher" and r.info.status == "RUNNING"]
+            teacher = started[0] if started and "epoch" in client.get_run(started[0].info.run_id).data.metrics else None
+            time.sleep(0.5)
+        assert teacher is not None, "the teacher did not report an epoch before the deadline"
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher alone
+        proc.wait(timeout=60)
+        time.sleep(5)  # Ray's reaper ends the launcher's private instance
+        again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=1200)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert "| baseline |" in again.stdout and "| l2 |" in again.stdout  # the table
+    assert "FileNotFoundError" not in out
+    assert "continuing the interrupted launch's teacher training from its last checkpoint" in again.stdout
+    client, runs = _runs(uri, "killed")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    [parent] = [r for r in runs if r.data.tags.get("kdsweep.role") == "ablation"]
+    assert parent.info.status == "FINISHED"
+    teachers = [r for r in runs if r.data.tags.get("kdsweep.role") == "teacher"]
+    assert [r.info.run_id for r in teachers] == [teacher.info.run_id]  # the killed run, continued and FINISHED
+    assert teachers[0].info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(teacher.info.run_id, "AP"))
+    assert steps == [1, 2, 3]  # epoch 1 was not trained again
+    assert "launcher failed" not in str([r.data.tags for r in runs])  # no misleading FAILED reason

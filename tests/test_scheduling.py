@@ -13,7 +13,7 @@ from kdsweep.config import ConfigError, ExperimentConfig, ModelConfig, TrainConf
 from kdsweep.models.detectors import build_detector
 from kdsweep.orchestrate.launch import add_arguments, prepare
 from kdsweep.orchestrate.preflight import offline_weights
-from kdsweep.orchestrate.scheduling import max_concurrent, parse_concurrency, placement, scale_lr
+from kdsweep.orchestrate.scheduling import fits, max_concurrent, parse_concurrency, placement, scale_lr, start_retries
 from kdsweep.orchestrate.trials import teacher_hash
 from kdsweep.presets import PRESETS
 from kdsweep.report.throughput import throughput_device
@@ -51,6 +51,31 @@ def test_auto_counts_cpu_trials_by_cpus() -> None:
     quick = from_dict(TrainConfig, PRESETS["quick"].experiment["train"])  # 1 worker x 0.9 CPU
     assert max_concurrent("auto", [quick], {"CPU": 2.0})[0] == 2
     assert max_concurrent("auto", [dataclasses.replace(quick, num_workers=2)], {"CPU": 2.0})[0] == 1
+
+
+def test_auto_placement_never_strict_packs_a_node_whose_cpus_the_workers_take_exactly() -> None:
+    """8 workers x 4 CPUs on an 8-GPU, 32-CPU node: the trial's own Tune driver holds 0.05 CPU there
+    (or anything else a fraction), so STRICT_PACK could never be met and Ray Train retried forever."""
+    paper = _paper_train()
+    assert placement(paper, [{"GPU": 8.0, "CPU": 32.0}]) == "PACK"
+    assert placement(paper, [{"GPU": 8.0, "CPU": 32.0}, {"GPU": 8.0, "CPU": 33.0}]) == "STRICT_PACK"
+
+
+def test_a_run_waits_for_its_workers_a_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KDSWEEP_PLACEMENT_WAIT_S", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
+    assert start_retries() == (9, 600.0)  # 10 attempts of Ray Train's 60 s: never -1 (forever)
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "7")
+    monkeypatch.setenv("KDSWEEP_PLACEMENT_WAIT_S", "20")
+    assert start_retries() == (2, 21.0)
+
+
+def test_a_cluster_too_small_for_a_run_is_said_in_one_line() -> None:
+    paper = _paper_train()
+    assert fits([paper], {"GPU": 8.0, "CPU": 33.0}) is None
+    line = fits([paper], {"GPU": 8.0, "CPU": 32.0})
+    assert line == "a run of 8 worker(s) x 4 CPU + 1 GPU needs 32.05 CPU with its trial driver, and the cluster has 32 CPU"
+    assert "needs 8 GPU" in fits([paper], {"CPU": 64.0})
 
 
 def test_auto_placement_packs_a_trial_into_one_node_when_one_node_holds_it() -> None:

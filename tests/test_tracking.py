@@ -137,3 +137,23 @@ def test_child_runs_are_named_row_and_seed_with_flat_kd_params():
     name, params, tags, _ = TrialDescriber(rows={"ssim": exp}, samplers={}, role="student")({"row": "ssim", "seed": 2})
     assert name == "ssim / seed 2" and tags["kdsweep.row"] == "ssim" and tags["kdsweep.seed"] == "2"
     assert params["kd.ssim.weight"] == 3.0 and params["kd.ssim.alpha"] == 0.5 and params["kd.l2.weight"] == 1.0
+
+
+def _open_store(uri: str) -> str:
+    from kdsweep.report.tracking import Tracker
+
+    try:
+        return Tracker(uri, "together").experiment_id
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return f"{type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"
+
+
+def test_launches_opening_a_new_sqlite_store_at_once_all_get_it(tmp_path):
+    """Two launches into one fresh KDSWEEP_HOME: MLflow creates the SQLite store's tables on first
+    use, and processes doing that together failed ("Online migration expected to match one row")."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        ids = pool.map(_open_store, [uri] * 4)
+    assert len(set(ids)) == 1 and ids[0].isdigit(), ids

@@ -88,6 +88,7 @@ def _throughput(prepared: Prepared, session: Session, with_teacher: bool) -> dic
 
 def _body(args: argparse.Namespace, prepared: Prepared, session: Session, seeds: list[int]) -> int:
     init_ray(args.ray_address)
+    prepared.check_cluster(ray.cluster_resources())
     max_concurrent, why = prepared.concurrency(args.max_concurrent, ray.cluster_resources())
     print(f"kdsweep: {why}", flush=True)
     teachers = acquire_teachers(session, prepared, max_concurrent)

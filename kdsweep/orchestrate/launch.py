@@ -27,8 +27,11 @@ from kdsweep import paths
 from kdsweep.config import ConfigError, ExperimentConfig, merge, teacher_model, to_dict
 from kdsweep.data.annotations import ensure_compact
 from kdsweep.data.coco import data_version, load_validated, resolve_data
+from kdsweep.data.loader import check_steps
+from kdsweep.names import check_experiment_name
+from kdsweep.orchestrate.liveness import Heartbeat, describe_launch, launch_alive
 from kdsweep.orchestrate.preflight import RowModels, dataset_classes, describe_row, preflight
-from kdsweep.orchestrate.scheduling import max_concurrent, parse_concurrency, scale_lr
+from kdsweep.orchestrate.scheduling import fits, max_concurrent, parse_concurrency, scale_lr, start_retries
 from kdsweep.orchestrate.space import Sampler, SearchSpace, load_space
 from kdsweep.orchestrate.trials import row_configs, trial_config, variants
 from kdsweep.presets import PRESETS, Preset, get_preset
@@ -81,6 +84,8 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None and value < 1:
             raise ConfigError(f"--{option.replace('_', '-')} {value} must be >= 1")
     parse_concurrency(getattr(args, "max_concurrent", None))
+    if getattr(args, "experiment", None):
+        check_experiment_name(args.experiment)
     if args.num_workers:
         train["num_workers"] = args.num_workers
     if args.use_gpu:
@@ -131,6 +136,15 @@ class Prepared:
         exps = list(self.rows.values())
         return max_concurrent(value, [e.train for e in exps] + [e.teacher_train for e in exps if e.kd], cluster)
 
+    def check_cluster(self, cluster: Mapping[str, float]) -> None:
+        """Say in one line (stderr) when ``cluster`` (``ray.cluster_resources()``) cannot hold the
+        largest run of the launch: its trials then wait for an autoscaler, and end with that reason."""
+        exps = list(self.rows.values())
+        short = fits([e.train for e in exps] + [e.teacher_train for e in exps if e.kd], cluster)
+        if short:
+            print(f"kdsweep: warning: {short}; such trials wait {start_retries()[1]:.0f} s for the resources "
+                  "(an autoscaler), then end", file=sys.stderr, flush=True)
+
     @property
     def source(self) -> str:
         return self.space.source
@@ -178,9 +192,11 @@ def prepare(args: argparse.Namespace, with_data: bool = True) -> Prepared:
     data: dict[str, str] = {}
     if with_data:
         data_paths = resolve_data(next(iter(rows.values())).data)
+        counts = []
         for ann, images in ((data_paths.train_ann, data_paths.train_images), (data_paths.val_ann, data_paths.val_images)):
-            load_validated(ann, images)
+            counts.append(load_validated(ann, images).num_images)
             ensure_compact(ann)  # once, here: the workers memory-map it (kdsweep.data.annotations)
+        check_steps(configs, counts[0], data_paths.train_ann)  # batch_size x num_workers fits the training images
         data = {k: str(v) for k, v in data_paths.__dict__.items()}
         data["version"] = data_version(data_paths)  # once, here: the teachers' identity (trials.teacher_hash)
     return Prepared(preset, space, rows, models, data, tuple(notes))
@@ -223,6 +239,7 @@ class Session:
     tune_name: str
     resumed: bool
     storage: str
+    heartbeat: Heartbeat | None = None  # the parent's heartbeat (kdsweep.orchestrate.liveness), stopped by run_guarded
 
     @property
     def uri(self) -> str:
@@ -243,12 +260,11 @@ def open_session(args: argparse.Namespace, prepared: Prepared, *, role: str, tit
     tracker = Tracker(uri, args.experiment or f"kdsweep-{space.name}")
     tags = {TAG_ROLE: role, "kdsweep.space": space.name, "kdsweep.preset": prepared.preset.name}
     if args.resume:
-        run = tracker.find_resumable(tags)
-        if run is None or TAG_TUNE not in run.data.tags:
-            raise ConfigError(f"--resume: no interrupted run of '{title}' in this MLflow experiment; run without --resume")
+        run = resumable(tracker, tags, title)
         tracker.client.update_run(run.info.run_id, status="RUNNING")
         tracker.client.set_tag(run.info.run_id, "kdsweep.resumed", "true")
-        session = Session(tracker, run.info.run_id, run.data.tags[TAG_TUNE], True, storage_path(args))
+        session = Session(tracker, run.info.run_id, run.data.tags[TAG_TUNE], True, storage_path(args),
+                          Heartbeat(tracker, run.info.run_id).start())
     else:
         paper = space.reproduces(prepared.preset.name)
         parent = tracker.start_run(title, tags={**tags, **({"kdsweep.reproduces": paper} if paper else {})})
@@ -258,10 +274,27 @@ def open_session(args: argparse.Namespace, prepared: Prepared, *, role: str, tit
         tracker.log_text(parent, Path(space.source).read_text(), "search_space.yaml")
         if prepared.notes:
             tracker.log_text(parent, "\n".join(prepared.notes) + "\n", "launch_notes.txt")
-        session = Session(tracker, parent, tune_name, False, storage_path(args))
+        session = Session(tracker, parent, tune_name, False, storage_path(args), Heartbeat(tracker, parent).start())
     experiment = tracker.client.get_experiment(tracker.experiment_id).name
     print(f"kdsweep: MLflow {uri} experiment '{experiment}' parent run {session.parent}", flush=True)
     return session
+
+
+def resumable(tracker: Tracker, tags: Mapping[str, str], title: str) -> Any:
+    """The newest parent run with ``tags`` that did not finish and whose launch is not alive
+    (:func:`~kdsweep.orchestrate.liveness.launch_alive`): a launch that is still running is never
+    taken over.
+
+    Raises:
+        ConfigError: nothing to resume, or the newest unfinished launch is still running (one line).
+    """
+    for run in tracker.unfinished(tags):
+        if launch_alive(run):
+            raise ConfigError(f"--resume: run {run.info.run_id} of '{title}' is still running ({describe_launch(run)}); "
+                              "wait for it, or stop it (Ctrl-C, kill its launcher) and then --resume")
+        if TAG_TUNE in run.data.tags:
+            return run
+    raise ConfigError(f"--resume: no interrupted run of '{title}' in this MLflow experiment; run without --resume")
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -292,6 +325,8 @@ def run_guarded(session: Session, body: Callable[[], int]) -> int:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if session.heartbeat is not None:
+            session.heartbeat.stop()
 
 
 def end_session(session: Session, failed: int, total: int) -> int:

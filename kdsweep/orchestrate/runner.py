@@ -15,10 +15,13 @@ checkpoint; anything else ends the trial at once with its one-line reason (:func
 from __future__ import annotations
 
 import os
+import secrets
 import signal
+import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
@@ -40,14 +43,14 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from kdsweep.config import ExperimentConfig
 from kdsweep.orchestrate.space import Sampler
-from kdsweep.orchestrate.scheduling import placement
+from kdsweep.orchestrate.scheduling import placement, start_retries
 from kdsweep.orchestrate.trials import trial_config
 from kdsweep.report.tracking import summarize_error
 from kdsweep.train.worker import train_fn_per_worker
 
 DRIVER_CPU = 0.05
 
-__all__ = ["DRIVER_CPU", "RunPlan", "TrialFailure", "classify_failure", "init_ray", "interrupted", "join_storage",
+__all__ = ["DRIVER_CPU", "RunPlan", "TrialFailure", "can_restore", "classify_failure", "init_ray", "interrupted", "join_storage",
            "run_trials", "storage_checkpoint", "train_driver_fn"]
 
 
@@ -115,7 +118,9 @@ def classify_failure(error: BaseException) -> tuple[str, str]:
 def train_driver_fn(config: dict[str, Any], plan: RunPlan) -> None:
     """Tune trainable: fit one ``TorchTrainer`` for this trial (resumes if its run exists).
 
-    Failures: Ray Train itself retries nothing but preemptions (``FailureConfig(max_failures=0)``).
+    Failures: Ray Train itself retries nothing but preemptions (``FailureConfig(max_failures=0)``)
+    and starting the workers, for :data:`~kdsweep.orchestrate.scheduling.PLACEMENT_WAIT_S` in all
+    (then the trial ends: the placement cannot be met).
     Here a run whose workers or nodes were lost is fitted again under the same name, so it resumes
     from its last checkpoint, up to ``plan.max_failures`` times; any other failure (a non-finite
     loss, out of memory, a config error, a bug) ends the trial at once with a
@@ -129,27 +134,34 @@ def train_driver_fn(config: dict[str, Any], plan: RunPlan) -> None:
         resources["GPU"] = 1
     label = f"{config['row']} s{config.get('seed', train_cfg.seed)}"
     restarts = 0
+    retries, waited = start_retries()
     while True:
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]  # again after a lost node
+        strategy = placement(train_cfg, nodes)
         trainer = TorchTrainer(
             train_fn_per_worker,
             train_loop_config={"experiment": exp, "data": dict(plan.data), "teacher_state": plan.teachers.get(config["row"]),
                                "label": label},
             torch_config=TorchConfig(backend=None),
             scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-                                         resources_per_worker=resources, placement_strategy=placement(train_cfg, nodes)),
+                                         resources_per_worker=resources, placement_strategy=strategy),
             run_config=RunConfig(
                 name=f"train-{trial_id}",
                 storage_path=plan.storage_path,
                 callbacks=[TuneReportCallback()],
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                failure_config=FailureConfig(max_failures=0),
+                failure_config=FailureConfig(max_failures=0, controller_failure_limit=retries),
             ),
         )
         try:
             trainer.fit()
             return
         except TrainingFailedError as exc:
+            if type(getattr(exc, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
+                raise TrialFailure(
+                    f"Ray could not place the {train_cfg.num_workers} worker(s) of {resources} ({strategy}) in {waited:.0f} s: "
+                    "the cluster never had them free; free them, add a node, or lower --num-workers / "
+                    "train.cpus_per_worker (not retried)") from None
             kind, reason = classify_failure(exc)
             if kind == "lost" and restarts < plan.max_failures:
                 restarts += 1
@@ -185,7 +197,7 @@ def run_trials(
     trainable = tune.with_resources(tune.with_parameters(train_driver_fn, plan=plan), {"cpu": DRIVER_CPU})
     if restore:
         path = join_storage(plan.storage_path, name)
-        if not tune.Tuner.can_restore(path):
+        if not can_restore(plan.storage_path, name):
             raise FileNotFoundError(f"--resume: no Tune state at {path}; start the sweep without --resume")
         return _fit(tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True))
     tuner = tune.Tuner(
@@ -239,6 +251,11 @@ def interrupted(results: Any) -> bool:
     return len(results) > results.num_terminated + results.num_errors
 
 
+def can_restore(storage: str, name: str) -> bool:
+    """Whether the Tune run ``name`` under ``storage`` stored a state that ``Tuner.restore`` continues."""
+    return tune.Tuner.can_restore(join_storage(storage, name))
+
+
 def join_storage(storage: str, name: str) -> str:
     """``storage/name`` for a local path or a URI, keeping a URI's query (e.g.
     ``s3://bucket/runs?endpoint_override=host:9000`` -> ``s3://bucket/runs/name?endpoint_override=...``)."""
@@ -260,28 +277,105 @@ def storage_checkpoint(storage: str, path: str) -> Checkpoint:
     return Checkpoint(path=path, filesystem=filesystem)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to Ray: ``address`` (``--ray-address``) or ``RAY_ADDRESS`` (set by ``ray job
-    submit``); else a Ray instance already running on this machine (``ray start --head``), as
-    ``ray.init()`` itself would; else a private local Ray on 127.0.0.1 that ends with the launcher.
+def ray_start_address() -> str | None:
+    """The address of the Ray instance that ``ray start --head`` left on this machine, if its GCS
+    answers: Ray writes it to ``ray_current_cluster`` in its default temp dir (``RAY_TMPDIR`` or
+    ``TMPDIR``, else /tmp, then ``ray/``) and ``ray stop`` removes it. A private instance that
+    another launcher's ``ray.init()`` started is never written there, so it is never joined."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    try:
+        address = (Path(base) / "ray" / "ray_current_cluster").read_text().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return address
+    except (OSError, ValueError):
+        return None  # a `ray start` that died without `ray stop`
 
-    Connecting to the running instance is what a user who started one expects, and the only safe
-    choice: a second instance beside it breaks Ray's own helpers, which look their cluster up on
-    the machine ("Found multiple active Ray instances") and would leak placement groups.
+
+def private_temp_dir() -> str:
+    """Root temp dir of a launcher's private Ray: one per user (``/tmp/ray`` may belong to another
+    user of the machine), short (Ray's unix socket paths are limited to about 100 bytes)."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    path = Path(base) / f"kdsweep-ray-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return str(path)
+
+
+def ensure_token() -> Path | None:
+    """Create Ray's token file (``~/.ray/auth_token``, mode 600) when a private instance will use
+    token authentication (``RAY_AUTH_MODE`` unset or ``token``, no ``RAY_AUTH_TOKEN`` or
+    ``RAY_AUTH_TOKEN_PATH``) and there is none yet; returns its path then. Written whole and
+    linked into place, so that two launches starting at once agree on one token (Ray's own writer
+    could give each its own, and a worker of one instance would then load the other's)."""
+    if (os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN")
+            or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        return None
+    path = Path.home() / ".ray" / "auth_token"
+    if path.exists():
+        return None
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".auth_token.{os.getpid()}")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another launch's token came first: both use it
+    finally:
+        tmp.unlink()
+    return path
+
+
+def _free_local_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_private_api: list[str | None] = [None]  # the State API address this process set for its private instance
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Connect to Ray: ``address`` (``--ray-address``) or ``RAY_ADDRESS`` (set by ``ray job
+    submit``); else the instance ``ray start --head`` runs on this machine
+    (:func:`ray_start_address`), which outlives the launch; else a private instance that ends
+    with the launcher. ``num_cpus``/``num_gpus`` size the private instance (tests: fake GPUs).
+
+    The private instance (``address="local"``: never another launcher's private instance, which
+    ends when that launcher ends and takes this launch's trials with it):
+
+    * keeps Ray's token authentication, which Ray 2.60 turns on for a new local instance unless
+      ``RAY_AUTH_MODE`` is set (a user's setting is kept). Ray's GCS, raylet and workers listen on
+      every interface of the machine whatever node address is asked for; with the token, a client
+      without it is refused (``tests/test_runner.py``);
+    * has its own temp dir (:func:`private_temp_dir`) and free ports, and its dashboard on
+      127.0.0.1 at a port chosen here: ``RAY_API_SERVER_ADDRESS`` names it for every process of
+      the instance, so Ray's State API (which Train's controller queries) reaches this instance
+      and not another one on the machine ("Found multiple active Ray instances").
     """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if _private_api[0] and os.environ.get("RAY_API_SERVER_ADDRESS") == _private_api[0]:
+        del os.environ["RAY_API_SERVER_ADDRESS"]  # set for an earlier private instance of this process
     if address:
         # Keep the job's runtime env (``ray job submit --working-dir``): pass none of our own.
         ray.init(address=address)
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    try:
-        ray.init(address="auto")  # the instance `ray start` left on this machine, if any
-    except ConnectionError:
-        # The dashboard serves Ray's State API, which Train's controller queries; bind it locally.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    started = ray_start_address()
+    if started:
+        ray.init(address=started)
+        print(f"kdsweep: using the Ray instance `ray start` runs on this machine ({started}); "
+              "pass --ray-address to use another cluster", flush=True)
         return
-    print(f"kdsweep: using the Ray instance already running on this machine ({ray.get_runtime_context().gcs_address}); "
-          "pass --ray-address to use another cluster", flush=True)
+    ensure_token()
+    port = _free_local_port()
+    _private_api[0] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # the instance's processes inherit it
+    context = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=port, _node_ip_address="127.0.0.1", _temp_dir=private_temp_dir())
+    auth = os.environ.get("RAY_AUTH_MODE", "token")
+    print(f"kdsweep: started a private Ray instance for this launch (GCS {context.address_info['gcs_address']}, "
+          f"dashboard 127.0.0.1:{port}, authentication: {auth})", flush=True)

@@ -9,8 +9,11 @@ and the Tune trial driver call them with the live figures.
   holds, the cluster's GPUs divided by the GPUs one trial takes (its workers), or its CPUs divided
   by a trial's CPUs for CPU runs. It is the default of the GPU presets.
 * **Placement** (:func:`placement`): ``auto`` packs a trial's workers onto one node
-  (``STRICT_PACK``) when one node holds them all, so that NCCL's all-reduce stays inside the node
-  (NVLink/PCIe rather than the network); otherwise ``PACK`` (as few nodes as Ray can).
+  (``STRICT_PACK``) when one node holds them all with a CPU to spare for the Tune drivers, so that
+  NCCL's all-reduce stays inside the node (NVLink/PCIe rather than the network); otherwise
+  ``PACK`` (as few nodes as Ray can). A run whose workers Ray cannot start within
+  :data:`PLACEMENT_WAIT_S` ends its trial with a one-line reason (:func:`start_retries`), and a
+  cluster too small for a run is said at launch (:func:`fits`).
 * **Linear scaling rule** (:func:`scale_lr`; Goyal et al. 2017, "Accurate, Large Minibatch SGD",
   §2.1: "when the minibatch size is multiplied by k, multiply the learning rate by k"): when
   ``--num-workers`` changes a run's global batch (workers x batch per worker), its learning rate
@@ -23,12 +26,15 @@ and the Tune trial driver call them with the live figures.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kdsweep.config import ConfigError, ExperimentConfig, TrainConfig
 
-__all__ = ["AUTO", "max_concurrent", "parse_concurrency", "placement", "scale_lr", "trial_resources"]
+__all__ = ["AUTO", "DRIVERS_CPU", "PLACEMENT_WAIT_S", "fits", "max_concurrent", "parse_concurrency", "placement",
+           "scale_lr", "start_retries", "trial_resources"]
 
 AUTO = "auto"
 
@@ -77,17 +83,56 @@ def max_concurrent(value: int | str, configs: Iterable[TrainConfig], cluster: Ma
     return count, f"--max-concurrent auto: {count} trial(s) at once ({have:g} CPU(s) in the cluster, {per_trial:g} per trial)"
 
 
+DRIVERS_CPU = 1.0
+"""CPUs kept free on a node beside a run's workers for ``auto`` to pick ``STRICT_PACK`` there: the
+Tune trial drivers (0.05 CPU each, :data:`kdsweep.orchestrate.runner.DRIVER_CPU`) and anything
+else that holds a fraction of a CPU. Without it, an 8-GPU node whose CPUs the 8 workers take
+exactly can never hold them all while one driver sits on it: ``STRICT_PACK`` would wait forever."""
+
+
 def placement(cfg: TrainConfig, nodes: Iterable[Mapping[str, float]]) -> str:
     """Ray Train's placement strategy for one run of ``cfg``: the configured one, or for ``auto``
     ``STRICT_PACK`` when one of ``nodes`` (each alive node's total resources, ``ray.nodes()[i]
-    ["Resources"]``) holds every worker, else ``PACK``."""
+    ["Resources"]``) holds every worker with :data:`DRIVERS_CPU` to spare, else ``PACK``."""
     if cfg.placement_strategy != AUTO:
         return cfg.placement_strategy
     need = trial_resources(cfg)
+    need["CPU"] += DRIVERS_CPU
     for node in nodes:
         if all(float(node.get(key, 0.0)) >= amount for key, amount in need.items()):
             return "STRICT_PACK"
     return "PACK"
+
+
+PLACEMENT_WAIT_S = 600.0
+"""How long a run waits for its workers' resources before its trial ends with a one-line reason
+(``KDSWEEP_PLACEMENT_WAIT_S`` overrides it): Ray Train tries to start the worker group for
+``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s by default) and, left alone, tries again forever."""
+
+
+def start_retries() -> tuple[int, float]:
+    """``(controller_failure_limit, seconds waited in all)`` for Ray Train's ``FailureConfig``:
+    enough start attempts of ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` each to wait
+    :data:`PLACEMENT_WAIT_S` (an autoscaler adding a node in that time is waited for)."""
+    wait = float(os.environ.get("KDSWEEP_PLACEMENT_WAIT_S", PLACEMENT_WAIT_S))
+    attempt = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    attempts = max(1, math.ceil(wait / attempt))
+    return attempts - 1, attempts * attempt
+
+
+def fits(cfgs: Iterable[TrainConfig], cluster: Mapping[str, float]) -> str | None:
+    """None when the cluster's resources (``ray.cluster_resources()``) hold the largest of
+    ``cfgs``'s runs and a trial driver; else the one line that says what is missing."""
+    for cfg in cfgs:
+        need = trial_resources(cfg)
+        need["CPU"] += 0.05
+        short = {k: v for k, v in need.items() if float(cluster.get(k, 0.0)) < v}
+        if short:
+            have = ", ".join(f"{float(cluster.get(k, 0.0)):g} {k}" for k in short)
+            want = ", ".join(f"{v:g} {k}" for k, v in short.items())
+            return (f"a run of {cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU"
+                    f"{' + 1 GPU' if cfg.use_gpu else ''} needs {want} with its trial driver, and the cluster has {have}")
+    return None
 
 
 def scale_lr(exp: ExperimentConfig, base: ExperimentConfig) -> tuple[ExperimentConfig, list[str]]:

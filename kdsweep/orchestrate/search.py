@@ -186,6 +186,7 @@ def _body(args: argparse.Namespace, prepared: Prepared, session: Session, plan: 
     space = prepared.space
     metric, mode = space.metric, space.mode
     init_ray(args.ray_address)
+    prepared.check_cluster(ray.cluster_resources())
     concurrent, why = prepared.concurrency(plan.max_concurrent, ray.cluster_resources())
     plan = dataclasses.replace(plan, max_concurrent=concurrent)
     print(f"kdsweep: {why}", flush=True)

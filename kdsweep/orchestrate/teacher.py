@@ -4,18 +4,26 @@ Each row that distils names its teacher by a config hash (:func:`~kdsweep.orches
 the teacher model, its training, the data (paths, content version, image limits)). For every distinct hash of a launch:
 
 * a FINISHED teacher run with that hash anywhere in the MLflow store (every experiment: the SSIM
-  and ScaleKD ablations share one teacher) gives its weights back (its ``teacher/model.pt``);
+  and ScaleKD ablations share one teacher) gives its weights back (its ``teacher/model.pt``; the
+  newest run whose file loads: an unreadable one is tagged, named on stderr and passed over);
 * otherwise the teacher is trained: its run is ``teacher_experiment(row config)`` (the teacher as
   the student, no KD terms), a Tune trial like any student's, all missing teachers of the launch
   in one Tune run. Its weights are read through the storage's own filesystem (local or ``s3://``),
   logged to its MLflow run, and only then is that run marked FINISHED: a FINISHED teacher run
   always holds its weights, so it is always reusable.
 
+One launch at a time trains a hash (:mod:`kdsweep.orchestrate.liveness`: a claim on its parent
+run); another launch that needs it waits for its FINISHED run. ``--resume`` continues the
+teachers' Tune run of the interrupted launch (named on its parent run) from its checkpoints.
+
 The weights go to every student trial through the object store (one ``ray.put`` per teacher).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,10 +37,11 @@ from ray import tune
 from kdsweep import paths
 from kdsweep.config import ExperimentConfig, teacher_experiment
 from kdsweep.orchestrate.launch import Prepared, Session, TrialDescriber
-from kdsweep.orchestrate.runner import RunPlan, run_trials, storage_checkpoint
+from kdsweep.orchestrate.liveness import claim_or_reuse, release_claim, wait_for_claim
+from kdsweep.orchestrate.runner import RunPlan, can_restore, run_trials, storage_checkpoint
 from kdsweep.orchestrate.trials import distinct_teachers, teacher_hash
 from kdsweep.report.tables import trial_frame
-from kdsweep.report.tracking import TAG_HASH, MLflowTrialCallback, Tracker
+from kdsweep.report.tracking import TAG_HASH, TAG_ROLE, TAG_TRIAL, TAG_UNREADABLE, MLflowTrialCallback, Tracker
 from kdsweep.train.checkpoint import student_weights_path
 
 __all__ = ["Teachers", "acquire_teachers"]
@@ -52,19 +61,92 @@ class Teachers:
         return next(iter(self.records.values())) if len(self.records) == 1 else None
 
 
+TEACHER_FILE = "teacher/model.pt"
+"""A FINISHED teacher run's weights, as an artifact path."""
+
+
+class UnreadableWeights(ValueError):
+    """A ``model.pt`` that ``torch.load(weights_only=True)`` cannot read, or without a "model" state dict."""
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The detector state_dict in a ``model.pt`` of a checkpoint (:mod:`kdsweep.train.checkpoint`)."""
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    """The detector state_dict in a ``model.pt`` of a checkpoint (:mod:`kdsweep.train.checkpoint`).
+
+    Raises:
+        UnreadableWeights: the file's content does not load (truncated, not a checkpoint); its
+            message is the short reason.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # the file could not be opened: not a verdict on its content
+    except Exception as err:  # noqa: BLE001 - a truncated zip, a bad pickle, an empty file
+        text = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+        raise UnreadableWeights(text[:200]) from err
+    state = obj.get("model") if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UnreadableWeights('no "model" state dict in it')
+    return dict(state)
+
+
+def fetch_weights(tracker: Tracker, run_id: str, cache: Path) -> dict[str, torch.Tensor]:
+    """Download a teacher run's weights into a fresh folder of this process, load them, and only
+    then move the file into ``cache`` (as ``model.pt``): a copy already there (corrupt, or another
+    launcher's download in progress) is never read.
+
+    Raises:
+        UnreadableWeights: the store's file does not load.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as tmp:
+        path = tracker.download(run_id, TEACHER_FILE, tmp)  # MLflow writes a single file as tmp/model.pt
+        state = load_weights(path)
+        os.replace(path, cache / path.name)
+    return state
 
 
 def reuse_teacher(tracker: Tracker, key: str) -> tuple[dict[str, Any], dict] | None:
-    """Metrics and weights of a FINISHED teacher run with this hash, or None."""
+    """Metrics and weights of the newest FINISHED teacher run with this hash whose weights load,
+    or None (the teacher is trained again).
+
+    A run whose ``teacher/model.pt`` does not load gets a one-line warning on stderr and the tag
+    :data:`~kdsweep.report.tracking.TAG_UNREADABLE` (later launches pass over it without
+    downloading it; nothing of it is deleted); the next such run is tried.
+    """
+    tried: set[str] = set()
     run = tracker.find_teacher(key)
-    if run is None:
-        return None
-    path = tracker.download(run.info.run_id, "teacher/model.pt", paths.home() / "teachers" / key / run.info.run_id)
-    record = {"row": "teacher", "status": "FINISHED", **run.data.metrics, "run_id": run.info.run_id}
-    return record, load_weights(path)
+    while run is not None:
+        run_id = run.info.run_id
+        try:
+            state = fetch_weights(tracker, run_id, paths.home() / "teachers" / key / run_id)
+        except UnreadableWeights as err:
+            tried.add(run_id)
+            tracker.client.set_tag(run_id, TAG_UNREADABLE, str(err))
+            run = tracker.find_teacher(key, skip=tried)
+            then = f"trying teacher run {run.info.run_id}" if run is not None else "training it again"
+            print(f"kdsweep: warning: teacher run {run_id} (hash {key}): {TEACHER_FILE} is unreadable ({err}); "
+                  f"tagged {TAG_UNREADABLE}, {then}", file=sys.stderr, flush=True)
+            continue
+        return {"row": "teacher", "status": "FINISHED", **run.data.metrics, "run_id": run_id}, state
+    return None
+
+
+TAG_TEACHER_TUNE = "kdsweep.teacher_tune"
+"""On the parent run: the Tune run that trains its teachers, which ``--resume`` continues."""
+
+
+def _teacher_run_name(session: Session, configs: Mapping[str, ExperimentConfig]) -> tuple[str, bool]:
+    """The teachers' Tune run: with ``--resume``, the one the interrupted launch started for the
+    same hashes when its state is stored (continued from its checkpoints: ``True``); else a new
+    one, named on the parent run."""
+    prefix = f"teacher-{'-'.join(sorted(configs))[:40]}-"
+    if session.resumed:
+        earlier = session.tracker.client.get_run(session.parent).data.tags.get(TAG_TEACHER_TUNE, "")
+        if earlier.startswith(prefix) and can_restore(session.storage, earlier):
+            return earlier, True
+    name = f"{prefix}{int(time.time())}"
+    session.tracker.client.set_tag(session.parent, TAG_TEACHER_TUNE, name)
+    return name, False
 
 
 def train_teachers(session: Session, configs: Mapping[str, ExperimentConfig], data: Mapping[str, str],
@@ -72,6 +154,10 @@ def train_teachers(session: Session, configs: Mapping[str, ExperimentConfig], da
     """Train the teachers of ``configs`` (hash -> teacher run config) as one Tune run; log each
     one's weights to its MLflow run and only then end that run FINISHED. Returns hash ->
     (record, weights).
+
+    With ``--resume`` the interrupted launch's teacher run continues from its last checkpoint, in
+    the same MLflow run. Without its Tune state (killed before Tune stored any), the teacher is
+    trained anew and the run that the interrupted launch left RUNNING ends KILLED.
 
     Raises:
         RuntimeError: a teacher's training failed (its reason).
@@ -81,55 +167,93 @@ def train_teachers(session: Session, configs: Mapping[str, ExperimentConfig], da
     describe = TrialDescriber(rows=plan.rows, samplers={}, role="teacher", name=lambda c: "teacher",
                               tags_by_row={key: {TAG_HASH: key} for key in configs})
     callback = MLflowTrialCallback(tracker.uri, tracker.experiment_id, session.parent, describe, finish_on_complete=False)
-    name = f"teacher-{'-'.join(sorted(configs))[:40]}-{int(time.time())}"
+    name, restore = _teacher_run_name(session, configs)
+    if session.resumed:
+        print(f"kdsweep: {'continuing' if restore else 'no stored state of'} the interrupted launch's teacher "
+              f"training{' from its last checkpoint' if restore else '; training it again'}", flush=True)
+        if not restore:
+            for run in tracker.children(session.parent):
+                if run.info.status == "RUNNING" and run.data.tags.get(TAG_ROLE) == "teacher":
+                    tracker.end_run(run.info.run_id, "KILLED", reason="its launcher stopped; the resumed launch trained "
+                                                                      "the teacher again")
     results, stopped = run_trials(plan, {"row": tune.grid_search(list(configs))}, name=name, callbacks=[callback],
-                                  max_concurrent_trials=max_concurrent)
+                                  max_concurrent_trials=max_concurrent, restore=restore)
     if stopped:
         raise KeyboardInterrupt
     frame = trial_frame(results)
+    runs = {run.data.tags[TAG_TRIAL]: run.info.run_id for run in tracker.children(session.parent)
+            if TAG_TRIAL in run.data.tags}  # the callback that ran may be Tune's restored copy, not this one
     out = {}
     for _, record in frame.iterrows():
         key = record["row"]
         checkpoint_path = record.get("checkpoint_path")
         if record["status"] != "FINISHED" or not isinstance(checkpoint_path, str):
             raise RuntimeError(f"teacher training failed: {record.get('error') or 'no checkpoint'}")
-        local = paths.home() / "teachers" / key
+        run_id = runs[str(record["trial_id"])]
+        local = paths.home() / "teachers" / key / run_id
         storage_checkpoint(session.storage, checkpoint_path).to_directory(str(local))
         weights = student_weights_path(local)
-        run_id = callback.runs.pop(str(record["trial_id"]))
+        state = load_weights(weights)  # checked before it is stored: a FINISHED teacher run always loads
         tracker.log_artifact(run_id, weights, "teacher")
         tracker.end_run(run_id, "FINISHED")
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        out[key] = ({"row": "teacher", "status": "FINISHED", **metrics, "run_id": run_id}, load_weights(weights))
+        out[key] = ({"row": "teacher", "status": "FINISHED", **metrics, "run_id": run_id}, state)
     return out
+
+
+def _train_claimed(session: Session, configs: Mapping[str, ExperimentConfig], data: Mapping[str, str],
+                   max_concurrent: int) -> dict[str, tuple[dict[str, Any], dict]]:
+    """:func:`train_teachers` for teachers this launch has claimed; the claims end with it."""
+    try:
+        return train_teachers(session, configs, data, max_concurrent)
+    finally:
+        for key in configs:
+            release_claim(session.tracker, session.parent, key)
 
 
 def acquire_teachers(session: Session, prepared: Prepared, max_concurrent: int) -> Teachers:
     """Every teacher the rows of ``prepared`` distil from: reused by hash, else trained (see the
-    module docstring); the parent run gets each one's AP as a tag. Empty when no row distils."""
+    module docstring); the parent run gets each one's AP as a tag. Empty when no row distils.
+
+    A teacher is trained by one launch at a time in the whole MLflow store
+    (:mod:`kdsweep.orchestrate.liveness`): a launch that finds another live launch training the
+    same hash waits for its FINISHED run and reuses it, or trains it itself if that launch ends
+    without one."""
     teachers = Teachers()
     needed = distinct_teachers(prepared.rows, prepared.data)
     if not needed:
         print("kdsweep: no row distils; no teacher needed", flush=True)
         return teachers
+    tracker = session.tracker
     states: dict[str, dict] = {}
     missing: dict[str, ExperimentConfig] = {}
+    waiting: dict[str, ExperimentConfig] = {}
     for key, exp in needed.items():
-        reused = reuse_teacher(session.tracker, key)
-        if reused is None:
+        action, reused = claim_or_reuse(tracker, session.parent, key, lambda key=key: reuse_teacher(tracker, key))
+        if action == "reuse":
+            teachers.records[key], states[key] = reused
+            print(f"kdsweep: reusing teacher run {reused[0]['run_id']} (config hash {key})", flush=True)
+        elif action == "train":
             print(f"kdsweep: training the teacher (config hash {key})", flush=True)
             missing[key] = teacher_experiment(exp)
-            continue
-        teachers.records[key], states[key] = reused
-        print(f"kdsweep: reusing teacher run {reused[0]['run_id']} (config hash {key})", flush=True)
-    if missing:
-        for key, (record, state) in train_teachers(session, missing, prepared.data, max_concurrent).items():
-            teachers.records[key], states[key] = record, state
+        else:
+            waiting[key] = teacher_experiment(exp)
+    trained = _train_claimed(session, missing, prepared.data, max_concurrent) if missing else {}
+    for key, config in waiting.items():
+        reused = wait_for_claim(tracker, session.parent, key, lambda key=key: reuse_teacher(tracker, key))
+        if reused is None:  # the launch that trained it ended without it: this one holds the claim now
+            print(f"kdsweep: training the teacher (config hash {key})", flush=True)
+            reused = _train_claimed(session, {key: config}, prepared.data, max_concurrent)[key]
+        else:
+            print(f"kdsweep: reusing teacher run {reused[0]['run_id']} (config hash {key})", flush=True)
+        trained[key] = reused
+    for key, (record, state) in trained.items():
+        teachers.records[key], states[key] = record, state
     refs = {key: ray.put(state) for key, state in states.items()}
     for label, exp in prepared.rows.items():
         if exp.kd:
             teachers.refs_by_row[label] = refs[teacher_hash(exp, prepared.data)]
     for key, record in teachers.records.items():
         suffix = "" if len(teachers.records) == 1 else f".{key}"
-        session.tracker.client.set_tag(session.parent, f"kdsweep.teacher_AP{suffix}", f"{record.get('AP', float('nan')):.2f}")
+        tracker.client.set_tag(session.parent, f"kdsweep.teacher_AP{suffix}", f"{record.get('AP', float('nan')):.2f}")
     return teachers

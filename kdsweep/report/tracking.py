@@ -8,13 +8,15 @@ artifacts; any MLflow URI (``http://...``, ``sqlite:///...``) works.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -28,6 +30,8 @@ TAG_ROW = "kdsweep.row"
 TAG_SEED = "kdsweep.seed"
 TAG_TRIAL = "kdsweep.trial_id"
 TAG_REASON = "kdsweep.failure_reason"
+TAG_UNREADABLE = "kdsweep.teacher_unreadable"
+"""On a teacher run whose ``teacher/model.pt`` did not load (the reason): :meth:`Tracker.find_teacher` passes over it."""
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 """MLflow 3's UI opens an experiment of this kind on its runs, not on the GenAI overview."""
@@ -52,13 +56,33 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on a SQLite store (``<file>.lock`` beside it) for what two launches
+    must not do at once: MLflow creates a new store's tables with alembic migrations on first use,
+    and two processes doing that together fail ("Online migration expected to match one row ...").
+    Other stores need no lock (a server serialises its own writes)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Tracker:
     """A thin wrapper over ``MlflowClient`` bound to one experiment."""
 
     def __init__(self, uri: str, experiment: str) -> None:
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        existing = self.client.get_experiment_by_name(experiment)
+        with store_lock(uri):  # the first use of a new SQLite store creates its tables
+            self.client = MlflowClient(tracking_uri=uri)
+            existing = self.client.get_experiment_by_name(experiment)
         if existing is not None:
             self.experiment_id = existing.experiment_id
         else:
@@ -136,21 +160,24 @@ class Tracker:
             self.client.set_tag(run_id, TAG_REASON, reason[:5000])
         self.client.set_terminated(run_id, status)
 
-    def find_teacher(self, teacher_hash: str) -> Any | None:
+    def find_teacher(self, teacher_hash: str, skip: Collection[str] = ()) -> Any | None:
         """The newest FINISHED teacher run with this config hash that holds weights, or None.
 
         Every active experiment of the store is searched: the hash covers the teacher's model, its
         training and the data files, so the SSIM and ScaleKD ablations share one teacher, and so
-        do the mimic and MimicDet ones.
+        do the mimic and MimicDet ones. Runs in ``skip`` (ids) and runs tagged
+        :data:`TAG_UNREADABLE` (their weights did not load) are passed over.
         """
         experiments = [e.experiment_id for e in self.client.search_experiments()]
         runs = self.client.search_runs(
             experiments,
             filter_string=f"tags.`{TAG_HASH}` = '{teacher_hash}' and tags.`{TAG_ROLE}` = 'teacher' and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
-            max_results=5,
+            max_results=100,
         )
         for run in runs:
+            if run.info.run_id in skip or TAG_UNREADABLE in run.data.tags:
+                continue
             names = [a.path for a in self.client.list_artifacts(run.info.run_id, "teacher")]
             if "teacher/model.pt" in names:
                 return run
@@ -161,17 +188,14 @@ class Tracker:
         Path(dest).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, artifact, str(dest)))
 
-    def find_resumable(self, tags: Mapping[str, str]) -> Any | None:
-        """The newest parent run with these tags that did not finish (KILLED, FAILED, RUNNING)."""
+    def unfinished(self, tags: Mapping[str, str]) -> list[Any]:
+        """The parent runs with these tags that did not finish (KILLED, FAILED, RUNNING), newest first."""
         clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
         runs = self.client.search_runs(
             [self.experiment_id], filter_string=" and ".join(clauses),
             order_by=["attributes.start_time DESC"], max_results=20,
         )
-        for run in runs:
-            if run.info.status != "FINISHED":
-                return run
-        return None
+        return [run for run in runs if run.info.status != "FINISHED"]
 
     def children(self, parent: str) -> list[Any]:
         """Child runs of ``parent``."""

@@ -1,0 +1,113 @@
+"""Teacher reuse from the MLflow store (no Ray): a corrupt ``teacher/model.pt``, in the store or in the
+local cache, is never used; the next intact FINISHED run of the hash is, else the teacher retrains."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdsweep import paths
+from kdsweep.orchestrate.teacher import reuse_teacher
+from kdsweep.report.tracking import TAG_HASH, TAG_ROLE, TAG_UNREADABLE, Tracker
+
+KEY = "abc123"
+
+
+@pytest.fixture()
+def tracker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Tracker:
+    monkeypatch.setenv("KDSWEEP_HOME", str(tmp_path / "home"))
+    return Tracker(f"sqlite:///{tmp_path}/mlflow.db", "exp")
+
+
+def weights_bytes(seed: int) -> tuple[dict[str, torch.Tensor], bytes]:
+    """A tiny state dict and its ``model.pt`` bytes, as :func:`kdsweep.train.checkpoint.save_checkpoint` writes them."""
+    torch.manual_seed(seed)
+    state = torch.nn.Linear(3, 2).state_dict()
+    buffer = io.BytesIO()
+    torch.save({"model": state}, buffer)
+    return state, buffer.getvalue()
+
+
+def teacher_run(tracker: Tracker, tmp_path: Path, content: bytes, age_s: int) -> str:
+    """A FINISHED teacher run of hash :data:`KEY` started ``age_s`` seconds ago, holding ``content``
+    as its ``teacher/model.pt``."""
+    run = tracker.client.create_run(tracker.experiment_id, run_name="teacher", start_time=int((time.time() - age_s) * 1000),
+                                    tags={TAG_ROLE: "teacher", TAG_HASH: KEY}).info.run_id
+    folder = tmp_path / "upload" / run
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(content)
+    tracker.log_artifact(run, folder / "model.pt", "teacher")
+    tracker.log_metrics(run, {"AP": float(age_s)}, step=1)
+    tracker.end_run(run, "FINISHED")
+    return run
+
+
+def warnings(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """kdsweep's lines on stderr (MLflow logs there too)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("kdsweep:")]
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_corrupt_newest_teacher_falls_back_to_an_older_intact_one(tracker, tmp_path, capsys):
+    good_state, good = weights_bytes(0)
+    old = teacher_run(tracker, tmp_path, good, age_s=100)
+    bad = teacher_run(tracker, tmp_path, good[: len(good) // 2], age_s=10)
+    record, state = reuse_teacher(tracker, KEY)
+    assert record["run_id"] == old and record["AP"] == 100.0
+    assert same(state, good_state)
+    [line] = warnings(capsys)
+    assert line.startswith(f"kdsweep: warning: teacher run {bad} (hash {KEY}): teacher/model.pt is unreadable (")
+    assert "PytorchStreamReader" in line and line.endswith(f"trying teacher run {old}")
+    assert TAG_UNREADABLE in tracker.client.get_run(bad).data.tags
+    assert [a.path for a in tracker.client.list_artifacts(bad, "teacher")] == ["teacher/model.pt"]  # kept
+    record, state = reuse_teacher(tracker, KEY)  # next launch: the tagged run is passed over, silently
+    assert record["run_id"] == old and same(state, good_state)
+    assert warnings(capsys) == []
+
+
+def test_only_a_corrupt_teacher_means_training_it_again(tracker, tmp_path, capsys):
+    _, good = weights_bytes(0)
+    bad = teacher_run(tracker, tmp_path, good[:-100], age_s=10)
+    assert reuse_teacher(tracker, KEY) is None
+    [line] = warnings(capsys)
+    assert line.startswith(f"kdsweep: warning: teacher run {bad} (hash {KEY}): teacher/model.pt is unreadable (")
+    assert line.endswith("training it again")
+
+
+def test_a_corrupt_local_copy_never_wins_over_the_intact_artifact(tracker, tmp_path, capsys):
+    good_state, good = weights_bytes(1)
+    run = teacher_run(tracker, tmp_path, good, age_s=10)
+    cached = paths.home() / "teachers" / KEY / run / "model.pt"  # where MLflow puts the file it downloads
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(good[: len(good) // 3])  # an earlier, interrupted copy
+    record, state = reuse_teacher(tracker, KEY)
+    assert record["run_id"] == run and same(state, good_state)
+    assert cached.read_bytes() == good
+    assert warnings(capsys) == [] and TAG_UNREADABLE not in tracker.client.get_run(run).data.tags
+
+
+def test_another_launchers_download_in_progress_is_never_read(tracker, tmp_path, capsys, monkeypatch):
+    """Two launchers reusing one teacher at once: the other's copy into the shared cache file is
+    half done when this one reads; the intact weights are used and the good run is not tagged."""
+    good_state, good = weights_bytes(2)
+    run = teacher_run(tracker, tmp_path, good, age_s=10)
+    shared = paths.home() / "teachers" / KEY / run / "model.pt"
+    download = Tracker.download
+
+    def racing(self: Tracker, run_id: str, artifact: str, dest: str | Path) -> Path:
+        path = download(self, run_id, artifact, dest)
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        shared.write_bytes(good[: len(good) // 2])  # the other launcher's copy, half written
+        return path
+
+    monkeypatch.setattr(Tracker, "download", racing)
+    record, state = reuse_teacher(tracker, KEY)
+    assert record["run_id"] == run and same(state, good_state)
+    assert warnings(capsys) == [] and TAG_UNREADABLE not in tracker.client.get_run(run).data.tags
