@@ -149,11 +149,17 @@ def test_dry_run_validates_a_given_dataset(no_services: Path, tmp_path: Path, ca
     from kdsweep.config import DataConfig
     from kdsweep.data.synthetic import ensure_synthetic
 
-    root = ensure_synthetic(DataConfig(synth_train=4, synth_val=3, synth_size=64))
+    root = ensure_synthetic(DataConfig(synth_train=8, synth_val=3, synth_size=64))
     space = ROOT / "search_spaces" / "ablation_ssim.yaml"
     assert run_ablation(space, ["--preset", "smoke", "--dry-run", "--data", str(root), "--rows", "baseline,ssim"]) == 0
     out = capsys.readouterr().out
-    assert "(4 images)" in out and "(3 images)" in out and "valid" in out
+    assert "(8 images)" in out and "(3 images)" in out and "valid" in out
+    # fewer training images than one step of the smoke preset's batch of 8: what the launch refuses
+    small = ensure_synthetic(DataConfig(synth_train=4, synth_val=3, synth_size=64))
+    capsys.readouterr()  # the generator's progress lines
+    assert run_ablation(space, ["--preset", "smoke", "--dry-run", "--data", str(small), "--rows", "baseline"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "4 training image(s) are fewer than one step's train.batch_size 8" in err[0]
     (root / "val.json").write_text("{")
     assert run_ablation(space, ["--preset", "smoke", "--dry-run", "--data", str(root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -204,14 +204,18 @@ def prepare(args: argparse.Namespace, with_data: bool = True) -> Prepared:
 
 def data_note(prepared: Prepared) -> str:
     """What ``--dry-run`` says of the data: a given dataset is validated as a run validates it
-    (problems raise a one-line DataError); the default synthetic data is described, not generated."""
+    (problems raise a one-line DataError; so does a training set smaller than one step of some
+    configuration); the default synthetic data is described, not generated."""
     cfg = next(iter(prepared.rows.values())).data
+    configs = variants(prepared.space, prepared.rows)
     if cfg.root is None and cfg.train_ann is None and cfg.val_ann is None:
+        check_steps(configs, cfg.synth_train, "synthetic data (data.synth_train)")  # as the launch will
         return (f"synthetic ({cfg.synth_style}): {cfg.synth_train} train / {cfg.synth_val} val images at {cfg.synth_size} px, "
                 "generated under KDSWEEP_HOME on the first run")
     data_paths = resolve_data(cfg)
     reports = [load_validated(ann, images) for ann, images in
                ((data_paths.train_ann, data_paths.train_images), (data_paths.val_ann, data_paths.val_images))]
+    check_steps(configs, reports[0].num_images, data_paths.train_ann)
     return f"{data_paths.train_ann} ({reports[0].num_images} images), {data_paths.val_ann} ({reports[1].num_images} images): valid"
 
 
