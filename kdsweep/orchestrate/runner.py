@@ -277,12 +277,18 @@ def storage_checkpoint(storage: str, path: str) -> Checkpoint:
     return Checkpoint(path=path, filesystem=filesystem)
 
 
+def _system_temp_dir() -> str:
+    """Ray's base temp dir on Linux: ``RAY_TMPDIR``, else ``TMPDIR``, else /tmp (its default temp
+    dir is ``<this>/ray``)."""
+    return os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+
+
 def ray_start_address() -> str | None:
     """The address of the Ray instance that ``ray start --head`` left on this machine, if its GCS
     answers: Ray writes it to ``ray_current_cluster`` in its default temp dir (``RAY_TMPDIR`` or
     ``TMPDIR``, else /tmp, then ``ray/``) and ``ray stop`` removes it. A private instance that
     another launcher's ``ray.init()`` started is never written there, so it is never joined."""
-    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    base = _system_temp_dir()
     try:
         address = (Path(base) / "ray" / "ray_current_cluster").read_text().strip()
     except OSError:
@@ -298,7 +304,7 @@ def ray_start_address() -> str | None:
 def private_temp_dir() -> str:
     """Root temp dir of a launcher's private Ray: one per user (``/tmp/ray`` may belong to another
     user of the machine), short (Ray's unix socket paths are limited to about 100 bytes)."""
-    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    base = _system_temp_dir()
     path = Path(base) / f"kdsweep-ray-{os.getuid()}"
     path.mkdir(mode=0o700, exist_ok=True)
     return str(path)
