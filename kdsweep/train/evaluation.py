@@ -16,16 +16,13 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
-import pycocotools.coco
-import pycocotools.cocoeval
 import torch
-from faster_coco_eval import COCO as FasterCOCO
-from faster_coco_eval import COCOeval_faster
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+
+if TYPE_CHECKING:  # the evaluators are imported where they run: training needs neither of them
+    from pycocotools.coco import COCO
 
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 EVALUATORS = ("pycocotools", "faster-coco-eval")
@@ -167,6 +164,9 @@ def _quiet_pycocotools() -> Iterator[None]:
     """Silence pycocotools' progress prints. Redirecting stdout is not enough inside a Ray Train
     worker, whose patched ``print`` also sends every line to its logger; a module-level ``print``
     in pycocotools' modules shadows the builtin for the duration."""
+    import pycocotools.coco
+    import pycocotools.cocoeval
+
     modules = (pycocotools.coco, pycocotools.cocoeval)
     for module in modules:
         module.print = _mute  # type: ignore[attr-defined]
@@ -208,6 +208,8 @@ def coco_stats(
     if evaluator == "faster-coco-eval":
         stats = _faster_coco_eval_stats(coco_gt, detections, image_ids)
     else:
+        from pycocotools.cocoeval import COCOeval
+
         with _quiet_pycocotools():
             coco_dt = coco_gt.loadRes(detections)
             cocoeval = COCOeval(coco_gt, coco_dt, iouType="bbox")
@@ -242,6 +244,9 @@ def _faster_coco_eval_stats(
     annotation: its evaluator writes ``ignore`` into the ground-truth annotations it reads, and the
     pycocotools ``COCO`` stays as it was. Its messages go to ``print_function``, muted here.
     """
+    from faster_coco_eval import COCO as FasterCOCO
+    from faster_coco_eval import COCOeval_faster
+
     dataset = {**coco_gt.dataset, "annotations": [dict(ann) for ann in coco_gt.dataset.get("annotations", [])]}
     gt = FasterCOCO(dataset, print_function=_mute)
     cocoeval = COCOeval_faster(gt, gt.loadRes(detections), iouType="bbox", print_function=_mute)
