@@ -336,6 +336,20 @@ class Distiller(nn.Module):
         self.trainable = fn(self.trainable)
         return self
 
+    def rewrap(self, fn: Callable[[nn.Module], nn.Module]) -> "Distiller":
+        """Wrap the trainable part again with ``fn`` after its parameters' ``requires_grad``
+        changed (the frozen backbone's span starting or ending), when it is DDP-wrapped (it has a
+        ``module``); otherwise nothing. DDP records the parameters that require gradients when it
+        wraps: a parameter frozen afterwards leaves its bucket waiting forever ("Expected to have
+        finished reduction"), one thawed afterwards would train without its gradients ever being
+        averaged. Every worker must call it at the same step (DDP's wrapping broadcasts rank 0's
+        parameters and buffers). The old wrapper's reducer hooks stay inert: they act only after
+        a forward through it."""
+        inner = getattr(self.trainable, "module", None)
+        if inner is not None:
+            self.trainable = fn(inner)
+        return self
+
     def sync_batchnorm(self, device: torch.device | str) -> int:
         """Convert the trainable part's BatchNorm to synchronised BatchNorm for ``device``
         (:func:`sync_batchnorm`: ``nn.SyncBatchNorm`` on GPUs, :class:`HostSyncBatchNorm` on

@@ -101,6 +101,7 @@ def train_one_epoch(
             break
         images, targets = move_batch(images, targets, device)
         progress = (step_offset + step) / total_steps if total_steps else 0.0
+        optimization.begin(progress)  # the frozen backbone's span (no gradients, no reduction)
         try:
             with torch.autocast(device.type, dtype=optimization.amp_dtype, enabled=optimization.amp):
                 losses = distiller(images, targets, progress=progress)

@@ -37,7 +37,13 @@ class Optimization:
         scaler: a ``GradScaler`` for float16 steps, or None.
         amp_dtype: the autocast dtype of the forward (float16, bfloat16), or None (float32).
         term_optimizers: ``(optimizer, steps_at(progress) -> bool)`` of the terms that bring one.
-        frozen, freeze_until: parameters whose gradients are dropped while ``progress < freeze_until``.
+        frozen, freeze_until: trainable parameters (the student's backbone body) that take no part in
+            training while ``progress < freeze_until``: :meth:`begin` sets ``requires_grad=False``
+            on them for that span, so autograd computes no gradient for them (and, the body being
+            the first part of the network, no backward through it at all) and DDP reduces none.
+        rewrap: called whenever :meth:`begin` changes which parameters require gradients: DDP
+            fixes its buckets when it wraps a module, so a DDP-wrapped module is wrapped again
+            (:meth:`kdsweep.train.distiller.Distiller.rewrap`); None without DDP.
     """
 
     optimizer: torch.optim.Optimizer
@@ -49,6 +55,8 @@ class Optimization:
     term_optimizers: list[tuple[torch.optim.Optimizer, Callable[[float], bool]]] = field(default_factory=list)
     frozen: list[Tensor] = field(default_factory=list)
     freeze_until: float = 0.0
+    rewrap: Callable[[], None] | None = None
+    _frozen_now: bool = field(default=False, init=False, repr=False)
 
     @property
     def amp(self) -> bool:
@@ -57,6 +65,20 @@ class Optimization:
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer, *(opt for opt, _ in self.term_optimizers)]
+
+    def begin(self, progress: float) -> None:
+        """Before a step's forward: freeze :attr:`frozen` (``requires_grad_(False)``) while
+        ``progress < freeze_until``, thaw it after; on every change call :attr:`rewrap`. The change
+        happens at the same step on every worker (``progress`` is the same), as DDP's wrapping
+        collectives need. ``progress``: the fraction of training done before this step."""
+        want = bool(self.frozen) and progress < self.freeze_until
+        if want == self._frozen_now:
+            return
+        for p in self.frozen:
+            p.requires_grad_(not want)
+        self._frozen_now = want
+        if self.rewrap is not None:
+            self.rewrap()
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -72,8 +94,10 @@ class Optimization:
             self.scaler.unscale_(opt)
 
     def step(self, progress: float) -> None:
-        """Drop the frozen gradients, clip, step every active optimizer, then the scaler and the
-        schedule. ``progress``: the fraction of training done before this step."""
+        """Clip, step every active optimizer, then the scaler and the schedule. ``progress``: the
+        fraction of training done before this step. A frozen parameter has no gradient (see
+        :meth:`begin`; a caller that skipped it still gets its gradients dropped), so no optimizer
+        moves it, weight decay included."""
         if progress < self.freeze_until:
             for p in self.frozen:
                 p.grad = None
@@ -179,7 +203,9 @@ def build_optimization(trainable: nn.Module, student: nn.Module, cfg: TrainConfi
         optimizer, warmup_cosine(total, min(cfg.warmup_iters, steps_per_epoch * cfg.epochs // 2), cfg.lr_schedule)
     )
     _, amp_dtype, scaler = amp_settings(cfg, device)
-    frozen = list(student.backbone.body.parameters()) if cfg.freeze_backbone > 0 else []
+    # the body's trainable parameters only: torchvision's own frozen stages (trainable_backbone_layers)
+    # stay frozen when the warm-up freeze ends
+    frozen = [p for p in student.backbone.body.parameters() if p.requires_grad] if cfg.freeze_backbone > 0 else []
     return Optimization(optimizer=optimizer, scheduler=scheduler, params=main, grad_clip=cfg.grad_clip, scaler=scaler,
                         amp_dtype=amp_dtype, term_optimizers=term_optimizers, frozen=frozen,
                         freeze_until=cfg.freeze_backbone)

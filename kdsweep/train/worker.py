@@ -118,6 +118,7 @@ def _run_worker(config: dict[str, Any]) -> None:
         log(f"{synced} BatchNorm layers synchronised across the {world} workers (SyncBatchNorm)")
     iters = len(train_loader) if cfg.max_iters_per_epoch is None else min(len(train_loader), cfg.max_iters_per_epoch)
     optimization = build_optimization(distiller.trainable, distiller.student, cfg, device, iters)
+    optimization.rewrap = lambda: distiller.rewrap(ray.train.torch.prepare_model)
 
     start_epoch = 1
     saved: dict[str, Any] = {}
