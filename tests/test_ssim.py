@@ -405,3 +405,27 @@ def test_device_path_equals_the_cpu_kernel(exps: tuple[float, float, float], sha
     (g_fused,) = torch.autograd.grad(fused, x)
     torch.testing.assert_close(device, fused, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(g_device, g_fused, rtol=1e-7, atol=1e-12)
+
+
+def test_the_device_path_builds_its_window_once_per_device_and_dtype(monkeypatch) -> None:
+    """The Gaussian window of the device path is cached per (size, sigma, dtype, device): a step
+    filters 5 FPN levels, and building it on the host each call was a blocking copy on GPUs. A
+    window first built under inference mode (evaluation) still serves a training backward."""
+    from kdsweep.methods import ssim as ssim_module
+    from kdsweep.methods.ssim import _check, _device_ssim_mean
+
+    built: list[torch.dtype] = []
+    real = ssim_module.gaussian_window
+    monkeypatch.setattr(ssim_module, "gaussian_window", lambda *a, **k: built.append(k["dtype"]) or real(*a, **k))
+    ssim_module.device_window.cache_clear()
+    x, y = _pair(2, 3, 24, 24, seed=7)
+    spec = _check(x, y, 1.0, 1.0, 1.0, 11, 1.5, None, 0.01, 0.03)
+    with torch.inference_mode():
+        _device_ssim_mean(x, y, spec, (11, 1.5), False)
+    x = x.clone().requires_grad_(True)
+    for _ in range(3):
+        _device_ssim_mean(x, y, spec, (11, 1.5), False).backward()
+    assert built == [torch.float32] and x.grad is not None and torch.isfinite(x.grad).all()
+    _device_ssim_mean(x.detach().double(), y.double(), spec, (11, 1.5), False)
+    assert built == [torch.float32, torch.float64]
+    ssim_module.device_window.cache_clear()

@@ -43,6 +43,7 @@ between calls. See ``benchmarks/bench_ssim.py``.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -153,6 +154,20 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=64)
+def device_window(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`gaussian_window` on ``device``, built once per ``(size, sigma, dtype, device)``: a
+    step of the SSIM row filters 5 FPN levels, and building the window on the host then copying
+    it was a blocking host-to-device copy each time. Built outside inference mode, so that a
+    window first made during evaluation can still be saved for a training backward.
+
+    Shape:
+        - output: ``(size,)``.
+    """
+    with torch.inference_mode(False):
+        return gaussian_window(size, sigma, dtype=dtype, device=device)
+
+
 def _device_ssim_mean(x: Tensor, y: Tensor, spec: _Spec, window: tuple[int, float], normalize: bool) -> Tensor:
     """Mean SSIM map on any device: the five moments ``(x, y, x^2, y^2, xy)`` stacked along the
     channels, filtered by the separable Gaussian as two depthwise (grouped) convolutions, one per
@@ -170,7 +185,7 @@ def _device_ssim_mean(x: Tensor, y: Tensor, spec: _Spec, window: tuple[int, floa
             x, y = minmax_normalize(x), minmax_normalize(y)
         k, s = window
         channels = x.shape[1] * 5
-        g = gaussian_window(k, s, dtype=x.dtype, device=x.device)
+        g = device_window(k, s, x.dtype, x.device)
         z = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (N, 5C, H, W)
         z = torch.nn.functional.conv2d(z, g.view(1, 1, k, 1).expand(channels, 1, k, 1), groups=channels)
         z = torch.nn.functional.conv2d(z, g.view(1, 1, 1, k).expand(channels, 1, 1, k), groups=channels)

@@ -215,6 +215,11 @@ def _gaussian_bands(
     Forward ``M[a, o] = g[a - o]`` for ``0 <= a - o < size``: shape ``(n, n - size + 1)``;
     backward is ``M^T``: shape ``(n - size + 1, n)``.
     """
+    with torch.inference_mode(False):  # cached: usable by a training backward even if first built in evaluation
+        return _bands(n, size, sigma, dtype, device, block)
+
+
+def _bands(n: int, size: int, sigma: float, dtype: torch.dtype, device: torch.device, block: int) -> tuple[_Band, _Band]:
     g = gaussian_window(size, sigma, dtype=torch.float64, device="cpu")  # built on the host, then moved
     n_out = n - size + 1
     m = torch.zeros(n, n_out, dtype=torch.float64, device="cpu")
