@@ -170,6 +170,15 @@ class TrainConfig:
     epoch whatever this says.
     ``evaluator``: ``pycocotools`` (the reference) or ``faster-coco-eval`` (the same six numbers,
     8x faster on 5,000 images: ``benchmarks/bench_eval.py``; :mod:`kdsweep.train.evaluation`).
+
+    GPU speed options (no effect on the CPU; each changes kernels, so each is in the run's hash;
+    ``benchmarks/gpu_check.py`` measures both, side by side):
+    ``tf32``: float32 matmuls and cuDNN convolutions in TF32 (Ampere and later): the float32 parts
+    of a step, the KD terms above all, run on tensor cores with a 10-bit mantissa. False (default)
+    keeps them float32 (``torch.backends.cuda.matmul.allow_tf32`` and
+    ``torch.backends.cudnn.allow_tf32`` both off; PyTorch's own default has cuDNN's on).
+    ``channels_last``: the student's and the teacher's backbone and FPN in channels-last memory
+    format, which tensor-core convolutions prefer under AMP.
     """
 
     epochs: int = 4
@@ -198,6 +207,8 @@ class TrainConfig:
     eval_every: int = 1
     evaluator: str = "pycocotools"
     init_student: bool = False
+    tf32: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.evaluator not in ("pycocotools", "faster-coco-eval"):
@@ -405,7 +416,9 @@ HASH_NEUTRAL = {"TrainConfig": ("loader_workers", "eval_every", "evaluator")}
 """Fields that never change what a run learns (how data is loaded, when it is evaluated): left out
 of :func:`run_hash_dict`, so that a teacher trained with other values is reused."""
 
-LEGACY_VALUES = {"TrainConfig": {"hflip": 0.0, "aspect_grouping": 0, "init_student": False}, "ModelConfig": {"upsample": 1}}
+LEGACY_VALUES = {"TrainConfig": {"hflip": 0.0, "aspect_grouping": 0, "init_student": False, "tf32": False,
+                                  "channels_last": False},
+                 "ModelConfig": {"upsample": 1}}
 """Fields added after teachers were first stored, with the value that reproduces the earlier
 behaviour: at that value they are left out of :func:`run_hash_dict`, so that stores of earlier versions
 keep their teachers."""

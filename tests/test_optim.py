@@ -136,3 +136,39 @@ def test_ddp_workers_stay_identical_across_the_freeze_and_the_thaw() -> None:
         assert out["body_still"] and out["body_moved"] and out["same_on_every_rank"]
     control = _run_ddp(rewrap=False)
     assert all("Expected to have finished reduction" in out.get("error", "") for out in control), control
+
+
+def test_tf32_is_off_unless_asked_for_and_both_flags_follow_it() -> None:
+    """``train.tf32`` false keeps float32 matmuls and cuDNN convolutions strict (PyTorch's own
+    default leaves cuDNN's TF32 on: the float32 KD terms' convolutions would silently be TF32)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        from kdsweep.train.optim import float32_settings
+
+        torch.backends.cudnn.allow_tf32 = True
+        assert float32_settings(TrainConfig()) == {"matmul": False, "cudnn": False}
+        assert float32_settings(TrainConfig(tf32=True)) == {"matmul": True, "cudnn": True}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_the_speed_options_are_in_the_run_hash_but_leave_earlier_hashes_alone() -> None:
+    from kdsweep.config import config_hash, run_hash_dict
+
+    base = TrainConfig()
+    assert "tf32" not in run_hash_dict(base) and "channels_last" not in run_hash_dict(base)
+    hashes = {config_hash(run_hash_dict(c)) for c in (base, TrainConfig(tf32=True), TrainConfig(channels_last=True))}
+    assert len(hashes) == 3
+
+
+def test_channels_last_backbones_compute_the_same_losses() -> None:
+    plain, fast = student(), student()
+    assert fast.channels_last() == sum(p.dim() == 4 for p in fast.student.backbone.parameters()) > 0
+    assert fast.student.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images, targets = batch(0)
+    torch.manual_seed(1)
+    a = plain(images, targets)
+    torch.manual_seed(1)
+    b = fast(images, targets)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key

@@ -350,6 +350,18 @@ class Distiller(nn.Module):
             self.trainable = fn(inner)
         return self
 
+    def channels_last(self) -> int:
+        """The student's and the teacher's backbone (body and FPN) in channels-last memory format,
+        in place (``TrainConfig.channels_last``); call before :meth:`wrap` and before building
+        the optimiser. Returns the number of 4-d parameters converted."""
+        converted = 0
+        for model in (self.student, self.teacher):
+            if model is None or not hasattr(model, "backbone"):
+                continue
+            converted += sum(p.dim() == 4 for p in model.backbone.parameters())
+            model.backbone.to(memory_format=torch.channels_last)
+        return converted
+
     def sync_batchnorm(self, device: torch.device | str) -> int:
         """Convert the trainable part's BatchNorm to synchronised BatchNorm for ``device``
         (:func:`sync_batchnorm`: ``nn.SyncBatchNorm`` on GPUs, :class:`HostSyncBatchNorm` on

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from kdsweep.config import TrainConfig
 from kdsweep.kd.term import KDTerm
 
-__all__ = ["Optimization", "amp_settings", "build_optimization", "make_optimizer", "warmup_cosine"]
+__all__ = ["Optimization", "amp_settings", "float32_settings", "build_optimization", "make_optimizer", "warmup_cosine"]
 
 
 @dataclass
@@ -155,6 +155,16 @@ def warmup_cosine(total_iters: int, warmup_iters: int, schedule: str) -> Callabl
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def float32_settings(cfg: TrainConfig) -> dict[str, bool]:
+    """Set how CUDA computes float32 for this process from ``cfg.tf32`` (see
+    :class:`~kdsweep.config.TrainConfig`): TF32 for matmuls and cuDNN convolutions, or strict
+    float32 for both. Returns the flags as set. A worker process trains one run, so the global
+    flags are the run's."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    return {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
 
 
 def amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype | None, torch.amp.GradScaler | None]:

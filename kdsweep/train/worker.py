@@ -36,7 +36,7 @@ from kdsweep.train.collectives import count_distinct
 from kdsweep.train.distiller import Distiller
 from kdsweep.train.engine import console, evaluate, train_one_epoch
 from kdsweep.train.model import build_model
-from kdsweep.train.optim import build_optimization
+from kdsweep.train.optim import build_optimization, float32_settings
 
 __all__ = ["evaluates", "prepare_distiller", "seed_everything", "train_fn_per_worker"]
 
@@ -63,12 +63,14 @@ def count_nodes(device: torch.device) -> int:
 def prepare_distiller(
     distiller: Distiller, world: int, device: torch.device,
     prepare: Callable[[torch.nn.Module], torch.nn.Module] = ray.train.torch.prepare_model,
+    channels_last: bool = False,
 ) -> int:
     """Make ``distiller`` ready to train on ``world`` workers, in place: with more than one worker
     its trainable BatchNorm becomes synchronised BatchNorm (:meth:`Distiller.sync_batchnorm`:
     ``nn.SyncBatchNorm`` on GPUs, :class:`~kdsweep.train.distiller.HostSyncBatchNorm` on the CPU,
     where torch's refuses to run; the frozen teacher is never converted), then it moves to
-    ``device`` and its trainable part is wrapped by ``prepare`` (DDP).
+    ``device`` and its trainable part is wrapped by ``prepare`` (DDP). ``channels_last``: the
+    backbones go to channels-last memory format first (``TrainConfig.channels_last``).
 
     Without it a from-scratch student (``weights: null``: nn.BatchNorm2d with trainable
     statistics) normalised each rank's 2 images alone, and DDP broadcast rank 0's running
@@ -79,6 +81,8 @@ def prepare_distiller(
         The number of BatchNorm layers converted.
     """
     synced = distiller.sync_batchnorm(device) if world > 1 else 0
+    if channels_last:
+        distiller.channels_last()
     distiller.to(device)
     distiller.wrap(prepare)
     return synced
@@ -113,7 +117,8 @@ def _run_worker(config: dict[str, Any]) -> None:
         state = ray.get(state)
     distiller = build_model(exp, val_ds.num_classes, state)
     maybe_init_student(distiller, cfg.init_student, resuming=ray.train.get_checkpoint() is not None, log=log)
-    synced = prepare_distiller(distiller, world, device)
+    float32_settings(cfg)
+    synced = prepare_distiller(distiller, world, device, channels_last=cfg.channels_last)
     if log and synced:
         log(f"{synced} BatchNorm layers synchronised across the {world} workers (SyncBatchNorm)")
     iters = len(train_loader) if cfg.max_iters_per_epoch is None else min(len(train_loader), cfg.max_iters_per_epoch)
