@@ -25,8 +25,22 @@ this model. Every input is printed with where it comes from:
   (``max_concurrent_trials=1``); after, ``auto``: GPUs / 8 trials at once.
 
 "Useful share" is the time the GPUs spend on the unpadded images' FLOPs, over the trial's
-time. Host syncs per step (7 before, 1 after) are not modelled: their cost depends on kernel launch
-latency that only a GPU can show, so the "after" figures are conservative on that count.
+time.
+
+What the model leaves out (each makes a real run slower than the model, except the first):
+
+* kdsweep's own host syncs per step (7 before, 1 after): not charged before either;
+* the detector's own host syncs, dozens per step: torchvision's anchor matching and its
+  per-image loss loops (RetinaNet, FCOS), the ROI sampling of Faster R-CNN; their cost is kernel
+  launch latency and idle GPU time that only a GPU can show;
+* the KD terms, adapters, assistants and ROI heads (a few percent of the FLOPs; CSA's attention
+  more at P3);
+* gradient all-reduce across nodes (NCCL over the cluster's network), data reads from shared
+  storage, checkpoints, trial start-up (placement, model build) and restarts after failures.
+
+The result is an estimate until ``--gpu-check`` calibrates it with a measured step, and even
+then only for the GPU that measured it (the JSON names it). ``--ref-images-per-s 10`` and ``16``
+bracket a plausible range for the assumption.
 
 ::
 
@@ -131,6 +145,25 @@ def waves(hours: list[float], at_once: int) -> float:
     return sum(ordered[i] for i in range(0, len(ordered), at_once))
 
 
+def device_speed(ref: float, ref_images_per_s: float, gpu_check: str | None, r50: ModelConfig,
+                 coco: tuple[int, int]) -> tuple[float, str]:
+    """Effective FLOP/s of one GPU and where the figure comes from: the assumption
+    (``ref_images_per_s`` of the R50 student, forward + backward = 3 forwards ``ref``), or the
+    ``paper_step`` of a GPU run of ``gpu_check.py`` (R50 student + R101 teacher forward, 2 images
+    per step), named by its GPU. A CPU or ``--quick`` JSON is refused (SystemExit, one line)."""
+    if not gpu_check:
+        return 3 * ref * ref_images_per_s, (f"ESTIMATE: assumed {ref_images_per_s:g} img/s per A100 for the R50 student "
+                                            "alone, no GPU measured it (--ref-images-per-s 10 and 16 bracket it)")
+    check = json.loads(Path(gpu_check).read_text())
+    if check.get("quick") or check.get("device") == "cpu":
+        raise SystemExit(f"cost_model: {gpu_check} is a CPU or --quick run of gpu_check; give the JSON of a GPU run")
+    step = check["sections"]["paper_step"]["paper_loader"]
+    r101 = forward_flops(dataclasses.replace(r50, backbone="resnet101"), coco)
+    return (3 * ref + r101) * 2 / (step["ms_per_step"] / 1000), (
+        f"measured on {check.get('device', 'an unnamed GPU')}: gpu_check paper_step {step['ms_per_step']} ms per step "
+        "of 2 images; the figures hold for that GPU")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref-images-per-s", type=float, default=16.0,
@@ -145,13 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     r50 = ModelConfig(arch="retinanet", backbone="resnet50", fpn_channels=256, min_size=800, max_size=1333)
     coco = input_size(r50)
     ref = forward_flops(r50, coco)
-    flops_per_s = 3 * ref * args.ref_images_per_s
-    source = f"assumed {args.ref_images_per_s:g} img/s for the R50 student alone"
-    if args.gpu_check:
-        step = json.loads(Path(args.gpu_check).read_text())["sections"]["paper_step"]["paper_loader"]
-        r101 = forward_flops(dataclasses.replace(r50, backbone="resnet101"), coco)
-        flops_per_s = (3 * ref + r101) * 2 / (step["ms_per_step"] / 1000)
-        source = f"measured: gpu_check paper_step {step['ms_per_step']} ms per step of 2 images"
+    flops_per_s, source = device_speed(ref, args.ref_images_per_s, args.gpu_check, r50, coco)
     print(f"device speed: {flops_per_s / 1e12:.1f} effective TFLOP/s per GPU ({source}); R50 RetinaNet forward "
           f"{ref / 1e9:.0f} GFLOPs at {coco}")
     print(f"padding {PAD_BEFORE:.1%} -> {PAD_AFTER:.1%}; decode {args.decode_ms} ms/img on the training thread -> loader processes; "
