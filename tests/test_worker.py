@@ -84,8 +84,10 @@ def test_two_worker_ray_train_run_evaluates_whole_val_set_and_resumes(tmp_path, 
             "data": {"synth_train": 16, "synth_val": 7, "synth_size": 64},
             "teacher": TINY,
             "student": TINY,
+            # the backbone frozen for the first step of epoch 1 and thawed at its second: Ray's
+            # prepare_model wraps DDP again at each change (Optimization.begin -> Distiller.rewrap)
             "teacher_train": {"epochs": 1, "batch_size": 4, "optimizer": "adamw", "lr": 1e-3, "warmup_iters": 1,
-                              "num_workers": 2, "threads_per_worker": 1, "cpus_per_worker": 0.5},
+                              "num_workers": 2, "threads_per_worker": 1, "cpus_per_worker": 0.5, "freeze_backbone": 0.5},
         },
     )
     paths = resolve_data(exp.data)
