@@ -1,4 +1,4 @@
-"""``kdsweep`` command line: ``data`` (synth, check, convert), ``ablation``, ``sweep``, ``ui``, ``table``.
+"""``kdsweep`` command line: ``data`` (synth, check, convert), ``ablation``, ``sweep``, ``ui``, ``table``, ``export``.
 
 Errors a user can fix (bad config, bad data) print one line and exit non-zero; no traceback.
 
@@ -124,6 +124,30 @@ def _table(args: argparse.Namespace) -> int:
     return run_table(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from kdsweep.export import run_export
+
+    return run_export(args)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """``kdsweep export``: the distilled student of a trial run as a file (docs/export.md)."""
+    exp = sub.add_parser("export", help="write the distilled student of a finished trial run (pt, torchscript or onnx)")
+    exp.add_argument("run_id", metavar="RUN_ID", help="a finished trial's run id; or an ablation's parent run id with --row")
+    exp.add_argument("--row", metavar="LABEL", help="with a parent run: take this row's best seed (by the ablation's metric)")
+    exp.add_argument("--out", metavar="FILE", help="the file to write (default: <row>-s<seed>-<run>.<ext> in this folder)")
+    exp.add_argument("--format", choices=["pt", "torchscript", "onnx"], default="pt",
+                     help="pt (for kdsweep.load_student), torchscript or onnx (default: pt)")
+    exp.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                     help="onnx: the fixed input size (default: the model's min_size, square)")
+    exp.add_argument("--tracking-uri", help="the MLflow store (default: MLFLOW_TRACKING_URI, else the embedded SQLite under KDSWEEP_HOME)")
+    exp.add_argument("--storage-path", metavar="PATH",
+                     help="a trial that finished before kdsweep logged models is read from its last checkpoint "
+                          "here (its launch's --storage-path; default: KDSWEEP_HOME/ray_results)")
+    exp.add_argument("--register", metavar="NAME", help="also register the run's model in MLflow's registry as a new version of NAME")
+    exp.set_defaults(func=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdsweep.data.cli import register
 
@@ -150,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--tracking-uri", help="the MLflow store (default: the embedded SQLite under KDSWEEP_HOME)")
     table.add_argument("--out", help="also write the table to this .md or .parquet file")
     table.set_defaults(func=_table)
+    _add_export(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Dict
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +89,9 @@ class UpsampledBackbone(nn.Module):
         c = backbone.out_channels
         self.upsample = nn.ModuleDict({name: Deconv(c, c, upsample, bilinear=True) for name in names})
 
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
         maps = self.fpn(self.body(x))
-        return OrderedDict((name, self.upsample[name](m)) for name, m in maps.items())
+        out = OrderedDict()  # in the FPN's order: ``upsample`` was built from its keys
+        for name, deconv in self.upsample.items():  # TorchScript indexes a ModuleDict only this way
+            out[name] = deconv(maps[name])
+        return out

@@ -51,7 +51,7 @@ from kdsweep.train.worker import train_fn_per_worker
 DRIVER_CPU = 0.05
 
 __all__ = ["DRIVER_CPU", "RunPlan", "TrialFailure", "can_restore", "classify_failure", "init_ray", "interrupted", "join_storage",
-           "run_trials", "storage_checkpoint", "train_driver_fn"]
+           "latest_checkpoint", "run_trials", "storage_checkpoint", "train_driver_fn"]
 
 
 @dataclass(frozen=True)
@@ -275,6 +275,21 @@ def storage_checkpoint(storage: str, path: str) -> Checkpoint:
     else:
         filesystem = pyarrow.fs.LocalFileSystem()
     return Checkpoint(path=path, filesystem=filesystem)
+
+
+def latest_checkpoint(storage: str, run_name: str) -> Checkpoint | None:
+    """The newest ``checkpoint_<time>`` folder of the Train run ``run_name`` under ``storage``
+    (Ray Train V2 names them by their creation time, so the names sort in time), or None. For a
+    trial whose last report carried no checkpoint (a resumed run that had nothing left to train)."""
+    base = join_storage(storage, run_name)
+    if "://" in storage:
+        filesystem, root = pyarrow.fs.FileSystem.from_uri(base)
+    else:
+        filesystem, root = pyarrow.fs.LocalFileSystem(), base
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    names = sorted(info.path for info in found
+                   if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"))
+    return Checkpoint(path=names[-1], filesystem=filesystem) if names else None
 
 
 def _system_temp_dir() -> str:

@@ -3,15 +3,57 @@ MLflow run, every trial's config built from its row's typed config (:class:`~kds
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from kdsweep.config import ExperimentConfig, student_model
+from kdsweep.export import describe_student, log_model
 from kdsweep.orchestrate.launch import Prepared, Session, TrialDescriber
-from kdsweep.orchestrate.runner import RunPlan, can_restore, run_trials
-from kdsweep.orchestrate.teacher import Teachers
-from kdsweep.report.tracking import MLflowTrialCallback
+from kdsweep.orchestrate.runner import RunPlan, can_restore, latest_checkpoint, run_trials, storage_checkpoint
+from kdsweep.orchestrate.space import Sampler
+from kdsweep.orchestrate.teacher import Teachers, load_weights
+from kdsweep.orchestrate.trials import trial_config
+from kdsweep.report.tracking import MLflowTrialCallback, Tracker
+from kdsweep.train.checkpoint import student_weights_path
 
-__all__ = ["run_students"]
+__all__ = ["LogStudent", "run_students"]
+
+
+@dataclass(frozen=True)
+class LogStudent:
+    """What a finished student trial logs last: its final student as the MLflow model ``student``
+    of its child run (:func:`kdsweep.export.log_model`), with the config it was built from.
+
+    Runs in the launcher, in the MLflow callback's ``on_finish`` (after the trial's last report,
+    before its run ends FINISHED): the training loop never waits for it. The weights are the
+    ``model.pt`` of the trial's last checkpoint (its last report names it; a resumed trial that had
+    nothing left to train reported none: then the newest checkpoint of its Train run), read
+    through the storage's own filesystem (local or ``s3://``). Picklable: Tune stores the callback.
+    """
+
+    rows: Mapping[str, ExperimentConfig]
+    samplers: Mapping[str, Sampler]
+    data: Mapping[str, str]
+    storage: str
+    source: str = "space"
+
+    def __call__(self, tracker: Tracker, run_id: str, trial: Any) -> None:
+        result = trial.last_result or {}
+        path = result.get("checkpoint_path")
+        checkpoint = (storage_checkpoint(self.storage, path) if isinstance(path, str)
+                      else latest_checkpoint(self.storage, f"train-{trial.trial_id}"))  # train_driver_fn's run name
+        if checkpoint is None:
+            raise FileNotFoundError(f"trial {trial.trial_id} left no checkpoint under {self.storage}")
+        with tempfile.TemporaryDirectory(prefix="kdsweep-student-") as tmp:
+            checkpoint.to_directory(tmp)
+            state = load_weights(student_weights_path(tmp))
+        exp = trial_config(self.rows, self.samplers, trial.config, self.source)
+        source = {"role": "student", "row": trial.config["row"], "seed": trial.config.get("seed", exp.train.seed),
+                  "run_id": run_id}
+        info = describe_student(student_model(exp), self.data.get("val_ann"), source)
+        log_model(tracker.uri, run_id, state, info, "student", step=int(result.get("epoch", 0) or 0))
 
 
 def run_students(session: Session, prepared: Prepared, teachers: Teachers, param_space: dict[str, Any], *,
@@ -30,7 +72,9 @@ def run_students(session: Session, prepared: Prepared, teachers: Teachers, param
                    teachers=teachers.refs_by_row, source=prepared.source)
     describe = TrialDescriber(rows=prepared.rows, samplers=samplers, role="student", tags=dict(tags or {}),
                               source=prepared.source, name=name)
-    callback = MLflowTrialCallback(session.uri, session.tracker.experiment_id, session.parent, describe)
+    log = LogStudent(rows=prepared.rows, samplers=samplers, data=prepared.data, storage=session.storage,
+                     source=prepared.source)
+    callback = MLflowTrialCallback(session.uri, session.tracker.experiment_id, session.parent, describe, on_finish=log)
     restore = session.resumed and can_restore(session.storage, session.tune_name)
     if restore:
         print(f"kdsweep: resuming {session.tune_name}: finished trials are kept", flush=True)

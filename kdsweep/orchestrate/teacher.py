@@ -36,12 +36,21 @@ from ray import tune
 
 from kdsweep import paths
 from kdsweep.config import ExperimentConfig, teacher_experiment
+from kdsweep.export import MODEL_NAME, describe_student, log_model
 from kdsweep.orchestrate.launch import Prepared, Session, TrialDescriber
 from kdsweep.orchestrate.liveness import claim_or_reuse, release_claim, wait_for_claim
 from kdsweep.orchestrate.runner import RunPlan, can_restore, run_trials, storage_checkpoint
 from kdsweep.orchestrate.trials import distinct_teachers, teacher_hash
 from kdsweep.report.tables import trial_frame
-from kdsweep.report.tracking import TAG_HASH, TAG_ROLE, TAG_TRIAL, TAG_UNREADABLE, MLflowTrialCallback, Tracker
+from kdsweep.report.tracking import (
+    TAG_HASH,
+    TAG_ROLE,
+    TAG_TRIAL,
+    TAG_UNREADABLE,
+    MLflowTrialCallback,
+    Tracker,
+    model_not_logged,
+)
 from kdsweep.train.checkpoint import student_weights_path
 
 __all__ = ["Teachers", "acquire_teachers"]
@@ -195,8 +204,14 @@ def train_teachers(session: Session, configs: Mapping[str, ExperimentConfig], da
         weights = student_weights_path(local)
         state = load_weights(weights)  # checked before it is stored: a FINISHED teacher run always loads
         tracker.log_artifact(run_id, weights, "teacher")
-        tracker.end_run(run_id, "FINISHED")
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        try:  # also as an MLflow model, like a student's (kdsweep.export); teacher reuse reads only teacher/model.pt
+            info = describe_student(configs[key].student, data.get("val_ann"),
+                                    {"role": "teacher", "row": "teacher", "run_id": run_id, "teacher_hash": key})
+            log_model(tracker.uri, run_id, state, info, MODEL_NAME["teacher"], step=int(metrics.get("epoch", 0)))
+        except Exception as exc:  # noqa: BLE001 - the teacher is reusable without it
+            model_not_logged(tracker, run_id, "teacher", exc)
+        tracker.end_run(run_id, "FINISHED")
         out[key] = ({"row": "teacher", "status": "FINISHED", **metrics, "run_id": run_id}, state)
     return out
 

@@ -13,6 +13,7 @@ import fcntl
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -220,13 +221,21 @@ class MLflowTrialCallback(Callback):
 
     With ``finish_on_complete=False`` a completed trial's run stays RUNNING until the caller has
     logged what must be in it and ends it (the teacher: its weights).
+
+    ``on_finish(tracker, run_id, trial)`` (picklable, like ``describe``) runs once when a trial
+    completes, before its run ends FINISHED: the students log their model there
+    (:class:`kdsweep.orchestrate.students.LogStudent`). If it raises, the run still ends FINISHED
+    with everything it logged, and a one-line warning says what was not logged
+    (:func:`model_not_logged`).
     """
 
     def __init__(self, uri: str, experiment_id: str, parent: str, describe: Describe,
-                 finish_on_complete: bool = True) -> None:
+                 finish_on_complete: bool = True,
+                 on_finish: Callable[["Tracker", str, Any], None] | None = None) -> None:
         self.uri, self.experiment_id, self.parent = uri, experiment_id, parent
         self.describe = describe
         self.finish_on_complete = finish_on_complete
+        self.on_finish = on_finish
         self.runs: dict[str, str] = {}  # trial id -> open MLflow run id
         self.existing: dict[str, str] | None = None  # trial id -> child run id (a resumed sweep)
         self._tracker: Tracker | None = None
@@ -275,12 +284,34 @@ class MLflowTrialCallback(Callback):
             return
         run_id = self.runs.pop(trial.trial_id, None)
         if run_id is not None:
+            on_finish = getattr(self, "on_finish", None)  # a callback pickled by an older kdsweep has none
+            if on_finish is not None:
+                try:
+                    on_finish(self.tracker, run_id, trial)
+                except Exception as exc:  # noqa: BLE001 - the trial's results are recorded whatever this does
+                    model_not_logged(self.tracker, run_id, "student", exc)
             self.tracker.end_run(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.runs.pop(trial.trial_id, None)
         if run_id is not None:
             self.tracker.end_run(run_id, "FAILED", reason=failure_reason(trial))
+
+
+TAG_NOT_LOGGED = "kdsweep.model_not_logged"
+"""On a finished run whose model could not be logged to MLflow: the one-line reason."""
+
+
+def model_not_logged(tracker: Tracker, run_id: str, what: str, exc: BaseException) -> None:
+    """Say in one line (stderr) that run ``run_id``'s ``what`` model was not logged and why, and
+    keep the reason as the tag :data:`TAG_NOT_LOGGED` (``kdsweep export`` shows it)."""
+    reason = f"{type(exc).__name__}: {summarize_error(str(exc)) or 'no message'}"[:300]
+    print(f"kdsweep: warning: run {run_id}: its {what} model was not logged to MLflow ({reason}); the run and its "
+          "metrics are recorded, its checkpoints stay in the Ray storage", file=sys.stderr, flush=True)
+    try:
+        tracker.client.set_tag(run_id, TAG_NOT_LOGGED, reason)
+    except Exception:  # noqa: BLE001 - the store itself may be what failed; the warning was given
+        pass
 
 
 def failure_reason(trial: Any) -> str:
