@@ -157,3 +157,17 @@ def test_launches_opening_a_new_sqlite_store_at_once_all_get_it(tmp_path):
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         ids = pool.map(_open_store, [uri] * 4)
     assert len(set(ids)) == 1 and ids[0].isdigit(), ids
+
+
+def test_a_resumed_run_that_finishes_no_longer_reads_interrupted(tracker):
+    """The parent of a launch stopped with Ctrl-C ends KILLED with "interrupted"; resumed and
+    finished, its failure reason is gone (kept as the previous one), not left on a FINISHED run."""
+    from kdsweep.report.tracking import TAG_PREVIOUS_REASON, TAG_REASON
+
+    run_id = tracker.start_run("ablation")
+    tracker.end_run(run_id, "KILLED", reason="interrupted (Ctrl-C or SIGTERM)")
+    tracker.reopen(run_id)
+    tracker.end_run(run_id, "FINISHED")
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and TAG_REASON not in run.data.tags
+    assert run.data.tags[TAG_PREVIOUS_REASON] == "interrupted (Ctrl-C or SIGTERM)" and run.data.tags["kdsweep.resumed"] == "true"

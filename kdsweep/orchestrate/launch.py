@@ -265,8 +265,7 @@ def open_session(args: argparse.Namespace, prepared: Prepared, *, role: str, tit
     tags = {TAG_ROLE: role, "kdsweep.space": space.name, "kdsweep.preset": prepared.preset.name}
     if args.resume:
         run = resumable(tracker, tags, title)
-        tracker.client.update_run(run.info.run_id, status="RUNNING")
-        tracker.client.set_tag(run.info.run_id, "kdsweep.resumed", "true")
+        tracker.reopen(run.info.run_id)
         session = Session(tracker, run.info.run_id, run.data.tags[TAG_TUNE], True, storage_path(args),
                           Heartbeat(tracker, run.info.run_id).start())
     else:

@@ -31,6 +31,7 @@ TAG_ROW = "kdsweep.row"
 TAG_SEED = "kdsweep.seed"
 TAG_TRIAL = "kdsweep.trial_id"
 TAG_REASON = "kdsweep.failure_reason"
+TAG_PREVIOUS_REASON = "kdsweep.previous_failure_reason"
 TAG_UNREADABLE = "kdsweep.teacher_unreadable"
 """On a teacher run whose ``teacher/model.pt`` did not load (the reason): :meth:`Tracker.find_teacher` passes over it."""
 PARENT_TAG = "mlflow.parentRunId"
@@ -155,6 +156,17 @@ class Tracker:
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
+    def reopen(self, run_id: str) -> None:
+        """A resumed run: RUNNING again and tagged ``kdsweep.resumed``. The reason it ended with
+        before moves to ``kdsweep.previous_failure_reason``: a run that then finishes must not
+        still read "interrupted" (or a trial's old error) in its failure reason."""
+        reason = self.client.get_run(run_id).data.tags.get(TAG_REASON)
+        if reason:
+            self.client.set_tag(run_id, TAG_PREVIOUS_REASON, reason)
+            self.client.delete_tag(run_id, TAG_REASON)
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, "kdsweep.resumed", "true")
+
     def end_run(self, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
         """Terminate a run with ``status`` (FINISHED, FAILED, KILLED); keep a reason tag."""
         if reason:
@@ -263,8 +275,7 @@ class MLflowTrialCallback(Callback):
         existing = self._existing()
         if trial.trial_id in existing:  # resumed: one child run per trial, reopened
             run_id = existing.pop(trial.trial_id)
-            self.tracker.client.update_run(run_id, status="RUNNING")
-            self.tracker.client.set_tag(run_id, "kdsweep.resumed", "true")
+            self.tracker.reopen(run_id)
             self.runs[trial.trial_id] = run_id
             return
         name, params, tags, config = self.describe(trial.config)
