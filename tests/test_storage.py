@@ -88,6 +88,12 @@ def test_checkpoints_teacher_reuse_and_resume_on_s3(s3, tmp_path):
     assert teacher.info.status == "FINISHED"
     assert "teacher/model.pt" in [a.path for a in mlflow.list_artifacts(teacher.info.run_id, "teacher")]
     assert all(r.info.status == "FINISHED" for r in runs)
+    from kdsweep.export import load_student
+
+    students = [r for r in runs if r.data.tags.get("kdsweep.role") == "student"]
+    assert len(students) == 2 and not any("kdsweep.model_not_logged" in r.data.tags for r in students)
+    for r in students:  # each logged its student, read from its last checkpoint on S3
+        assert type(load_student(r.info.run_id, tracking_uri=uri)).__name__ == "RetinaNet"
 
     # 2. a second launch reuses that teacher (its MLflow run holds the weights) and is interrupted
     #    after a trial's first epoch; 3. --resume continues that trial from its checkpoint on S3
