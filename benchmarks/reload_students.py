@@ -25,24 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 EVALUATE = r"""
 import json, sys
-import torch
 import kdsweep
-from kdsweep.config import ExperimentConfig, from_dict
-from kdsweep.data.coco import resolve_data
-from kdsweep.data.loader import build_loaders
+from kdsweep.export import evaluate_student
 from kdsweep.report.throughput import count_inference_params
-from kdsweep.train.engine import evaluate
 
-path, config = sys.argv[1], json.loads(open(sys.argv[2]).read())
-exp = from_dict(ExperimentConfig, config)
-paths = resolve_data(exp.data)
-data = {"train_ann": str(paths.train_ann), "val_ann": str(paths.val_ann), "train_images": str(paths.train_images),
-        "val_images": str(paths.val_images)}
-loaders = build_loaders(data, exp, exp.train, 0, 1, "cpu")
-val = loaders.val_set
-model = kdsweep.load_student(path)
-stats = evaluate(model, loaders.val, device=torch.device("cpu"), coco_gt=val.coco_gt, label_to_cat_id=val.label_to_cat_id,
-                 image_ids=val.image_ids, evaluator=exp.train.evaluator)
+model = kdsweep.load_student(sys.argv[1])
+stats = evaluate_student(model, json.loads(open(sys.argv[2]).read()))
 print(json.dumps({"AP": stats["AP"], "params_M": count_inference_params(model) / 1e6}))
 """
 

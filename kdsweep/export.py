@@ -441,6 +441,25 @@ def load_student(path_or_uri: str | os.PathLike, *, tracking_uri: str | None = N
     return model
 
 
+def evaluate_student(model: nn.Module, config: Mapping[str, Any]) -> dict[str, float]:
+    """COCO statistics of ``model`` (a loaded student) on the validation set of the trial config
+    ``config`` (a run's ``config.json``: the same images, resolution pipeline and evaluator as the
+    trial's own evaluation), on the CPU: ``{AP, AP50, ..., eval_images}``."""
+    from kdsweep.config import ExperimentConfig
+    from kdsweep.data.coco import resolve_data
+    from kdsweep.data.loader import build_loaders
+    from kdsweep.train.engine import evaluate
+
+    exp = from_dict(ExperimentConfig, config, "config")
+    paths = resolve_data(exp.data)
+    data = {"train_ann": str(paths.train_ann), "val_ann": str(paths.val_ann), "train_images": str(paths.train_images),
+            "val_images": str(paths.val_images)}
+    loaders = build_loaders(data, exp, exp.train, 0, 1, "cpu")
+    val = loaders.val_set
+    return evaluate(model, loaders.val, device=torch.device("cpu"), coco_gt=val.coco_gt,
+                    label_to_cat_id=val.label_to_cat_id, image_ids=val.image_ids, evaluator=exp.train.evaluator)
+
+
 # ---------------------------------------------------------------------------- other formats
 def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]

@@ -467,26 +467,11 @@ def test_build_student_downloads_nothing_and_ignores_a_missing_checkpoint_path(t
 # --------------------------------------------------------------------------------- end to end
 EVALUATE = r"""
 import json, sys
-import torch
 import kdsweep
-from kdsweep.config import ExperimentConfig, from_dict
-from kdsweep.data.coco import resolve_data
-from kdsweep.data.loader import build_loaders
-from kdsweep.train.engine import evaluate
+from kdsweep.export import evaluate_student
 uri, runs = sys.argv[1], json.loads(sys.argv[2])
-out = {}
-for run_id, config in runs.items():
-    exp = from_dict(ExperimentConfig, config)
-    paths = resolve_data(exp.data)
-    data = {"train_ann": str(paths.train_ann), "val_ann": str(paths.val_ann), "train_images": str(paths.train_images),
-            "val_images": str(paths.val_images)}
-    loaders = build_loaders(data, exp, exp.train, 0, 1, "cpu")
-    val = loaders.val_set
-    model = kdsweep.load_student(run_id, tracking_uri=uri)
-    stats = evaluate(model, loaders.val, device=torch.device("cpu"), coco_gt=val.coco_gt, label_to_cat_id=val.label_to_cat_id,
-                     image_ids=val.image_ids, evaluator=exp.train.evaluator)
-    out[run_id] = stats["AP"]
-print(json.dumps(out))
+print(json.dumps({run_id: evaluate_student(kdsweep.load_student(run_id, tracking_uri=uri), config)["AP"]
+                  for run_id, config in runs.items()}))
 """
 
 
