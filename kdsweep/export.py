@@ -334,8 +334,7 @@ def _from_checkpoint(client: Any, run: Any, storage: str | None) -> tuple[Studen
     from kdsweep.config import ExperimentConfig, student_model
     from kdsweep.data.coco import DataError, resolve_data
     from kdsweep.orchestrate.runner import latest_checkpoint
-    from kdsweep.orchestrate.teacher import load_weights
-    from kdsweep.train.checkpoint import student_weights_path
+    from kdsweep.orchestrate.teacher import checkpoint_weights
 
     run_id, tags = run.info.run_id, run.data.tags
     what = f"run {run_id} ({run.info.run_name})"
@@ -348,9 +347,8 @@ def _from_checkpoint(client: Any, run: Any, storage: str | None) -> tuple[Studen
                           + (f"logging it failed: {why[:160]}" if why else "it finished before kdsweep logged models")
                           + f") and no checkpoint under {storage}/train-{trial}; pass --storage-path where its launch "
                           "kept its Ray results")
+    state = checkpoint_weights(checkpoint)
     with tempfile.TemporaryDirectory(prefix="kdsweep-student-") as tmp, _quiet_mlflow():
-        checkpoint.to_directory(tmp)
-        state = load_weights(student_weights_path(tmp))
         try:
             config = json.loads(Path(client.download_artifacts(run_id, "config.json", tmp)).read_text())
         except Exception as exc:  # noqa: BLE001 - MlflowException, OSError, a bad JSON: one line
@@ -451,10 +449,7 @@ def evaluate_student(model: nn.Module, config: Mapping[str, Any]) -> dict[str, f
     from kdsweep.train.engine import evaluate
 
     exp = from_dict(ExperimentConfig, config, "config")
-    paths = resolve_data(exp.data)
-    data = {"train_ann": str(paths.train_ann), "val_ann": str(paths.val_ann), "train_images": str(paths.train_images),
-            "val_images": str(paths.val_images)}
-    loaders = build_loaders(data, exp, exp.train, 0, 1, "cpu")
+    loaders = build_loaders(resolve_data(exp.data).strings(), exp, exp.train, 0, 1, "cpu")
     val = loaders.val_set
     return evaluate(model, loaders.val, device=torch.device("cpu"), coco_gt=val.coco_gt,
                     label_to_cat_id=val.label_to_cat_id, image_ids=val.image_ids, evaluator=exp.train.evaluator)

@@ -40,6 +40,10 @@ class DataPaths:
     train_images: Path
     val_images: Path
 
+    def strings(self) -> dict[str, str]:
+        """The four paths as strings by field name: the ``data`` mapping a Ray worker gets."""
+        return {name: str(value) for name, value in vars(self).items()}
+
 
 def resolve_data(cfg: DataConfig) -> DataPaths:
     """``cfg.root`` (synth layout), or ``train_ann``/``val_ann`` + ``images``, or the embedded

@@ -197,7 +197,7 @@ def prepare(args: argparse.Namespace, with_data: bool = True) -> Prepared:
             counts.append(load_validated(ann, images).num_images)
             ensure_compact(ann)  # once, here: the workers memory-map it (kdsweep.data.annotations)
         check_steps(configs, counts[0], data_paths.train_ann)  # batch_size x num_workers fits the training images
-        data = {k: str(v) for k, v in data_paths.__dict__.items()}
+        data = data_paths.strings()
         data["version"] = data_version(data_paths)  # once, here: the teachers' identity (trials.teacher_hash)
     return Prepared(preset, space, rows, models, data, tuple(notes))
 

@@ -270,22 +270,23 @@ def storage_checkpoint(storage: str, path: str) -> Checkpoint:
     pyarrow's query options). The filesystem is the storage's own, as Ray builds it
     (``pyarrow.fs.FileSystem.from_uri``), so ``to_directory()`` works for local and remote storage.
     """
-    if "://" in storage:
-        filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage)
-    else:
-        filesystem = pyarrow.fs.LocalFileSystem()
+    filesystem, _ = storage_filesystem(storage)
     return Checkpoint(path=path, filesystem=filesystem)
+
+
+def storage_filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """``(filesystem, path inside it)`` of a storage location: a URI (``s3://...``, with pyarrow's
+    query options) through ``pyarrow.fs.FileSystem.from_uri``, as Ray builds it, or a local path."""
+    if "://" in location:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    return pyarrow.fs.LocalFileSystem(), location
 
 
 def latest_checkpoint(storage: str, run_name: str) -> Checkpoint | None:
     """The newest ``checkpoint_<time>`` folder of the Train run ``run_name`` under ``storage``
     (Ray Train V2 names them by their creation time, so the names sort in time), or None. For a
     trial whose last report carried no checkpoint (a resumed run that had nothing left to train)."""
-    base = join_storage(storage, run_name)
-    if "://" in storage:
-        filesystem, root = pyarrow.fs.FileSystem.from_uri(base)
-    else:
-        filesystem, root = pyarrow.fs.LocalFileSystem(), base
+    filesystem, root = storage_filesystem(join_storage(storage, run_name))
     found = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     names = sorted(info.path for info in found
                    if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"))

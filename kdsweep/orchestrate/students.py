@@ -3,7 +3,6 @@ MLflow run, every trial's config built from its row's typed config (:class:`~kds
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +12,9 @@ from kdsweep.export import describe_student, log_model
 from kdsweep.orchestrate.launch import Prepared, Session, TrialDescriber
 from kdsweep.orchestrate.runner import RunPlan, can_restore, latest_checkpoint, run_trials, storage_checkpoint
 from kdsweep.orchestrate.space import Sampler
-from kdsweep.orchestrate.teacher import Teachers, load_weights
+from kdsweep.orchestrate.teacher import Teachers, checkpoint_weights
 from kdsweep.orchestrate.trials import trial_config
 from kdsweep.report.tracking import MLflowTrialCallback, Tracker
-from kdsweep.train.checkpoint import student_weights_path
 
 __all__ = ["LogStudent", "run_students"]
 
@@ -46,9 +44,7 @@ class LogStudent:
                       else latest_checkpoint(self.storage, f"train-{trial.trial_id}"))  # train_driver_fn's run name
         if checkpoint is None:
             raise FileNotFoundError(f"trial {trial.trial_id} left no checkpoint under {self.storage}")
-        with tempfile.TemporaryDirectory(prefix="kdsweep-student-") as tmp:
-            checkpoint.to_directory(tmp)
-            state = load_weights(student_weights_path(tmp))
+        state = checkpoint_weights(checkpoint)
         exp = trial_config(self.rows, self.samplers, trial.config, self.source)
         source = {"role": "student", "row": trial.config["row"], "seed": trial.config.get("seed", exp.train.seed),
                   "run_id": run_id}

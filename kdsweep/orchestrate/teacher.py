@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import torch
 from ray import tune
+from ray.train import Checkpoint
 
 from kdsweep import paths
 from kdsweep.config import ExperimentConfig, teacher_experiment
@@ -96,6 +98,22 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UnreadableWeights('no "model" state dict in it')
     return dict(state)
+
+
+def checkpoint_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """:func:`load_weights` of a Ray checkpoint's ``model.pt`` (local or remote storage): that one
+    file is copied to a temporary folder, not the whole checkpoint with its optimizer state.
+
+    Raises:
+        OSError: the checkpoint has no ``model.pt``.
+        UnreadableWeights: its content does not load.
+    """
+    with tempfile.TemporaryDirectory(prefix="kdsweep-weights-") as tmp:
+        local = student_weights_path(tmp)
+        pyarrow.fs.copy_files(f"{checkpoint.path.rstrip('/')}/{local.name}", str(local),
+                              source_filesystem=checkpoint.filesystem,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        return load_weights(local)
 
 
 def fetch_weights(tracker: Tracker, run_id: str, cache: Path) -> dict[str, torch.Tensor]:
