@@ -13,7 +13,13 @@ import re
 
 from kdsweep.config import ConfigError
 
-__all__ = ["check_experiment_name", "check_space_name"]
+__all__ = ["REPLAYED", "check_experiment_name", "check_space_name"]
+
+REPLAYED = "replayed"
+"""Key of a result that a resumed worker reports again from its checkpoint's ``metrics.json``
+(value 1): the epoch it resumes after, which its interrupted launcher may never have received
+(the workers outlived the launcher long enough to save it). MLflow logs it only where that epoch
+is missing (:class:`kdsweep.report.tracking.MLflowTrialCallback`)."""
 
 SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 """Letters, digits, ``_``, ``-`` and ``.``, starting with a letter or digit."""

@@ -129,13 +129,13 @@ def _sweep_trials() -> pd.DataFrame:
     stats = {"AP50": 1.0, "AP75": 1.0, "AP_S": 1.0, "AP_M": 1.0, "AP_L": 1.0}
     return pd.DataFrame([
         {"row": "a", "seed": 0, "params/w": 0.5, "params/d": "[1, 2]", "status": "FINISHED", "error": "", "AP": 3.0,
-         "timestamp": 30, "training_iteration": 4, **stats},
+         "timestamp": 30, "epoch": 4, "training_iteration": 2, **stats},  # resumed: Tune's count restarted
         {"row": "a", "seed": 0, "params/w": 2.0, "params/d": "[1, 2, 3]", "status": "FINISHED", "error": "", "AP": 5.0,
-         "timestamp": 10, "training_iteration": 1, **stats},
+         "timestamp": 10, "epoch": 1, "training_iteration": 1, **stats},
         {"row": "a", "seed": 0, "params/w": 1.0, "params/d": "[1]", "status": "FAILED", "error": "x", "timestamp": 20,
          "training_iteration": 0},
         {"row": "a", "seed": 0, "params/w": 4.0, "params/d": "[1]", "status": "FINISHED", "error": "", "AP": 4.0,
-         "timestamp": 40, "training_iteration": 2, **stats},
+         "timestamp": 40, "epoch": 2, "training_iteration": 2, **stats},
     ])
 
 
@@ -145,7 +145,7 @@ def test_sweep_table_is_in_completion_order_with_best_and_best_so_far() -> None:
     table = sweep_table(_sweep_trials(), ["w", "d"], {"d": json.loads})
     assert list(table["trial"]) == [1, 2, 3, 4] and list(table["w"]) == [2.0, 1.0, 0.5, 4.0]
     assert list(table["d"]) == ["[1, 2, 3]", "[1]", "[1, 2]", "[1]"]  # decoded, shown as flow YAML
-    assert list(table["epochs"]) == [1, 0, 4, 2] and table["epochs"].sum() == 7  # trial-epochs (ASHA stops early)
+    assert list(table["epochs"]) == [1, 0, 4, 2] and table["epochs"].sum() == 7  # trial-epochs (ASHA stops early), not reports
     assert math.isnan(table["AP"][1]) and table["status"][1] == "FAILED"
     assert best_index(table, "AP", "max") == 0 and best_index(table, "AP", "min") == 2
     assert best_so_far(table, "AP", "max") == [5.0, 5.0, 5.0, 5.0]

@@ -79,6 +79,31 @@ def test_a_resumed_sweep_continues_each_trial_in_its_own_run(tracker):
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0)]  # one run, one history
 
 
+def test_a_replayed_checkpoint_epoch_is_logged_only_where_the_run_lacks_it(tracker):
+    """A resumed worker reports its checkpoint's epoch again (REPLAYED). The launcher may have been
+    killed after the workers saved epoch 2 but before epoch 2's report reached MLflow: the replay
+    fills that gap. Where the epoch did arrive (epoch 1 below), it is not logged twice."""
+    from kdsweep.names import REPLAYED
+
+    parent = tracker.start_run("parent")
+    describe = lambda config: (config["row"], {}, {}, {})  # noqa: E731
+    cb = MLflowTrialCallback(tracker.uri, tracker.experiment_id, parent, describe)
+    trial = SimpleNamespace(trial_id="t1", config={"row": "teacher"})
+    cb.on_trial_start(0, [], trial)
+    cb.on_trial_result(0, [], trial, {"epoch": 1, "AP": 1.0})
+    tracker.end_running_children(parent, "KILLED", "interrupted")  # epoch 2 was saved, never reported
+    copy = pickle.loads(cloudpickle.dumps(cb))
+    copy.on_trial_start(0, [], trial)
+    copy.on_trial_result(0, [], trial, {"epoch": 1, "AP": 1.0, REPLAYED: 1})  # a restart from epoch 1's checkpoint
+    copy.on_trial_result(0, [], trial, {"epoch": 2, "AP": 2.0, REPLAYED: 1})  # the one that never arrived
+    copy.on_trial_result(0, [], trial, {"epoch": 3, "AP": 3.0})
+    copy.on_trial_complete(0, [], trial)
+    [child] = tracker.children(parent)
+    history = tracker.client.get_metric_history(child.info.run_id, "AP")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert REPLAYED not in child.data.metrics
+
+
 def test_find_teacher_needs_finished_run_with_weights(tracker, tmp_path):
     run = tracker.start_run("teacher", tags={TAG_ROLE: "teacher", TAG_HASH: "abc"})
     assert tracker.find_teacher("abc") is None  # running, no weights

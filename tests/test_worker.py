@@ -4,6 +4,7 @@ evaluation covers the whole val set (gathered across workers)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from kdsweep.config import ExperimentConfig, ModelConfig, TrainConfig, from_dict, teacher_experiment
 from kdsweep.models.detectors import build_detector
+from kdsweep.names import REPLAYED
 from kdsweep.train.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
 from kdsweep.train.distiller import Distiller
 from kdsweep.train.optim import Optimization, make_optimizer
@@ -92,6 +94,15 @@ def test_two_worker_ray_train_run_evaluates_whole_val_set_and_resumes(tmp_path, 
     )
     paths = resolve_data(exp.data)
     data = {k: str(v) for k, v in paths.__dict__.items()}
+    reports = tmp_path / "reports.jsonl"
+
+    class Record(ray.train.UserCallback):
+        """Each report's rank-0 metrics as one JSON line (the callback runs in Train's controller)."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(reports, "a") as f:
+                f.write(json.dumps({k: v for k, v in metrics[0].items() if k in ("epoch", REPLAYED)}) + "\n")
+
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         def fit(epochs: int):
@@ -102,7 +113,7 @@ def test_two_worker_ray_train_run_evaluates_whole_val_set_and_resumes(tmp_path, 
                 train_fn_per_worker,
                 train_loop_config=config,
                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                run_config=RunConfig(name="resume-me", storage_path=str(tmp_path / "ray")),
+                run_config=RunConfig(name="resume-me", storage_path=str(tmp_path / "ray"), callbacks=[Record()]),
             )
             return trainer.fit()
 
@@ -115,6 +126,10 @@ def test_two_worker_ray_train_run_evaluates_whole_val_set_and_resumes(tmp_path, 
         assert second.error is None
         assert second.metrics["epoch"] == 2
         assert second.metrics["start_epoch"] == 2  # epoch 1 came from the checkpoint, not retrained
+        # the resumed run first reports its checkpoint's epoch again, flagged, for a launcher that
+        # was stopped before that report reached it (MLflow logs it only where it is missing)
+        assert [json.loads(line) for line in reports.read_text().splitlines()] == [
+            {"epoch": 1}, {"epoch": 1, REPLAYED: 1}, {"epoch": 2}]
         assert os.path.exists(os.path.join(second.checkpoint.path, MODEL_FILE))
     finally:
         ray.shutdown()

@@ -104,10 +104,14 @@ def make_search_alg(plan: SearchPlan) -> Any:
 
 
 def make_scheduler(plan: SearchPlan, max_epochs: int) -> Any:
-    """``ASHAScheduler`` over epochs (``training_iteration``) for ``asha``; None (FIFO) else."""
+    """``ASHAScheduler`` over the reported ``epoch`` for ``asha``; None (FIFO) else.
+
+    Not ``training_iteration``: Tune counts reports, which after a ``--resume`` restart at 1 for a
+    trial that continues from its Train checkpoint, and include the checkpoint's epoch reported
+    again (:data:`kdsweep.names.REPLAYED`)."""
     if plan.scheduler != "asha":
         return None
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
+    return ASHAScheduler(time_attr="epoch", max_t=max_epochs,
                          grace_period=min(plan.grace_period, max_epochs), reduction_factor=plan.reduction_factor)
 
 

@@ -233,7 +233,9 @@ def sweep_table(trials: pd.DataFrame, params: Sequence[str], decode: Mapping[str
             values = [None if v is None else str(v) for v in values]
         out[path] = values
     out["status"] = list(frame["status"])
-    out["epochs"] = [int(v) if not _missing(v) else 0 for v in frame.get("training_iteration", pd.Series([0] * len(frame)))]
+    # the last reported epoch; Tune's training_iteration counts reports (it restarts on --resume)
+    done = frame["epoch"] if "epoch" in frame else frame.get("training_iteration", pd.Series([0] * len(frame)))
+    out["epochs"] = [int(v) if not _missing(v) else 0 for v in done]
     for name in STAT_NAMES:
         out[name] = pd.to_numeric(frame.get(name, pd.Series([math.nan] * len(frame))), errors="coerce").to_numpy()
     return out.reset_index(drop=True)

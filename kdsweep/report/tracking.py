@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from kdsweep import paths
+from kdsweep.names import REPLAYED
 
 TAG_ROLE = "kdsweep.role"
 TAG_HASH = "kdsweep.teacher_hash"
@@ -138,6 +139,10 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
+    def has_step(self, run_id: str, key: str, step: int) -> bool:
+        """Whether run ``run_id`` logged metric ``key`` at ``step``."""
+        return any(m.step == step for m in self.client.get_metric_history(run_id, key))
+
     def set_note(self, run_id: str, markdown: str, artifact: str) -> None:
         """Make ``markdown`` the run's description in the MLflow UI (:data:`NOTE`), cut to what a
         tag holds, with a pointer to ``artifact`` (the whole text) when cut."""
@@ -229,7 +234,9 @@ class MLflowTrialCallback(Callback):
     MLflow client on first use: Tune pickles it into the experiment state, and the copy that a
     ``--resume`` (``Tuner.restore``) unpickles in a new launcher process works as it is. At the
     start of an experiment it finds the child runs that trials already have, so a resumed trial
-    continues in its own run.
+    continues in its own run. A resumed worker first reports its checkpoint's epoch again
+    (:data:`kdsweep.names.REPLAYED`); it is logged only where the run lacks that epoch, which is
+    the case when the launcher was stopped after the workers saved it.
 
     With ``finish_on_complete=False`` a completed trial's run stays RUNNING until the caller has
     logged what must be in it and ends it (the teacher: its weights).
@@ -287,8 +294,14 @@ class MLflowTrialCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.runs.get(trial.trial_id)
-        if run_id is not None:
-            self.tracker.log_metrics(run_id, result, step=int(result.get("epoch", result.get("training_iteration", 0))))
+        if run_id is None:
+            return
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if result.get(REPLAYED):  # a resumed worker's checkpoint epoch: logged only if it never arrived
+            if self.tracker.has_step(run_id, "epoch", step):
+                return
+            result = {k: v for k, v in result.items() if k != REPLAYED}
+        self.tracker.log_metrics(run_id, result, step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if not self.finish_on_complete:

@@ -30,6 +30,7 @@ import torch
 from kdsweep.config import ExperimentConfig, TrainConfig
 from kdsweep.data.loader import build_loaders
 from kdsweep.models.init_student import maybe_init_student
+from kdsweep.names import REPLAYED
 from kdsweep.train import collective_check
 from kdsweep.train.checkpoint import load_checkpoint, read_metrics, save_checkpoint, write_metrics
 from kdsweep.train.collectives import count_distinct
@@ -134,10 +135,12 @@ def _run_worker(config: dict[str, Any]) -> None:
             saved = read_metrics(directory)
         if log:
             log(f"resumed from checkpoint, continuing at epoch {start_epoch}")
-    if start_epoch > cfg.epochs and saved:
-        # every epoch was done before the interruption (the workers outlived their Tune trial):
-        # report the last epoch's metrics again, so that Tune and MLflow end with them
-        ray.train.report({**saved, "start_epoch": start_epoch})
+    if saved:
+        # the checkpoint's epoch again, flagged: its launcher may have been stopped after the
+        # workers saved it but before their report reached Tune and MLflow (MLflow logs it only
+        # if it is missing); when every epoch was done, it is also the run's last result
+        ray.train.report({**saved, "start_epoch": start_epoch, REPLAYED: 1})
+    if start_epoch > cfg.epochs:
         return
 
     nodes = count_nodes(device)
