@@ -244,7 +244,9 @@ def _unscaled_grad_norm(dtype: torch.dtype) -> float:
     distiller.train()
     params = [p for p in distiller.trainable.parameters() if p.requires_grad]
     images, targets = _batch()
-    with torch.autocast("cpu", dtype=dtype):
+    from kdsweep.kd.precision import float32_decoding
+
+    with torch.autocast("cpu", dtype=dtype), float32_decoding(distiller.student):  # as train_one_epoch runs it
         losses = distiller(images, targets, progress=0.0)
     sum(losses.values()).backward()
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params

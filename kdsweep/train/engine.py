@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from kdsweep.kd.precision import to_float32
+from kdsweep.kd.precision import float32_decoding, to_float32
 from kdsweep.train.collectives import all_true, broadcast_values, gather_rows, mean_over_workers, world_size
 from kdsweep.train.evaluation import STAT_NAMES, coco_stats, detection_rows, records_from_rows
 from kdsweep.train.optim import Optimization
@@ -79,7 +79,9 @@ def train_one_epoch(
         optimization: what updates the parameters (:class:`~kdsweep.train.optim.Optimization`:
             optimizers, schedule, GradScaler, clipping, autocast dtype). The forward runs under
             ``torch.autocast(device.type, dtype=optimization.amp_dtype)`` when that is set; KD
-            terms compute in float32 inside it (see :class:`~kdsweep.train.distiller.Trainable`).
+            terms compute in float32 inside it (see :class:`~kdsweep.train.distiller.Trainable`),
+            and so do the student's anchors, box targets and losses
+            (:func:`~kdsweep.kd.precision.float32_decoding`).
         step_offset, total_steps: global step of this epoch's first batch and of the whole run;
             ``progress = (step_offset + step) / total_steps`` goes to the distiller (the terms'
             schedules) and to the optimization (the terms' optimizers, the frozen backbone).
@@ -93,6 +95,17 @@ def train_one_epoch(
         second of all workers together, "epoch_time_s": ...}``.
     """
     distiller.train()
+    with contextlib.ExitStack() as stack:
+        if optimization.amp:  # anchors, box targets and decoding in float32 (float32_decoding's docstring)
+            stack.enter_context(float32_decoding(getattr(distiller, "student", distiller)))
+        return _train_steps(distiller, optimization, loader, device=device, epoch=epoch, max_iters=max_iters, log=log,
+                            log_every=log_every, step_offset=step_offset, total_steps=total_steps)
+
+
+def _train_steps(distiller: torch.nn.Module, optimization: Optimization, loader: Iterable, *, device: torch.device,
+                 epoch: int, max_iters: int | None, log: Callable[[str], None] | None, log_every: int,
+                 step_offset: int, total_steps: int | None) -> dict[str, float]:
+    """:func:`train_one_epoch`'s loop (the same arguments)."""
     sums: dict[str, Tensor] = {}
     steps, images_seen, start = 0, 0, time.perf_counter()
     total_iters = len(loader) if max_iters is None else min(len(loader), max_iters)  # type: ignore[arg-type]
@@ -134,63 +147,6 @@ def train_one_epoch(
     out["train_images_per_s"] = means[-1] * world_size()
     out["epoch_time_s"] = elapsed
     return out
-
-
-# Submodules whose outputs feed the box arithmetic of eval mode (anchors, decoding, NMS, rescaling).
-# Under AMP :func:`predict` casts their outputs to float32, so that every box is decoded in float32:
-#   backbone                 every arch: its FPN maps set the anchors' dtype (torchvision's
-#                            ``AnchorGenerator`` and MimicDet build anchors in ``feature_maps[0].dtype``)
-#   head                     RetinaNet, FCOS: class logits, box deltas / (l, t, r, b), centerness
-#   rpn.head                 Faster R-CNN: objectness, proposal deltas
-#   roi_heads.box_predictor  Faster R-CNN: class logits, box deltas of the second stage
-#   refine, s_head           MimicDet: objectness and refinement deltas; S-head logits and deltas
-# The next layer of each (a convolution, or RoIAlign, which autocast runs in float32 anyway) casts a
-# float32 input back to the autocast dtype, so this changes no arithmetic of the network itself.
-FLOAT32_OUTPUTS: tuple[str, ...] = ("backbone", "head", "rpn.head", "roi_heads.box_predictor", "refine", "s_head")
-
-
-def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
-    """``model``'s submodule at dotted ``path`` (e.g. ``rpn.head``), or None when it has none."""
-    try:
-        found = model.get_submodule(path)
-    except AttributeError:
-        return None
-    return found if isinstance(found, torch.nn.Module) else None
-
-
-@contextlib.contextmanager
-def float32_decoding(model: torch.nn.Module) -> Iterator[list[str]]:
-    """Within the block, the outputs of ``model``'s :data:`FLOAT32_OUTPUTS` submodules (those it
-    has) are cast to float32 (forward hooks, removed on exit); yields the paths hooked.
-
-    Why: torchvision's ``BoxCoder.decode_single`` casts the anchors to the dtype of the head's
-    output, and ``AnchorGenerator`` makes the anchors in the dtype of the feature maps. Under
-    autocast both are float16/bfloat16, so boxes are decoded in half precision: bfloat16 spaces
-    its values 4 px apart between 512 and 1024 px (8 bits of mantissa), and boxes of an 800x1333
-    input come out up to 8.2 px off a float32 decode of the same deltas (float16: about 2 px;
-    measured in issue 24). Here the backbone and heads still run under autocast; the anchors, the
-    decoding, the scores' sigmoid/softmax, NMS and the rescaling to the original image run in
-    float32 (mmdetection's ``force_fp32`` on its box decoding; detectron2 evaluates wholly in
-    float32).
-
-    Raises:
-        ValueError: ``model`` has none of those submodules (a detector this function does not know:
-            its boxes could not be kept in float32).
-    """
-    model = getattr(model, "module", model)  # a DDP-wrapped detector
-    hooked = [(path, module) for path in FLOAT32_OUTPUTS if (module := _submodule(model, path)) is not None]
-    if not hooked:
-        raise ValueError(
-            f"evaluation under AMP: {type(model).__name__} has none of the submodules {', '.join(FLOAT32_OUTPUTS)} "
-            "whose outputs are cast to float32 before boxes are decoded; add its head's path to "
-            "kdsweep.train.engine.FLOAT32_OUTPUTS, or set train.amp: false"
-        )
-    handles = [module.register_forward_hook(lambda _m, _args, out: to_float32(out)) for _, module in hooked]
-    try:
-        yield [path for path, _ in hooked]
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
