@@ -509,6 +509,8 @@ def test_every_row_of_a_smoke_ablation_exports_a_student_that_scores_its_runs_ap
             configs[run_id] = json.load(f)
     teachers = [r for r in runs if r.data.tags.get("kdsweep.role") == "teacher"]
     assert len(teachers) == 1
+    kept = [p for p in (tmp_path / "home" / "teachers").rglob("*") if p.is_file()]
+    assert [p.name for p in kept] == ["model.pt"]  # the teacher's weights alone, not its optimizer state
     out = subprocess.run([sys.executable, "-c", EVALUATE, uri, json.dumps(configs)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -111,3 +111,26 @@ def test_another_launchers_download_in_progress_is_never_read(tracker, tmp_path,
     record, state = reuse_teacher(tracker, KEY)
     assert record["run_id"] == run and same(state, good_state)
     assert warnings(capsys) == [] and TAG_UNREADABLE not in tracker.client.get_run(run).data.tags
+
+
+def test_a_trained_teacher_keeps_its_weights_alone_not_the_optimizer_state(tmp_path: Path) -> None:
+    """The teacher's local copy (``KDSWEEP_HOME/teachers/<hash>/<run>/``) and the weights a finished
+    student logs are the checkpoint's ``model.pt`` alone: its ``state.pt`` (optimizer state, about
+    twice the weights) is never copied out of the storage."""
+    from ray.train import Checkpoint
+
+    from kdsweep.orchestrate.teacher import checkpoint_weights, copy_weights
+
+    state, content = weights_bytes(0)
+    source = tmp_path / "storage" / "checkpoint_0"
+    source.mkdir(parents=True)
+    (source / "model.pt").write_bytes(content)
+    (source / "state.pt").write_bytes(b"optimizer state" * 1000)
+    checkpoint = Checkpoint.from_directory(str(source))
+    local = copy_weights(checkpoint, tmp_path / "home" / "teachers" / KEY / "run")
+    assert sorted(p.name for p in local.parent.iterdir()) == ["model.pt"]
+    assert local.read_bytes() == content
+    assert same(checkpoint_weights(checkpoint), state)
+    (source / "model.pt").unlink()
+    with pytest.raises(OSError):
+        copy_weights(checkpoint, tmp_path / "other")

@@ -109,11 +109,21 @@ def checkpoint_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         UnreadableWeights: its content does not load.
     """
     with tempfile.TemporaryDirectory(prefix="kdsweep-weights-") as tmp:
-        local = student_weights_path(tmp)
-        pyarrow.fs.copy_files(f"{checkpoint.path.rstrip('/')}/{local.name}", str(local),
-                              source_filesystem=checkpoint.filesystem,
-                              destination_filesystem=pyarrow.fs.LocalFileSystem())
-        return load_weights(local)
+        return load_weights(copy_weights(checkpoint, Path(tmp)))
+
+
+def copy_weights(checkpoint: Checkpoint, folder: Path) -> Path:
+    """Copy a Ray checkpoint's ``model.pt`` alone (not its optimizer state) into ``folder``
+    (created) through the checkpoint's own filesystem; returns the local file.
+
+    Raises:
+        OSError: the checkpoint has no ``model.pt``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    local = student_weights_path(folder)
+    pyarrow.fs.copy_files(f"{checkpoint.path.rstrip('/')}/{local.name}", str(local),
+                          source_filesystem=checkpoint.filesystem, destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return local
 
 
 def fetch_weights(tracker: Tracker, run_id: str, cache: Path) -> dict[str, torch.Tensor]:
@@ -217,9 +227,8 @@ def train_teachers(session: Session, configs: Mapping[str, ExperimentConfig], da
         if record["status"] != "FINISHED" or not isinstance(checkpoint_path, str):
             raise RuntimeError(f"teacher training failed: {record.get('error') or 'no checkpoint'}")
         run_id = runs[str(record["trial_id"])]
-        local = paths.home() / "teachers" / key / run_id
-        storage_checkpoint(session.storage, checkpoint_path).to_directory(str(local))
-        weights = student_weights_path(local)
+        # the weights alone: the checkpoint's optimizer state (state.pt) has no use here
+        weights = copy_weights(storage_checkpoint(session.storage, checkpoint_path), paths.home() / "teachers" / key / run_id)
         state = load_weights(weights)  # checked before it is stored: a FINISHED teacher run always loads
         tracker.log_artifact(run_id, weights, "teacher")
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
