@@ -17,9 +17,10 @@ __all__ = ["REPLAYED", "check_experiment_name", "check_space_name"]
 
 REPLAYED = "replayed"
 """Key of a result that a resumed worker reports again from its checkpoint's ``metrics.json``
-(value 1): the epoch it resumes after, which its interrupted launcher may never have received
-(the workers outlived the launcher long enough to save it). MLflow logs it only where that epoch
-is missing (:class:`kdsweep.report.tracking.MLflowTrialCallback`)."""
+(value 1): the epoch it resumes after. Every resume does it (``--resume``, and a refit after lost
+workers); the report matters where an interrupted launcher never received that epoch (the workers
+outlived it long enough to save it). MLflow logs it only where that epoch is missing
+(:class:`kdsweep.report.tracking.MLflowTrialCallback`)."""
 
 SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 """Letters, digits, ``_``, ``-`` and ``.``, starting with a letter or digit."""

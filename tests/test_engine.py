@@ -312,3 +312,40 @@ def test_training_under_amp_computes_anchors_box_targets_and_losses_in_float32(a
         assert out[f"loss/{key}"] == pytest.approx(value, rel=1e-5), (key, out[f"loss/{key}"], value)
     half = losses(replace=False, autocast=True)  # what the step computed before: anchors in bfloat16
     assert max(abs(half[k] / oracle[k] - 1) for k in oracle) > 0.01
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn", "mimicdet"])
+def test_an_amp_training_step_of_the_two_stage_detectors_keeps_their_anchors_in_float32(arch: str):
+    """Faster R-CNN and MimicDet (its own staggered T-head, which reads the training-only P2 that
+    the FPN output carries as an attribute: the float32 cast must keep it) train under bfloat16
+    autocast with float32 anchors and finite losses."""
+    from kdsweep.config import ModelConfig
+    from kdsweep.models.detectors import build_detector
+
+    extra = ({"rpn_proposals": 50, "roi_samples": 32} if arch == "fasterrcnn"
+             else {"options": {"t_head": True, "staggered": True}})  # MimicDet's defaults: the T-head reads P2
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(arch=arch, backbone="resnet18", fpn_channels=16, min_size=96, max_size=96,
+                                       anchor_scale=2.0, **extra), 3)
+    dtypes: list[torch.dtype] = []
+    if arch == "fasterrcnn":
+        model.rpn.anchor_generator.register_forward_hook(lambda _m, _a, out: dtypes.append(out[0].dtype))
+
+    class Student(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student = model
+
+        def forward(self, images, targets, progress=0.0):
+            return self.student(images, targets)
+
+    g = torch.Generator().manual_seed(1)
+    batch = ([torch.rand(3, 96, 96, generator=g) for _ in range(2)],
+             [{"boxes": torch.tensor([[10.0, 12.0, 40.0, 50.0], [50.0, 20.0, 90.0, 70.0]]), "labels": torch.tensor([1, 2])}] * 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    optimization = Optimization(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0), list(model.parameters()),
+                                amp_dtype=torch.bfloat16)
+    out = train_one_epoch(Student(), optimization, [batch], device=torch.device("cpu"), epoch=1)
+    assert out["loss"] > 0 and all(torch.isfinite(torch.tensor(v)) for v in out.values())
+    if arch == "fasterrcnn":
+        assert dtypes == [torch.float32]

@@ -40,6 +40,16 @@ def test_plan_takes_the_file_then_the_command_line() -> None:
         make_plan(space, 0, None, 2)
 
 
+def test_asha_counts_the_reported_epoch_not_tunes_report_count() -> None:
+    """training_iteration counts reports: it restarts at 1 for a trial resumed from its Train
+    checkpoint, and counts the checkpoint's replayed epoch (kdsweep.names.REPLAYED)."""
+    from kdsweep.orchestrate.search import make_scheduler
+
+    plan = make_plan(tune_space(grace_period=1), None, None, preset_concurrent=1)
+    scheduler = make_scheduler(plan, 4)
+    assert scheduler._time_attr == "epoch" and scheduler._max_t == 4
+
+
 def test_list_choices_are_encoded_for_optuna_and_decoded_into_the_config() -> None:
     from ray import tune
 

@@ -134,3 +134,41 @@ def test_a_trained_teacher_keeps_its_weights_alone_not_the_optimizer_state(tmp_p
     (source / "model.pt").unlink()
     with pytest.raises(OSError):
         copy_weights(checkpoint, tmp_path / "other")
+
+
+def test_a_resumed_teacher_whose_last_epoch_was_saved_takes_its_train_runs_newest_checkpoint(
+        tracker: Tracker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after its workers saved the last epoch, a teacher's resumed Tune trial has nothing left
+    to train: it ends on the replayed report (kdsweep.names.REPLAYED), which carries no checkpoint.
+    The teacher's weights then come from its Train run's newest checkpoint, and the flag is not a
+    metric of its record. (Before: "teacher training failed: no checkpoint".)"""
+    import pandas as pd
+
+    from kdsweep.config import ExperimentConfig, from_dict, teacher_experiment
+    from kdsweep.names import REPLAYED
+    from kdsweep.orchestrate import teacher as teacher_module
+    from kdsweep.orchestrate.launch import Session
+    from kdsweep.report.tracking import TAG_TRIAL
+
+    tiny = {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 16, "min_size": 64, "max_size": 64}
+    config = teacher_experiment(from_dict(ExperimentConfig, {"teacher": tiny, "student": tiny}))
+    parent = tracker.start_run("ablation")
+    child = tracker.start_run("teacher", parent=parent, tags={TAG_TRIAL: "t1", TAG_ROLE: "teacher", TAG_HASH: KEY})
+    state, content = weights_bytes(3)
+    newest = tmp_path / "ray" / "train-t1" / "checkpoint_2026-12-06_10-00-02.000000"
+    for folder, data in ((tmp_path / "ray" / "train-t1" / "checkpoint_2026-12-06_10-00-01.000000", weights_bytes(2)[1]),
+                         (newest, content)):
+        folder.mkdir(parents=True)
+        (folder / "model.pt").write_bytes(data)
+        (folder / "state.pt").write_bytes(b"optimizer")
+    record = {"row": KEY, "trial_id": "t1", "status": "FINISHED", "error": "", "epoch": 2, "AP": 5.0, REPLAYED: 1,
+              "checkpoint_path": None}
+    monkeypatch.setattr(teacher_module, "run_trials", lambda *a, **k: (None, False))
+    monkeypatch.setattr(teacher_module, "trial_frame", lambda results: pd.DataFrame([record]))
+    session = Session(tracker=tracker, parent=parent, tune_name="t", resumed=False, storage=str(tmp_path / "ray"))
+    out = teacher_module.train_teachers(session, {KEY: config}, {}, max_concurrent=1)
+    [(got, weights)] = out.values()
+    assert same(weights, state)  # the newest checkpoint's, not the older one's
+    assert got["run_id"] == child and got["AP"] == 5.0 and REPLAYED not in got
+    assert tracker.client.get_run(child).info.status == "FINISHED"
+    assert sorted(p.name for p in (paths.home() / "teachers" / KEY / child).iterdir()) == ["model.pt"]

@@ -3,8 +3,8 @@
 Under autocast (float16 on GPUs, bfloat16 on the CPU) the detectors run in half precision, but
 the statistics KD terms compute (SSIM's local variances, a softmax over a whole map, a mean of
 squared differences over 10^5 values) lose too much there. The Distiller turns autocast off
-around the terms and promotes their inputs with these two functions; MimicDet's deformable
-convolution and mimic use them too. :func:`float32_decoding` keeps a detector's box arithmetic
+around the terms and promotes their inputs with :func:`autocast_off` and :func:`to_float32`;
+MimicDet's deformable convolution and mimic use them too. :func:`float32_decoding` keeps a detector's box arithmetic
 (anchors, box targets, decoding) in float32, in training and in evaluation.
 """
 
@@ -34,15 +34,19 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 def to_float32(obj: T) -> T:
     """``obj`` with every half-precision (float16/bfloat16) tensor in it cast to float32.
 
-    Walks dicts, lists, tuples and dataclass instances (a :class:`~kdsweep.kd.step.KDStep`, a
-    MimicDet's recorded mimic inputs); modules, other tensors and other values are returned as they
+    Walks dicts (with the instance attributes of a dict subclass), lists, tuples and dataclass
+    instances (a :class:`~kdsweep.kd.step.KDStep`, a MimicDet's recorded mimic inputs); modules, other tensors and other values are returned as they
     are (the same objects). A term's input under autocast comes out as it would in a float32 step,
     up to the rounding the half-precision forward already did; autograd flows through the cast.
     """
     if isinstance(obj, Tensor):
         return obj.float() if obj.dtype in (torch.float16, torch.bfloat16) else obj  # type: ignore[return-value]
-    if isinstance(obj, dict):  # dict, OrderedDict
-        return type(obj)((k, to_float32(v)) for k, v in obj.items())  # type: ignore[return-value]
+    if isinstance(obj, dict):  # dict, OrderedDict, and subclasses with attributes (MimicDet's Pyramid.p2)
+        out = type(obj)((k, to_float32(v)) for k, v in obj.items())
+        extra = getattr(obj, "__dict__", None)
+        if extra:
+            out.__dict__.update({k: to_float32(v) for k, v in extra.items()})
+        return out  # type: ignore[return-value]
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(to_float32(v) for v in obj)  # type: ignore[return-value]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

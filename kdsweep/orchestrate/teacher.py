@@ -38,10 +38,11 @@ from ray.train import Checkpoint
 
 from kdsweep import paths
 from kdsweep.config import ExperimentConfig, teacher_experiment
+from kdsweep.names import REPLAYED
 from kdsweep.export import MODEL_NAME, describe_student, log_model
 from kdsweep.orchestrate.launch import Prepared, Session, TrialDescriber
 from kdsweep.orchestrate.liveness import claim_or_reuse, release_claim, wait_for_claim
-from kdsweep.orchestrate.runner import RunPlan, can_restore, run_trials, storage_checkpoint
+from kdsweep.orchestrate.runner import RunPlan, can_restore, latest_checkpoint, run_trials, storage_checkpoint
 from kdsweep.orchestrate.trials import distinct_teachers, teacher_hash
 from kdsweep.report.tables import trial_frame
 from kdsweep.report.tracking import (
@@ -224,14 +225,19 @@ def train_teachers(session: Session, configs: Mapping[str, ExperimentConfig], da
     for _, record in frame.iterrows():
         key = record["row"]
         checkpoint_path = record.get("checkpoint_path")
-        if record["status"] != "FINISHED" or not isinstance(checkpoint_path, str):
+        # a resumed run with nothing left to train ends on its replayed report, which carries no
+        # checkpoint: its newest one is its Train run's (train_driver_fn's run name)
+        checkpoint = (storage_checkpoint(session.storage, checkpoint_path) if isinstance(checkpoint_path, str)
+                      else latest_checkpoint(session.storage, f"train-{record['trial_id']}"))
+        if record["status"] != "FINISHED" or checkpoint is None:
             raise RuntimeError(f"teacher training failed: {record.get('error') or 'no checkpoint'}")
         run_id = runs[str(record["trial_id"])]
         # the weights alone: the checkpoint's optimizer state (state.pt) has no use here
-        weights = copy_weights(storage_checkpoint(session.storage, checkpoint_path), paths.home() / "teachers" / key / run_id)
+        weights = copy_weights(checkpoint, paths.home() / "teachers" / key / run_id)
         state = load_weights(weights)  # checked before it is stored: a FINISHED teacher run always loads
         tracker.log_artifact(run_id, weights, "teacher")
-        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != REPLAYED}
         try:  # also as an MLflow model, like a student's (kdsweep.export); teacher reuse reads only teacher/model.pt
             info = describe_student(configs[key].student, data.get("val_ann"),
                                     {"role": "teacher", "row": "teacher", "run_id": run_id, "teacher_hash": key})

@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from kdsweep.kd.precision import float32_decoding, to_float32
+from kdsweep.kd.precision import float32_decoding
 from kdsweep.train.collectives import all_true, broadcast_values, gather_rows, mean_over_workers, world_size
 from kdsweep.train.evaluation import STAT_NAMES, coco_stats, detection_rows, records_from_rows
 from kdsweep.train.optim import Optimization

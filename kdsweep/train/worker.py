@@ -9,7 +9,9 @@ The loop config::
 A teacher's run is ``teacher_experiment(exp)`` (the teacher as the student, no KD terms), so
 nothing here branches on a role. Every epoch it trains, COCO-evaluates the whole val set (sharded,
 gathered to rank 0) when :func:`evaluates` says so, saves a checkpoint (rank 0, :mod:`kdsweep.train.checkpoint`) and calls
-``ray.train.report``. A restarted run resumes from the latest checkpoint.
+``ray.train.report``. A restarted run resumes from the latest checkpoint, and first reports that
+checkpoint's epoch again, flagged :data:`kdsweep.names.REPLAYED` (for a launcher that never
+received it).
 """
 
 from __future__ import annotations
@@ -138,8 +140,13 @@ def _run_worker(config: dict[str, Any]) -> None:
     if saved:
         # the checkpoint's epoch again, flagged: its launcher may have been stopped after the
         # workers saved it but before their report reached Tune and MLflow (MLflow logs it only
-        # if it is missing); when every epoch was done, it is also the run's last result
-        ray.train.report({**saved, "start_epoch": start_epoch, REPLAYED: 1})
+        # if it is missing). Only the newest checkpoint's epoch: with two epochs saved and never
+        # reported, the older one stays missing. When every epoch was done, it is also the run's
+        # last result, whose start_epoch then says that nothing was left to train.
+        replay = {**saved, REPLAYED: 1}
+        if start_epoch > cfg.epochs:
+            replay["start_epoch"] = start_epoch
+        ray.train.report(replay)
     if start_epoch > cfg.epochs:
         return
 
