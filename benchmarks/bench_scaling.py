@@ -66,7 +66,7 @@ def main() -> None:
                           "threads_per_worker": args.threads, "cpus_per_worker": 0.9, "max_iters_per_epoch": args.iters,
                           "eval_batch_size": 4},
     })
-    data = {k: str(v) for k, v in resolve_data(exp.data).__dict__.items()}
+    data = resolve_data(exp.data).strings()
     import ray
 
     from kdsweep.orchestrate.runner import init_ray

@@ -333,19 +333,20 @@ def _from_checkpoint(client: Any, run: Any, storage: str | None) -> tuple[Studen
     from kdsweep import paths
     from kdsweep.config import ExperimentConfig, student_model
     from kdsweep.data.coco import DataError, resolve_data
-    from kdsweep.orchestrate.runner import latest_checkpoint
+    from kdsweep.orchestrate.runner import latest_checkpoint, train_run_name
     from kdsweep.orchestrate.teacher import checkpoint_weights
 
     run_id, tags = run.info.run_id, run.data.tags
     what = f"run {run_id} ({run.info.run_name})"
     trial = tags.get("kdsweep.trial_id")
     storage = storage or str(paths.ray_storage())
-    checkpoint = latest_checkpoint(storage, f"train-{trial}") if trial else None
+    run_name = train_run_name(str(trial))
+    checkpoint = latest_checkpoint(storage, run_name) if trial else None
     if checkpoint is None:
         why = tags.get(TAG_NOT_LOGGED)
         raise ConfigError(f"{what} has no logged student model ("
                           + (f"logging it failed: {why[:160]}" if why else "it finished before kdsweep logged models")
-                          + f") and no checkpoint under {storage}/train-{trial}; pass --storage-path where its launch "
+                          + f") and no checkpoint under {storage}/{run_name}; pass --storage-path where its launch "
                           "kept its Ray results")
     state = checkpoint_weights(checkpoint)
     with tempfile.TemporaryDirectory(prefix="kdsweep-student-") as tmp, _quiet_mlflow():

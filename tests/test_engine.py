@@ -255,6 +255,17 @@ def test_predict_under_amp_decodes_boxes_in_float32(arch: str):
     assert error <= 0.01, f"{arch}: AMP boxes are {error:.3f} px off a float32 decode of the same head outputs"
 
 
+class _Holding(torch.nn.Module):
+    """What train_one_epoch trains, as a Trainable does: a module holding the detector as ``student``."""
+
+    def __init__(self, student: torch.nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, images, targets, progress=0.0):
+        return self.student(images, targets)
+
+
 TRAIN_WIDE = (64, 1333)  # anchors out to x = 1333 px, where bfloat16 spaces its values 8 px apart
 
 
@@ -283,15 +294,7 @@ def test_training_under_amp_computes_anchors_box_targets_and_losses_in_float32(a
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     optimization = Optimization(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0), list(model.parameters()),
                                 amp_dtype=torch.bfloat16)
-    class Student(torch.nn.Module):  # what train_one_epoch trains: a Trainable holding the student
-        def __init__(self):
-            super().__init__()
-            self.student = model
-
-        def forward(self, images, targets, progress=0.0):
-            return self.student(images, targets)
-
-    out = train_one_epoch(Student(), optimization, [([image], [target])], device=torch.device("cpu"), epoch=1)
+    out = train_one_epoch(_Holding(model), optimization, [([image], [target])], device=torch.device("cpu"), epoch=1)
     for handle in handles:
         handle.remove()
     assert all(t.dtype == torch.bfloat16 for t in _tensors(recorded["head"]) if t.is_floating_point())
@@ -331,21 +334,13 @@ def test_an_amp_training_step_of_the_two_stage_detectors_keeps_their_anchors_in_
     if arch == "fasterrcnn":
         model.rpn.anchor_generator.register_forward_hook(lambda _m, _a, out: dtypes.append(out[0].dtype))
 
-    class Student(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.student = model
-
-        def forward(self, images, targets, progress=0.0):
-            return self.student(images, targets)
-
     g = torch.Generator().manual_seed(1)
     batch = ([torch.rand(3, 96, 96, generator=g) for _ in range(2)],
              [{"boxes": torch.tensor([[10.0, 12.0, 40.0, 50.0], [50.0, 20.0, 90.0, 70.0]]), "labels": torch.tensor([1, 2])}] * 2)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     optimization = Optimization(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0), list(model.parameters()),
                                 amp_dtype=torch.bfloat16)
-    out = train_one_epoch(Student(), optimization, [batch], device=torch.device("cpu"), epoch=1)
+    out = train_one_epoch(_Holding(model), optimization, [batch], device=torch.device("cpu"), epoch=1)
     assert out["loss"] > 0 and all(torch.isfinite(torch.tensor(v)) for v in out.values())
     if arch == "fasterrcnn":
         assert dtypes == [torch.float32]

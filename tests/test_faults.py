@@ -66,7 +66,7 @@ def test_killed_worker_restarts_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     preset = _preset(epochs=3, train_images=96)
     space = parse_space({"name": "faults", "rows": [{"label": "baseline"}]}, "faults.yaml")
-    data = {k: str(v) for k, v in resolve_data(from_dict(ExperimentConfig, preset).data).__dict__.items()}
+    data = resolve_data(from_dict(ExperimentConfig, preset).data).strings()
     storage = tmp_path / "ray"
     plan = RunPlan(rows=row_configs(space, preset), data=data, storage_path=str(storage), max_failures=2)
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "faults")
@@ -110,7 +110,7 @@ def test_a_nan_trial_fails_once_with_its_reason_and_is_not_retried(tmp_path, mon
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     preset = _preset(epochs=2, train_images=16)
     space = parse_space({"name": "nan", "rows": [{"label": "overflow", "kd": [{"loss": "l2", "weight": 1e39}]}]}, "nan.yaml")
-    data = {k: str(v) for k, v in resolve_data(from_dict(ExperimentConfig, preset).data).__dict__.items()}
+    data = resolve_data(from_dict(ExperimentConfig, preset).data).strings()
     teacher = {k: v.clone() for k, v in _tiny_state().items()}
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "nan")
     parent = tracker.start_run("parent")
@@ -208,7 +208,7 @@ from kdsweep.report.tables import trial_frame
 import json, ray
 preset = json.loads(sys.argv[1])
 space = parse_space({"name": "place", "rows": [{"label": "baseline"}]}, "place.yaml")
-data = {k: str(v) for k, v in resolve_data(from_dict(ExperimentConfig, preset).data).__dict__.items()}
+data = resolve_data(from_dict(ExperimentConfig, preset).data).strings()
 init_ray(num_cpus=2, num_gpus=8)  # one node: 8 (fake) GPUs, 2 CPUs
 plan = RunPlan(rows=row_configs(space, preset), data=data, storage_path=sys.argv[2])
 results, _ = run_trials(plan, tune_param_space(space, [0]), name="place", callbacks=[], max_concurrent_trials=1)

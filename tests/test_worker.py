@@ -93,7 +93,7 @@ def test_two_worker_ray_train_run_evaluates_whole_val_set_and_resumes(tmp_path, 
         },
     )
     paths = resolve_data(exp.data)
-    data = {k: str(v) for k, v in paths.__dict__.items()}
+    data = paths.strings()
     reports = tmp_path / "reports.jsonl"
 
     class Record(ray.train.UserCallback):

@@ -4,8 +4,9 @@ Under autocast (float16 on GPUs, bfloat16 on the CPU) the detectors run in half 
 the statistics KD terms compute (SSIM's local variances, a softmax over a whole map, a mean of
 squared differences over 10^5 values) lose too much there. The Distiller turns autocast off
 around the terms and promotes their inputs with :func:`autocast_off` and :func:`to_float32`;
-MimicDet's deformable convolution and mimic use them too. :func:`float32_decoding` keeps a detector's box arithmetic
-(anchors, box targets, decoding) in float32, in training and in evaluation.
+MimicDet's deformable convolution and mimic use them too. :func:`float32_decoding` keeps a
+detector's box arithmetic (anchors, box targets, decoding) in float32, in training and in
+evaluation.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def to_float32(obj: T) -> T:
     """``obj`` with every half-precision (float16/bfloat16) tensor in it cast to float32.
 
     Walks dicts (with the instance attributes of a dict subclass), lists, tuples and dataclass
-    instances (a :class:`~kdsweep.kd.step.KDStep`, a MimicDet's recorded mimic inputs); modules, other tensors and other values are returned as they
-    are (the same objects). A term's input under autocast comes out as it would in a float32 step,
-    up to the rounding the half-precision forward already did; autograd flows through the cast.
+    instances (a :class:`~kdsweep.kd.step.KDStep`, a MimicDet's recorded mimic inputs); modules,
+    other tensors and other values are returned as they are (the same objects). A term's input
+    under autocast comes out as it would in a float32 step, up to the rounding the half-precision
+    forward already did; autograd flows through the cast.
     """
     if isinstance(obj, Tensor):
         return obj.float() if obj.dtype in (torch.float16, torch.bfloat16) else obj  # type: ignore[return-value]

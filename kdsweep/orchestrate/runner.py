@@ -51,7 +51,8 @@ from kdsweep.train.worker import train_fn_per_worker
 DRIVER_CPU = 0.05
 
 __all__ = ["DRIVER_CPU", "RunPlan", "TrialFailure", "can_restore", "classify_failure", "init_ray", "interrupted", "join_storage",
-           "latest_checkpoint", "run_trials", "storage_checkpoint", "train_driver_fn"]
+           "latest_checkpoint", "run_trials", "storage_checkpoint", "train_driver_fn", "train_run_name",
+           "trial_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def train_driver_fn(config: dict[str, Any], plan: RunPlan) -> None:
             scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                          resources_per_worker=resources, placement_strategy=strategy),
             run_config=RunConfig(
-                name=f"train-{trial_id}",
+                name=train_run_name(trial_id),
                 storage_path=plan.storage_path,
                 callbacks=[TuneReportCallback()],
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -280,6 +281,21 @@ def storage_filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
     if "://" in location:
         return pyarrow.fs.FileSystem.from_uri(location)
     return pyarrow.fs.LocalFileSystem(), location
+
+
+def train_run_name(trial_id: str) -> str:
+    """The name of the Train run that Tune trial ``trial_id`` fits (:func:`train_driver_fn`): its
+    checkpoints are under ``<storage>/<this name>/``."""
+    return f"train-{trial_id}"
+
+
+def trial_checkpoint(storage: str, checkpoint_path: Any, trial_id: str) -> Checkpoint | None:
+    """A finished trial's last checkpoint: the one its last result names (``checkpoint_path``,
+    a path in ``storage``), else its Train run's newest (a resumed run that had nothing left to
+    train ends on a report without one), or None."""
+    if isinstance(checkpoint_path, str):
+        return storage_checkpoint(storage, checkpoint_path)
+    return latest_checkpoint(storage, train_run_name(trial_id))
 
 
 def latest_checkpoint(storage: str, run_name: str) -> Checkpoint | None:

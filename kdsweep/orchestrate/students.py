@@ -10,7 +10,7 @@ from typing import Any
 from kdsweep.config import ExperimentConfig, student_model
 from kdsweep.export import describe_student, log_model
 from kdsweep.orchestrate.launch import Prepared, Session, TrialDescriber
-from kdsweep.orchestrate.runner import RunPlan, can_restore, latest_checkpoint, run_trials, storage_checkpoint
+from kdsweep.orchestrate.runner import RunPlan, can_restore, run_trials, trial_checkpoint
 from kdsweep.orchestrate.space import Sampler
 from kdsweep.orchestrate.teacher import Teachers, checkpoint_weights
 from kdsweep.orchestrate.trials import trial_config
@@ -39,9 +39,7 @@ class LogStudent:
 
     def __call__(self, tracker: Tracker, run_id: str, trial: Any) -> None:
         result = trial.last_result or {}
-        path = result.get("checkpoint_path")
-        checkpoint = (storage_checkpoint(self.storage, path) if isinstance(path, str)
-                      else latest_checkpoint(self.storage, f"train-{trial.trial_id}"))  # train_driver_fn's run name
+        checkpoint = trial_checkpoint(self.storage, result.get("checkpoint_path"), trial.trial_id)
         if checkpoint is None:
             raise FileNotFoundError(f"trial {trial.trial_id} left no checkpoint under {self.storage}")
         state = checkpoint_weights(checkpoint)

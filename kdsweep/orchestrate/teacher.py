@@ -38,11 +38,11 @@ from ray.train import Checkpoint
 
 from kdsweep import paths
 from kdsweep.config import ExperimentConfig, teacher_experiment
-from kdsweep.names import REPLAYED
 from kdsweep.export import MODEL_NAME, describe_student, log_model
+from kdsweep.names import REPLAYED
 from kdsweep.orchestrate.launch import Prepared, Session, TrialDescriber
 from kdsweep.orchestrate.liveness import claim_or_reuse, release_claim, wait_for_claim
-from kdsweep.orchestrate.runner import RunPlan, can_restore, latest_checkpoint, run_trials, storage_checkpoint
+from kdsweep.orchestrate.runner import RunPlan, can_restore, run_trials, trial_checkpoint
 from kdsweep.orchestrate.trials import distinct_teachers, teacher_hash
 from kdsweep.report.tables import trial_frame
 from kdsweep.report.tracking import (
@@ -224,11 +224,7 @@ def train_teachers(session: Session, configs: Mapping[str, ExperimentConfig], da
     out = {}
     for _, record in frame.iterrows():
         key = record["row"]
-        checkpoint_path = record.get("checkpoint_path")
-        # a resumed run with nothing left to train ends on its replayed report, which carries no
-        # checkpoint: its newest one is its Train run's (train_driver_fn's run name)
-        checkpoint = (storage_checkpoint(session.storage, checkpoint_path) if isinstance(checkpoint_path, str)
-                      else latest_checkpoint(session.storage, f"train-{record['trial_id']}"))
+        checkpoint = trial_checkpoint(session.storage, record.get("checkpoint_path"), str(record["trial_id"]))
         if record["status"] != "FINISHED" or checkpoint is None:
             raise RuntimeError(f"teacher training failed: {record.get('error') or 'no checkpoint'}")
         run_id = runs[str(record["trial_id"])]

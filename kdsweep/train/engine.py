@@ -95,47 +95,39 @@ def train_one_epoch(
         second of all workers together, "epoch_time_s": ...}``.
     """
     distiller.train()
-    with contextlib.ExitStack() as stack:
-        if optimization.amp:  # anchors, box targets and decoding in float32 (float32_decoding's docstring)
-            stack.enter_context(float32_decoding(getattr(distiller, "student", distiller)))
-        return _train_steps(distiller, optimization, loader, device=device, epoch=epoch, max_iters=max_iters, log=log,
-                            log_every=log_every, step_offset=step_offset, total_steps=total_steps)
-
-
-def _train_steps(distiller: torch.nn.Module, optimization: Optimization, loader: Iterable, *, device: torch.device,
-                 epoch: int, max_iters: int | None, log: Callable[[str], None] | None, log_every: int,
-                 step_offset: int, total_steps: int | None) -> dict[str, float]:
-    """:func:`train_one_epoch`'s loop (the same arguments)."""
+    # under AMP the student's anchors, box targets and losses in float32 (float32_decoding's docstring)
+    boxes = float32_decoding(getattr(distiller, "student", distiller)) if optimization.amp else contextlib.nullcontext()
     sums: dict[str, Tensor] = {}
     steps, images_seen, start = 0, 0, time.perf_counter()
     total_iters = len(loader) if max_iters is None else min(len(loader), max_iters)  # type: ignore[arg-type]
-    for step, (images, targets) in enumerate(loader):
-        if max_iters is not None and step >= max_iters:
-            break
-        images, targets = move_batch(images, targets, device)
-        progress = (step_offset + step) / total_steps if total_steps else 0.0
-        optimization.begin(progress)  # the frozen backbone's span (no gradients, no reduction)
-        try:
-            with torch.autocast(device.type, dtype=optimization.amp_dtype, enabled=optimization.amp):
-                losses = distiller(images, targets, progress=progress)
-            total = sum(losses.values())
-            check_finite(total, losses, epoch=epoch, step=step)
-            optimization.zero_grad()
-            optimization.backward(total)
-        except torch.OutOfMemoryError:
-            raise TrialOutOfMemoryError(
-                f"out of memory at epoch {epoch} step {step} ({len(images)} images per worker); "
-                "lower train.batch_size or the input size, or use a larger device"
-            ) from None
-        optimization.step(progress)
-        steps += 1
-        images_seen += len(images)
-        for key, value in (("loss", total), *((f"loss/{k}", v) for k, v in losses.items())):
-            value = value.detach().float()
-            sums[key] = sums[key] + value if key in sums else value
-        if log is not None and (step % log_every == 0 or step == total_iters - 1):
-            rate = images_seen / max(time.perf_counter() - start, 1e-9)
-            log(f"epoch {epoch} step {step + 1}/{total_iters} loss {float(total.detach()):.4f} ({rate:.1f} img/s)")
+    with boxes:
+        for step, (images, targets) in enumerate(loader):
+            if max_iters is not None and step >= max_iters:
+                break
+            images, targets = move_batch(images, targets, device)
+            progress = (step_offset + step) / total_steps if total_steps else 0.0
+            optimization.begin(progress)  # the frozen backbone's span (no gradients, no reduction)
+            try:
+                with torch.autocast(device.type, dtype=optimization.amp_dtype, enabled=optimization.amp):
+                    losses = distiller(images, targets, progress=progress)
+                total = sum(losses.values())
+                check_finite(total, losses, epoch=epoch, step=step)
+                optimization.zero_grad()
+                optimization.backward(total)
+            except torch.OutOfMemoryError:
+                raise TrialOutOfMemoryError(
+                    f"out of memory at epoch {epoch} step {step} ({len(images)} images per worker); "
+                    "lower train.batch_size or the input size, or use a larger device"
+                ) from None
+            optimization.step(progress)
+            steps += 1
+            images_seen += len(images)
+            for key, value in (("loss", total), *((f"loss/{k}", v) for k, v in losses.items())):
+                value = value.detach().float()
+                sums[key] = sums[key] + value if key in sums else value
+            if log is not None and (step % log_every == 0 or step == total_iters - 1):
+                rate = images_seen / max(time.perf_counter() - start, 1e-9)
+                log(f"epoch {epoch} step {step + 1}/{total_iters} loss {float(total.detach()):.4f} ({rate:.1f} img/s)")
     elapsed = time.perf_counter() - start
     keys = list(sums)
     local = torch.zeros(len(keys) + 1, device=device)
